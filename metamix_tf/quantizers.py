@@ -1,0 +1,224 @@
+"""Keras layers around :mod:`metamix_tf.ops`: the multi-branch activation quantizer and the
+per-channel weight quantizer.
+
+Modes of :class:`ActivationQuantizer` (``quantizer.mode``, a Python attribute read when a
+step function is traced, so each training phase traces its function once):
+
+* ``"float"``: identity (bypass).
+* ``"uniform"``: branch ``quantizer.uniform_index`` (a Python int; the bit-meta passes set
+  every quantizer of the model to the same candidate).
+* ``"mixture"``: ``sum_k softmax(alpha / T)_k * q_k(x)`` (the bit-search pass).
+* ``"selected"``: the branch in the ``bit_index`` variable (set from argmax(alpha) or by
+  hand), with that branch's own learned step size. Changing the bits does not retrace.
+* ``"calibrate"``: identity that also sets every branch's step size to the LSQ initial
+  value ``2 * mean|x| / sqrt(Qp)`` from this batch (averaged over replicas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from metamix_tf import ops
+from metamix_tf.config import validate_bits
+
+__all__ = ["ActivationQuantizer", "WeightQuantizer", "MODES"]
+
+MODES = ("float", "uniform", "mixture", "selected", "calibrate")
+GRAD_SCALES = ("per_sample", "per_batch", "none")
+
+
+def _check_grad_scale(grad_scale: str) -> str:
+    if grad_scale not in GRAD_SCALES:
+        raise ValueError(f"`grad_scale` must be one of {GRAD_SCALES}. "
+                         f"Received: grad_scale={grad_scale!r}")
+    return grad_scale
+
+
+@keras.saving.register_keras_serializable(package="metamix_tf")
+class ActivationQuantizer(keras.layers.Layer):
+    """Multi-branch LSQ activation quantizer with one trainable bit logit per branch.
+
+    Args:
+      candidate_bits: bit-widths of the branches (each in [2, 16], no duplicates); one
+        branch means a fixed bit-width that the search leaves alone.
+      signed: signed grid ``[-2^(b-1), 2^(b-1) - 1]`` for inputs that can be negative,
+        unsigned ``[0, 2^b - 1]`` otherwise.
+      grad_scale: LSQ gradient scale ``g = 1/sqrt(N*Qp)`` with ``N`` the elements per
+        sample (``"per_sample"``), per batch (``"per_batch"``) or ``g = 1`` (``"none"``).
+      temperature: softmax temperature of the mixture and the expected bits.
+      mode: initial mode, one of :data:`MODES`.
+    """
+
+    def __init__(self, candidate_bits: Sequence[int] = (2, 3, 4, 8), signed: bool = False,
+                 grad_scale: str = "per_sample", temperature: float = 1.0,
+                 mode: str = "float", **kwargs):
+        super().__init__(**kwargs)
+        if candidate_bits is None or len(tuple(candidate_bits)) == 0:
+            raise ValueError("`candidate_bits` must list at least one bit-width. "
+                             f"Received: candidate_bits={candidate_bits!r}")
+        bits = tuple(validate_bits("candidate_bits", b) for b in candidate_bits)
+        if len(set(bits)) != len(bits):
+            raise ValueError(f"`candidate_bits` has duplicates. Received: candidate_bits={bits}")
+        self.candidate_bits = tuple(sorted(bits))
+        self.signed = bool(signed)
+        self.grad_scale = _check_grad_scale(grad_scale)
+        self.temperature = float(temperature)
+        self.mode = mode
+        self.uniform_index = len(self.candidate_bits) - 1
+        ranges = [ops.quant_range(b, self.signed) for b in self.candidate_bits]
+        self._qn = np.array([r[0] for r in ranges], np.float32)
+        self._qp = np.array([r[1] for r in ranges], np.float32)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str):
+        if value not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}. Received: mode={value!r}")
+        self._mode = value
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.candidate_bits)
+
+    @property
+    def searchable(self) -> bool:
+        """Whether the bit search has a choice to make here (more than one branch)."""
+        return self.num_branches > 1
+
+    def build(self, input_shape):
+        k = self.num_branches
+        self.step_size = self.add_weight(
+            name="step_size", shape=(k,), initializer="ones", trainable=True,
+            aggregation="mean")
+        self.alpha = self.add_weight(
+            name="alpha", shape=(k,), initializer="zeros", trainable=True)
+        self.bit_index = self.add_weight(
+            name="bit_index", shape=(), dtype="int32", trainable=False,
+            initializer=keras.initializers.Constant(k - 1))
+        self.initialized = self.add_weight(
+            name="initialized", shape=(), trainable=False, initializer="zeros",
+            aggregation="mean")
+
+    def _grad_scales(self, x) -> tf.Tensor:
+        if self.grad_scale == "none":
+            return tf.ones([self.num_branches])
+        shape = tf.shape(x)
+        n = tf.reduce_prod(shape[1:]) if self.grad_scale == "per_sample" else tf.size(x)
+        return ops.lsq_grad_scale(n, self._qp)
+
+    def probabilities(self) -> tf.Tensor:
+        """``softmax(alpha / T)``, the branch probabilities of the mixture."""
+        return tf.nn.softmax(tf.convert_to_tensor(self.alpha) / self.temperature)
+
+    def call(self, inputs):
+        mode = self._mode
+        if mode == "float":
+            return inputs
+        x = tf.cast(inputs, tf.float32)
+        if mode == "calibrate":
+            self.step_size.assign(tf.stack(
+                [ops.lsq_init_step(x, qp) for qp in self._qp]))
+            self.initialized.assign(1.0)
+            return inputs
+        steps = ops.scale_gradient(tf.convert_to_tensor(self.step_size), self._grad_scales(x))
+        if mode == "mixture":
+            return ops.lsq_mixture(x, steps, self.probabilities(), self._qn, self._qp)
+        index = self.uniform_index if mode == "uniform" else tf.convert_to_tensor(self.bit_index)
+        return ops.lsq_quantize(
+            x, tf.gather(steps, index), tf.gather(self._qn, index), tf.gather(self._qp, index))
+
+    # -- bits ------------------------------------------------------------------------------
+    def index_of(self, bits: int) -> int:
+        """Branch index of ``bits``; raises if it is not a candidate."""
+        if bits not in self.candidate_bits:
+            raise ValueError(f"{bits} bits is not a candidate of quantizer '{self.name}' "
+                             f"(candidates {self.candidate_bits}). Received: bits={bits}")
+        return self.candidate_bits.index(bits)
+
+    @property
+    def selected_bits(self) -> int:
+        """Bit-width of the selected branch (``bit_index``)."""
+        return self.candidate_bits[int(self.bit_index.numpy())]
+
+    @property
+    def argmax_bits(self) -> int:
+        """Bit-width with the largest alpha."""
+        return self.candidate_bits[int(np.argmax(keras.ops.convert_to_numpy(self.alpha)))]
+
+    def select(self, bits: int | None = None) -> int:
+        """Sets ``bit_index`` to ``bits`` (or argmax(alpha) when None); returns the bits."""
+        bits = self.argmax_bits if bits is None else int(bits)
+        self.bit_index.assign(self.index_of(bits))
+        return bits
+
+    @property
+    def selected_step(self) -> float:
+        """Learned step size of the selected branch."""
+        return float(keras.ops.convert_to_numpy(self.step_size)[int(self.bit_index.numpy())])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(candidate_bits=list(self.candidate_bits), signed=self.signed,
+                      grad_scale=self.grad_scale, temperature=self.temperature,
+                      mode=self.mode)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="metamix_tf")
+class WeightQuantizer(keras.layers.Layer):
+    """Per-output-channel signed LSQ quantizer for a kernel, with a fixed bit-width.
+
+    Forward (when ``enabled``): ``round(clip(w / s_c, -2^(b-1), 2^(b-1) - 1)) * s_c`` with
+    one step ``s_c`` per output channel; identity when disabled. Gradients as in
+    :func:`metamix_tf.ops.lsq_quantize`, with ``g = 1/sqrt(N * Qp)``, ``N`` the kernel
+    elements per output channel.
+
+    Args:
+      bits: weight bit-width in [2, 16].
+      channel_axes: number of trailing kernel axes that index an output channel (1 for
+        Conv2D ``[kh, kw, cin, cout]`` and Dense ``[in, out]``; 2 for DepthwiseConv2D
+        ``[kh, kw, cin, multiplier]``).
+      enabled: initial on/off state (a Python attribute switched per phase).
+    """
+
+    def __init__(self, bits: int = 4, channel_axes: int = 1, enabled: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.bits = validate_bits("bits", bits)
+        if channel_axes not in (1, 2):
+            raise ValueError("`channel_axes` must be 1 or 2. "
+                             f"Received: channel_axes={channel_axes}")
+        self.channel_axes = channel_axes
+        self.enabled = bool(enabled)
+        self.qn, self.qp = ops.quant_range(self.bits, signed=True)
+
+    def build(self, kernel_shape):
+        kernel_shape = tuple(kernel_shape)
+        self._reduce_axes = tuple(range(len(kernel_shape) - self.channel_axes))
+        self.step_size = self.add_weight(
+            name="step_size", shape=kernel_shape[-self.channel_axes:], initializer="ones",
+            trainable=True)
+        self._per_channel = int(np.prod([kernel_shape[a] for a in self._reduce_axes]))
+
+    def initialize(self, kernel) -> None:
+        """Sets each channel's step to ``2 * mean|w_c| / sqrt(Qp)`` (call it eagerly)."""
+        self.step_size.assign(ops.lsq_init_step(kernel, self.qp, axis=self._reduce_axes))
+
+    def call(self, kernel):
+        if not self.enabled:
+            return kernel
+        g = ops.lsq_grad_scale(self._per_channel, self.qp)
+        step = ops.scale_gradient(tf.convert_to_tensor(self.step_size), g)
+        return ops.lsq_quantize(kernel, step, tf.constant(float(self.qn)),
+                                tf.constant(float(self.qp)))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(bits=self.bits, channel_axes=self.channel_axes, enabled=self.enabled)
+        return config

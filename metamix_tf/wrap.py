@@ -1,0 +1,292 @@
+"""``apply()``: wrap a Keras functional model with MetaMix quantizers, and helpers that act
+on every quantizer of a wrapped model at once (modes, bits, variable groups)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import keras
+
+from metamix_tf.config import QuantConfig
+from metamix_tf.layers import QUANT_LAYERS, QuantLayerMixin
+from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
+
+__all__ = [
+    "apply",
+    "quant_layers",
+    "activation_quantizers",
+    "weight_quantizers",
+    "set_mode",
+    "set_uniform",
+    "select_bits",
+    "get_bits",
+    "enable_weight_quantization",
+    "calibrate",
+    "VariableGroups",
+    "variable_groups",
+    "unsupported_layers",
+]
+
+# Layers whose output keeps the sign of their input (looked through to find the producer).
+_PASS_THROUGH = (
+    keras.layers.ZeroPadding2D, keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+    keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
+    keras.layers.Dropout, keras.layers.Flatten, keras.layers.Reshape, keras.layers.Cropping2D,
+    keras.layers.SpatialDropout2D, keras.layers.Identity,
+)
+_NON_NEGATIVE_ACTIVATIONS = ("relu", "relu6", "sigmoid", "hard_sigmoid", "softmax", "softplus")
+# Weighted layers that apply() does not quantize: they stay float and are reported.
+_UNSUPPORTED = (
+    keras.layers.SeparableConv2D, keras.layers.Conv1D, keras.layers.Conv3D,
+    keras.layers.Conv2DTranspose, keras.layers.Conv1DTranspose, keras.layers.Conv3DTranspose,
+    keras.layers.EinsumDense, keras.layers.Embedding, keras.layers.LSTM, keras.layers.GRU,
+)
+
+
+def _quant_class(layer):
+    for stock, quant in QUANT_LAYERS:
+        if type(layer) is stock:
+            return quant
+    return None
+
+
+def _activation_name(layer) -> str | None:
+    act = getattr(layer, "activation", None)
+    return getattr(act, "__name__", None) if act is not None else None
+
+
+def _producer(tensor):
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
+
+
+def _input_sign(layer, hswish_range: str) -> bool:
+    """True when the layer's input can be negative (walks back through shape-only layers)."""
+    producer = _producer(layer.input)
+    while isinstance(producer, _PASS_THROUGH):
+        producer = _producer(producer.input)
+    if producer is None or isinstance(producer, keras.layers.InputLayer):
+        return True
+    if isinstance(producer, keras.layers.ReLU):
+        return bool(producer.negative_slope) or float(producer.threshold) < 0
+    name = _activation_name(producer)
+    if isinstance(producer, keras.layers.Activation) and name == "hard_swish":
+        return hswish_range == "signed"
+    return name not in _NON_NEGATIVE_ACTIVATIONS
+
+
+def _is_functional(model) -> bool:
+    return isinstance(model, keras.Sequential) or (
+        isinstance(model, keras.Model) and getattr(model, "_is_graph_network", False)
+        or type(model).__name__ == "Functional")
+
+
+def _check_names(argument: str, names: Iterable[str], model) -> None:
+    known = {layer.name for layer in model.layers}
+    missing = sorted(set(names) - known)
+    if missing:
+        raise ValueError(f"`{argument}` names layers that are not in model '{model.name}'. "
+                         f"Received: {argument}={missing}")
+
+
+def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
+    """Returns a copy of ``model`` (same weights) with MetaMix quantizers.
+
+    Every ``Conv2D``, ``DepthwiseConv2D`` and ``Dense`` becomes its quantized counterpart:
+    a multi-branch activation quantizer on its input (signed unless the input comes from a
+    ReLU-like activation) and a per-channel weight quantizer on its kernel. The first and
+    last quantized layers get ``config.first_last_bits`` for both. All quantizers start in
+    ``"float"`` mode with weight quantization off, so the copy computes exactly what the
+    original does. Other weighted layers (e.g. ``SeparableConv2D``) stay float and are
+    listed by :func:`unsupported_layers`.
+    """
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ValueError(f"`config` must be a metamix_tf.QuantConfig. Received: config={config!r}")
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
+    if not _is_functional(model):
+        raise ValueError(
+            "`model` must be a Keras functional or Sequential model (a subclassed model has "
+            "no graph to traverse; rebuild it with the functional API). "
+            f"Received: model={type(model).__name__}")
+    if isinstance(model, keras.Sequential):
+        model = keras.Model(model.inputs, model.outputs, name=model.name)
+    _check_names("exclude", config.exclude, model)
+    _check_names("include", config.include, model)
+
+    targets = [layer for layer in model.layers if _quant_class(layer) is not None
+               and (not config.include or layer.name in config.include)
+               and layer.name not in config.exclude]
+    for layer in targets:
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            raise ValueError(f"Layer '{layer.name}' uses data_format='channels_first'; only "
+                             "channels_last is supported. Received: data_format='channels_first'")
+    edge = {targets[0].name, targets[-1].name} if targets and config.first_last_bits else set()
+    target_names = {layer.name for layer in targets}
+
+    def clone(layer):
+        layer_config = layer.get_config()
+        quant_cls = _quant_class(layer) if layer.name in target_names else None
+        if quant_cls is None:
+            return layer.__class__.from_config(layer_config)
+        fixed = config.first_last_bits if layer.name in edge else None
+        input_quantizer = ActivationQuantizer(
+            candidate_bits=(fixed,) if fixed else config.candidate_bits,
+            signed=_input_sign(layer, config.hswish_range), grad_scale=config.grad_scale,
+            temperature=config.temperature, name=f"{layer.name}_aq")
+        kernel_quantizer = WeightQuantizer(
+            bits=fixed or config.weight_bits, channel_axes=quant_cls.channel_axes,
+            name=f"{layer.name}_wq")
+        return quant_cls(**layer_config, input_quantizer=input_quantizer,
+                         kernel_quantizer=kernel_quantizer)
+
+    wrapped = keras.models.clone_model(model, clone_function=clone)
+    for old in model.layers:
+        weights = old.get_weights()
+        if weights:
+            new = wrapped.get_layer(old.name)
+            new_vars = [v for v in new.weights if not _is_quantizer_variable(new, v)]
+            for var, value in zip(new_vars, weights, strict=True):
+                var.assign(value)
+    return wrapped
+
+
+def _is_quantizer_variable(layer, variable) -> bool:
+    if not isinstance(layer, QuantLayerMixin):
+        return False
+    quantizer_vars = []
+    for q in (layer.input_quantizer, layer.kernel_quantizer):
+        if q is not None:
+            quantizer_vars.extend(q.weights)
+    return any(variable is v for v in quantizer_vars)
+
+
+def quant_layers(model) -> list:
+    """The quantized layers of ``model``, in graph order."""
+    return [layer for layer in model.layers if isinstance(layer, QuantLayerMixin)]
+
+
+def activation_quantizers(model, searchable_only: bool = False) -> list[ActivationQuantizer]:
+    """Every activation quantizer (optionally only those with more than one branch)."""
+    out = [layer.input_quantizer for layer in quant_layers(model)
+           if layer.input_quantizer is not None]
+    return [q for q in out if q.searchable] if searchable_only else out
+
+
+def weight_quantizers(model) -> list[WeightQuantizer]:
+    """Every weight quantizer of ``model``."""
+    return [layer.kernel_quantizer for layer in quant_layers(model)
+            if layer.kernel_quantizer is not None]
+
+
+def unsupported_layers(model) -> list[str]:
+    """Names of weighted layers that stay float because apply() has no quantized form."""
+    return [layer.name for layer in model.layers
+            if isinstance(layer, _UNSUPPORTED) or (
+                layer.weights and _quant_class(layer) is None
+                and not isinstance(layer, (QuantLayerMixin, keras.layers.BatchNormalization,
+                                           keras.layers.LayerNormalization)))]
+
+
+def set_mode(model, mode: str) -> None:
+    """Puts every activation quantizer in ``mode`` (see :data:`quantizers.MODES`)."""
+    for q in activation_quantizers(model):
+        q.mode = mode
+
+
+def set_uniform(model, bits: int) -> None:
+    """Mode ``"uniform"``: every searchable quantizer at ``bits`` (fixed ones keep theirs).
+
+    Changing ``bits`` changes a Python attribute: call it while tracing (each bit-meta pass
+    inside one traced step) or retrace.
+    """
+    for q in activation_quantizers(model):
+        q.mode = "uniform"
+        q.uniform_index = q.index_of(bits) if q.searchable else 0
+
+
+def select_bits(model, bits: dict | None = None) -> dict:
+    """Mode ``"selected"``; ``bits`` maps layer names to bit-widths (None: argmax alpha).
+
+    Layers not named in ``bits`` take their argmax. Returns the bits of every layer.
+    """
+    bits = dict(bits or {})
+    known = {layer.name for layer in quant_layers(model)}
+    unknown = sorted(set(bits) - known)
+    if unknown:
+        raise ValueError("`bits` names layers that are not quantized. "
+                         f"Received: bits keys={unknown}")
+    selected = {}
+    for layer in quant_layers(model):
+        q = layer.input_quantizer
+        if q is None:
+            continue
+        q.mode = "selected"
+        selected[layer.name] = q.select(bits.get(layer.name))
+    return selected
+
+
+def get_bits(model) -> dict:
+    """Selected activation bits per quantized layer name."""
+    return {layer.name: layer.input_quantizer.selected_bits for layer in quant_layers(model)
+            if layer.input_quantizer is not None}
+
+
+def enable_weight_quantization(model, enabled: bool = True, initialize: bool = True) -> None:
+    """Turns weight quantizers on or off; on first enabling, sets LSQ initial steps from the
+    current kernels (eagerly, so it is also correct under a distribution strategy)."""
+    for layer in quant_layers(model):
+        wq = layer.kernel_quantizer
+        if wq is None:
+            continue
+        if enabled and initialize:
+            wq.initialize(layer.kernel)
+        wq.enabled = enabled
+
+
+def calibrate(model, images) -> None:
+    """LSQ step-size initialisation of every activation quantizer from one batch.
+
+    Runs ``model`` once in ``"calibrate"`` mode (identity quantizers that record
+    ``2 * mean|x| / sqrt(Qp)`` for each branch), then restores each quantizer's mode. Call it
+    eagerly, inside ``tf.function``, or per replica through ``strategy.run`` (step
+    variables average over replicas).
+    """
+    modes = [(q, q.mode) for q in activation_quantizers(model)]
+    set_mode(model, "calibrate")
+    try:
+        model(images, training=False)
+    finally:
+        for q, mode in modes:
+            q.mode = mode
+
+
+@dataclasses.dataclass
+class VariableGroups:
+    """The three variable groups of a wrapped model, defined once for every phase."""
+
+    weights: list  # kernels, biases, BatchNorm gamma/beta
+    steps: list  # LSQ step sizes of activation and weight quantizers
+    alphas: list  # bit logits of the searchable activation quantizers
+
+    @property
+    def weights_and_steps(self) -> list:
+        return self.weights + self.steps
+
+
+def variable_groups(model) -> VariableGroups:
+    """Splits ``model.trainable_variables`` into weights, step sizes and bit logits."""
+    steps, alphas, excluded = [], [], set()
+    for q in activation_quantizers(model):
+        steps.append(q.step_size)
+        excluded.add(id(q.step_size))
+        excluded.add(id(q.alpha))
+        if q.searchable:
+            alphas.append(q.alpha)
+    for wq in weight_quantizers(model):
+        steps.append(wq.step_size)
+        excluded.add(id(wq.step_size))
+    weights = [v for v in model.trainable_variables if id(v) not in excluded]
+    return VariableGroups(weights=weights, steps=steps, alphas=alphas)
