@@ -19,6 +19,7 @@ setup(
         "tensorflow>=2.21,<2.22",
         "keras>=3.10,<4",
         "tensorflow-datasets>=4.9,<5",
+        "importlib_resources",  # needed by tensorflow-datasets' etils at download time
         "absl-py>=2.0",
         "numpy>=1.26",
         "pyyaml>=6.0",
