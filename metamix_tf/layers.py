@@ -67,10 +67,25 @@ class QuantLayerMixin:
 
 @keras.saving.register_keras_serializable(package="metamix_tf")
 class QuantConv2D(QuantLayerMixin, keras.layers.Conv2D):
-    """``keras.layers.Conv2D`` whose input and kernel pass through quantizers first."""
+    """``keras.layers.Conv2D`` whose input and kernel pass through quantizers first.
 
-    def __init__(self, *args, input_quantizer=None, kernel_quantizer=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    The arguments are ``keras.layers.Conv2D``'s, in the same order with the same defaults,
+    plus ``input_quantizer`` and ``kernel_quantizer``.
+    """
+
+    def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid",
+                 data_format=None, dilation_rate=(1, 1), groups=1, activation=None,
+                 use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, bias_regularizer=None, activity_regularizer=None,
+                 kernel_constraint=None, bias_constraint=None, input_quantizer=None,
+                 kernel_quantizer=None, **kwargs):
+        super().__init__(
+            filters=filters, kernel_size=kernel_size, strides=strides, padding=padding,
+            data_format=data_format, dilation_rate=dilation_rate, groups=groups,
+            activation=activation, use_bias=use_bias, kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer, kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer, activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint, bias_constraint=bias_constraint, **kwargs)
         self._init_quantizers(input_quantizer, kernel_quantizer)
 
     def build(self, input_shape):
@@ -87,12 +102,29 @@ class QuantConv2D(QuantLayerMixin, keras.layers.Conv2D):
 
 @keras.saving.register_keras_serializable(package="metamix_tf")
 class QuantDepthwiseConv2D(QuantLayerMixin, keras.layers.DepthwiseConv2D):
-    """``keras.layers.DepthwiseConv2D`` whose input and kernel pass through quantizers."""
+    """``keras.layers.DepthwiseConv2D`` whose input and kernel pass through quantizers.
+
+    The arguments are ``keras.layers.DepthwiseConv2D``'s, in the same order with the same
+    defaults, plus ``input_quantizer`` and ``kernel_quantizer``.
+    """
 
     channel_axes = 2
 
-    def __init__(self, *args, input_quantizer=None, kernel_quantizer=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, kernel_size, strides=(1, 1), padding="valid", depth_multiplier=1,
+                 data_format=None, dilation_rate=(1, 1), activation=None, use_bias=True,
+                 depthwise_initializer="glorot_uniform", bias_initializer="zeros",
+                 depthwise_regularizer=None, bias_regularizer=None, activity_regularizer=None,
+                 depthwise_constraint=None, bias_constraint=None, input_quantizer=None,
+                 kernel_quantizer=None, **kwargs):
+        super().__init__(
+            kernel_size=kernel_size, strides=strides, padding=padding,
+            depth_multiplier=depth_multiplier, data_format=data_format,
+            dilation_rate=dilation_rate, activation=activation, use_bias=use_bias,
+            depthwise_initializer=depthwise_initializer, bias_initializer=bias_initializer,
+            depthwise_regularizer=depthwise_regularizer, bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            depthwise_constraint=depthwise_constraint, bias_constraint=bias_constraint,
+            **kwargs)
         self._init_quantizers(input_quantizer, kernel_quantizer)
 
     def build(self, input_shape):
@@ -112,10 +144,27 @@ class QuantDepthwiseConv2D(QuantLayerMixin, keras.layers.DepthwiseConv2D):
 
 @keras.saving.register_keras_serializable(package="metamix_tf")
 class QuantDense(QuantLayerMixin, keras.layers.Dense):
-    """``keras.layers.Dense`` whose input and kernel pass through quantizers first."""
+    """``keras.layers.Dense`` whose input and kernel pass through quantizers first.
 
-    def __init__(self, *args, input_quantizer=None, kernel_quantizer=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    The arguments are ``keras.layers.Dense``'s, in the same order with the same defaults,
+    plus ``input_quantizer`` and ``kernel_quantizer``.
+    """
+
+    def __init__(self, units, activation=None, use_bias=True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 kernel_regularizer=None, bias_regularizer=None, activity_regularizer=None,
+                 kernel_constraint=None, bias_constraint=None, lora_rank=None, lora_alpha=None,
+                 quantization_config=None, input_quantizer=None, kernel_quantizer=None,
+                 **kwargs):
+        if quantization_config is not None:  # a Keras >= 3.12 argument; older ones lack it
+            kwargs["quantization_config"] = quantization_config
+        super().__init__(
+            units=units, activation=activation, use_bias=use_bias,
+            kernel_initializer=kernel_initializer, bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer, kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            **kwargs)
         self._init_quantizers(input_quantizer, kernel_quantizer)
 
     def build(self, input_shape):

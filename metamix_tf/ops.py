@@ -4,11 +4,25 @@ Every function here is stateless: step sizes, probabilities and bounds come in a
 and get their own gradients back. The straight-through estimator sits on ``round`` only;
 clip, divide and multiply keep their true gradients (Esser et al., "Learned Step Size
 Quantization", ICLR 2020).
+
+Speed: the elementwise parts of :func:`lsq_quantize` and :func:`lsq_mixture` (forward, and
+the backward's input gradient and per-element step/probability terms) are small
+``tf.function(jit_compile=True)`` kernels when traced into a graph (a ``tf.function`` step;
+eagerly they run as plain ops), so XLA fuses each into one loop over the tensor
+instead of running a separate TensorFlow kernel (and a full-size temporary) per
+divide/clip/round/compare/multiply; the reductions to the step and probability shapes stay
+TensorFlow ops (multi-threaded). The values are those of the plain TensorFlow ops (same
+IEEE operations; XLA may contract a multiply-add into an FMA, a difference of one rounding
+at most). This holds wherever the surrounding step runs (eagerly, in ``tf.function``, under
+a distribution strategy, or inside a ``jit_compile=True`` step, which inlines the kernels).
+Set the environment variable ``METAMIX_TF_XLA_OPS=0`` before importing to use plain ops.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import tensorflow as tf
 
@@ -67,11 +81,49 @@ def _sum_to_shape(t: tf.Tensor, shape: tf.TensorShape) -> tf.Tensor:
     return tf.reshape(tf.reduce_sum(t, axis=axes), shape)
 
 
-@tf.custom_gradient
-def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor):
+_USE_XLA = os.environ.get("METAMIX_TF_XLA_OPS", "1") != "0"
+
+
+def _fused(fn):
+    """``fn`` as one XLA-compiled kernel (compiled once per input shape and dtype) when
+    called while tracing a graph; eagerly, the plain ops run (an XLA compilation per new
+    shape would cost more than it saves op by op)."""
+    if not _USE_XLA:
+        return fn
+    compiled = tf.function(fn, jit_compile=True, reduce_retracing=True, autograph=False)
+
+    @functools.wraps(fn)
+    def call(*args):
+        return fn(*args) if tf.executing_eagerly() else compiled(*args)
+
+    return call
+
+
+def _grid(x, step, qn, qp):
+    """``v = x / s``, ``c = clip(v, -Qn, Qp)`` and the in-range mask ``c == v``."""
+    v = x / step
+    c = tf.clip_by_value(v, -qn, qp)
+    return v, c, tf.equal(v, c)
+
+
+@_fused
+def _quantize_forward(x, step, qn, qp):
+    return tf.round(tf.clip_by_value(x / step, -qn, qp)) * step
+
+
+@_fused
+def _quantize_backward(dy, x, step, qn, qp):
+    """``dx = dy * 1[in range]`` and the per-element step term ``dy * (r - 1[in] * v)``."""
+    v, c, inside = _grid(x, step, qn, qp)
+    zero = tf.zeros_like(v)
+    return tf.where(inside, dy, zero), dy * (tf.round(c) - tf.where(inside, v, zero))
+
+
+def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor) -> tf.Tensor:
     """LSQ fake quantization ``q = round(clip(x / s, -Qn, Qp)) * s``.
 
     ``step`` broadcasts against ``x`` (a scalar per tensor, or one value per channel).
+    ``qn`` and ``qp`` are scalars (Python numbers or tensors; they may change at run time).
 
     Gradients (STE on ``round`` only):
       * ``dq/dx = 1`` if ``-Qn <= x/s <= Qp`` else ``0``;
@@ -80,54 +132,97 @@ def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor):
       * none for ``qn`` and ``qp``.
     Apply the LSQ gradient scale to ``step`` beforehand with :func:`scale_gradient`.
     """
-    v = x / step
-    c = tf.clip_by_value(v, -qn, qp)
-    r = tf.round(c)
-    inside = tf.cast(tf.equal(v, c), x.dtype)
-
-    def grad(dy):
-        dx = dy * inside
-        dstep = _sum_to_shape(dy * (r - inside * v), step.shape)
-        return dx, dstep, tf.zeros_like(qn), tf.zeros_like(qp)
-
-    return r * step, grad
+    x = tf.convert_to_tensor(x)
+    step = tf.convert_to_tensor(step, dtype=x.dtype)
+    qn = tf.convert_to_tensor(qn, dtype=x.dtype)
+    qp = tf.convert_to_tensor(qp, dtype=x.dtype)
+    return _lsq_quantize(x, step, qn, qp)
 
 
 @tf.custom_gradient
-def lsq_mixture(x: tf.Tensor, steps: tf.Tensor, probs: tf.Tensor, qns: tf.Tensor, qps: tf.Tensor):
+def _lsq_quantize(x, step, qn, qp):
+    def grad(dy):
+        dx, dstep = _quantize_backward(dy, x, step, qn, qp)
+        return dx, _sum_to_shape(dstep, step.shape), tf.zeros_like(qn), tf.zeros_like(qp)
+
+    return _quantize_forward(x, step, qn, qp), grad
+
+
+# The mixture kernels take the number of branches K as a Python int: the kernels are traced
+# once per K (``reduce_retracing`` relaxes tensor shapes, so K cannot come from them).
+@_fused
+def _mixture_forward(x, steps, probs, qns, qps, num_branches: int):
+    y = tf.zeros_like(x)
+    for k in range(num_branches):
+        y += probs[k] * (tf.round(tf.clip_by_value(x / steps[k], -qns[k], qps[k])) * steps[k])
+    return y
+
+
+@_fused
+def _mixture_input_grad(dy, x, steps, probs, qns, qps, num_branches: int):
+    """``dy * sum_k p_k 1[x / s_k in range]``."""
+    gate = tf.zeros_like(x)
+    for k in range(num_branches):
+        gate += tf.where(_grid(x, steps[k], qns[k], qps[k])[2], probs[k], 0.0)
+    return dy * gate
+
+
+@_fused
+def _mixture_prob_terms(dy, x, steps, qns, qps, num_branches: int):
+    """Per-element ``dy * r_k`` for each branch (a tuple of K tensors)."""
+    return tuple(dy * tf.round(tf.clip_by_value(x / steps[k], -qns[k], qps[k]))
+                 for k in range(num_branches))
+
+
+@_fused
+def _mixture_step_terms(dy, x, steps, qns, qps, num_branches: int):
+    """Per-element ``dy * (r_k - 1[in range] * v_k)`` for each branch (a tuple of K)."""
+    terms = []
+    for k in range(num_branches):
+        v, c, inside = _grid(x, steps[k], qns[k], qps[k])
+        terms.append(dy * (tf.round(c) - tf.where(inside, v, tf.zeros_like(v))))
+    return tuple(terms)
+
+
+def lsq_mixture(x: tf.Tensor, steps: tf.Tensor, probs: tf.Tensor, qns, qps) -> tf.Tensor:
     """Probability-weighted sum of K per-tensor LSQ branches, fused in one op.
 
     Forward: ``y = sum_k p_k * round(clip(x / s_k, -Qn_k, Qp_k)) * s_k`` with ``steps``,
-    ``probs``, ``qns``, ``qps`` all of shape ``[K]``.
+    ``probs``, ``qns``, ``qps`` all of shape ``[K]`` (K known while tracing).
 
     Gradients: ``dy/dx = sum_k p_k * 1[x/s_k in range]``;
     ``dL/ds_k = p_k * sum(dy * (r_k - 1[in range] * x/s_k))`` (LSQ, as in
     :func:`lsq_quantize`); ``dL/dp_k = sum(dy * q_k)``.
-    Equivalent to summing :func:`lsq_quantize` branches, but with one pass per branch and
-    no per-branch intermediate kept for autodiff.
+    Equivalent to summing :func:`lsq_quantize` branches, but with no per-branch
+    intermediate kept for autodiff (the backward recomputes the grid from ``x``); the
+    three gradients are separate kernels, so a step that differentiates only some of them
+    (e.g. the bit search, which steps the alphas alone) skips the work of the others.
     """
-    num_branches = steps.shape[0]
-    y = tf.zeros_like(x)
-    dx_gate = tf.zeros_like(x)
-    saved = []
-    for k in range(num_branches):
-        v = x / steps[k]
-        c = tf.clip_by_value(v, -qns[k], qps[k])
-        r = tf.round(c)
-        inside = tf.cast(tf.equal(v, c), x.dtype)
-        y += probs[k] * (r * steps[k])
-        dx_gate += probs[k] * inside
-        saved.append((v, r, inside))
+    x = tf.convert_to_tensor(x)
+    steps = tf.convert_to_tensor(steps, dtype=x.dtype)
+    probs = tf.convert_to_tensor(probs, dtype=x.dtype)
+    qns = tf.convert_to_tensor(qns, dtype=x.dtype)
+    qps = tf.convert_to_tensor(qps, dtype=x.dtype)
+    return _lsq_mixture(x, steps, probs, qns, qps)
+
+
+@tf.custom_gradient
+def _lsq_mixture(x, steps, probs, qns, qps):
+    k = steps.shape[0]
+    if k is None:
+        raise ValueError("`steps` must have a static number of branches. "
+                         f"Received: steps with shape {steps.shape}")
 
     def grad(dy):
-        dsteps, dprobs = [], []
-        for k, (v, r, inside) in enumerate(saved):
-            dprobs.append(tf.reduce_sum(dy * r) * steps[k])
-            dsteps.append(probs[k] * tf.reduce_sum(dy * (r - inside * v)))
-        return (dy * dx_gate, tf.stack(dsteps), tf.stack(dprobs),
-                tf.zeros_like(qns), tf.zeros_like(qps))
+        dx = _mixture_input_grad(dy, x, steps, probs, qns, qps, k)
+        prob_sums = tf.stack([tf.reduce_sum(t)
+                              for t in _mixture_prob_terms(dy, x, steps, qns, qps, k)])
+        step_sums = tf.stack([tf.reduce_sum(t)
+                              for t in _mixture_step_terms(dy, x, steps, qns, qps, k)])
+        return (dx, probs * step_sums, prob_sums * steps, tf.zeros_like(qns),
+                tf.zeros_like(qps))
 
-    return y, grad
+    return _mixture_forward(x, steps, probs, qns, qps, k), grad
 
 
 def lsq_init_step(x: tf.Tensor, qp, axis=None) -> tf.Tensor:

@@ -97,8 +97,10 @@ class ActivationQuantizer(keras.layers.Layer):
         self.step_size = self.add_weight(
             name="step_size", shape=(k,), initializer="ones", trainable=True,
             aggregation="mean")
+        # A single branch has nothing to search: its logit is not trainable, so that
+        # wrap.variable_groups partitions the model's trainable variables.
         self.alpha = self.add_weight(
-            name="alpha", shape=(k,), initializer="zeros", trainable=True)
+            name="alpha", shape=(k,), initializer="zeros", trainable=self.searchable)
         self.bit_index = self.add_weight(
             name="bit_index", shape=(), dtype="int32", trainable=False,
             initializer=keras.initializers.Constant(k - 1))
@@ -107,8 +109,13 @@ class ActivationQuantizer(keras.layers.Layer):
             aggregation="mean")
 
     def _grad_scales(self, x) -> tf.Tensor:
+        """Per-branch LSQ gradient scales, as constants when the shape is known."""
         if self.grad_scale == "none":
             return tf.ones([self.num_branches])
+        dims = x.shape[1:] if self.grad_scale == "per_sample" else x.shape
+        if dims.is_fully_defined():
+            n = float(np.prod(dims.as_list()))
+            return tf.constant(1.0 / np.sqrt(n * self._qp.astype(np.float64)), tf.float32)
         shape = tf.shape(x)
         n = tf.reduce_prod(shape[1:]) if self.grad_scale == "per_sample" else tf.size(x)
         return ops.lsq_grad_scale(n, self._qp)
@@ -128,11 +135,18 @@ class ActivationQuantizer(keras.layers.Layer):
             self.initialized.assign(1.0)
             return inputs
         steps = ops.scale_gradient(tf.convert_to_tensor(self.step_size), self._grad_scales(x))
-        if mode == "mixture":
-            return ops.lsq_mixture(x, steps, self.probabilities(), self._qn, self._qp)
-        index = self.uniform_index if mode == "uniform" else tf.convert_to_tensor(self.bit_index)
-        return ops.lsq_quantize(
-            x, tf.gather(steps, index), tf.gather(self._qn, index), tf.gather(self._qp, index))
+        if mode == "mixture" and self.searchable:
+            y = ops.lsq_mixture(x, steps, self.probabilities(), self._qn, self._qp)
+        else:
+            if mode == "uniform":
+                index = self.uniform_index
+            elif mode == "selected" and self.searchable:
+                index = tf.convert_to_tensor(self.bit_index)
+            else:  # one branch: "selected" or "mixture" is that branch
+                index = 0
+            y = ops.lsq_quantize(x, tf.gather(steps, index), tf.gather(self._qn, index),
+                                 tf.gather(self._qp, index))
+        return tf.cast(y, inputs.dtype)
 
     # -- bits ------------------------------------------------------------------------------
     def index_of(self, bits: int) -> int:
@@ -213,10 +227,9 @@ class WeightQuantizer(keras.layers.Layer):
     def call(self, kernel):
         if not self.enabled:
             return kernel
-        g = ops.lsq_grad_scale(self._per_channel, self.qp)
+        g = tf.constant(1.0 / np.sqrt(float(self._per_channel) * self.qp), tf.float32)
         step = ops.scale_gradient(tf.convert_to_tensor(self.step_size), g)
-        return ops.lsq_quantize(kernel, step, tf.constant(float(self.qn)),
-                                tf.constant(float(self.qp)))
+        return ops.lsq_quantize(kernel, step, float(self.qn), float(self.qp))
 
     def get_config(self):
         config = super().get_config()

@@ -36,6 +36,12 @@ _PASS_THROUGH = (
     keras.layers.SpatialDropout2D, keras.layers.Identity,
 )
 _NON_NEGATIVE_ACTIVATIONS = ("relu", "relu6", "sigmoid", "hard_sigmoid", "softmax", "softplus")
+# Keras 3 names the hard-swish function ``hard_silu`` (``Activation("hard_swish")`` holds it).
+_HARD_SWISH = ("hard_swish", "hard_silu")
+_NORMALIZATION = (
+    keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization, keras.layers.Normalization,
+)
 # Weighted layers that apply() does not quantize: they stay float and are reported.
 _UNSUPPORTED = (
     keras.layers.SeparableConv2D, keras.layers.Conv1D, keras.layers.Conv3D,
@@ -71,7 +77,7 @@ def _input_sign(layer, hswish_range: str) -> bool:
     if isinstance(producer, keras.layers.ReLU):
         return bool(producer.negative_slope) or float(producer.threshold) < 0
     name = _activation_name(producer)
-    if isinstance(producer, keras.layers.Activation) and name == "hard_swish":
+    if name in _HARD_SWISH:
         return hswish_range == "signed"
     return name not in _NON_NEGATIVE_ACTIVATIONS
 
@@ -112,7 +118,9 @@ def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
             "no graph to traverse; rebuild it with the functional API). "
             f"Received: model={type(model).__name__}")
     if isinstance(model, keras.Sequential):
-        model = keras.Model(model.inputs, model.outputs, name=model.name)
+        # one input and one output: pass the tensors, not 1-lists, so that calling the
+        # wrapped model with a tensor matches its input structure
+        model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
     _check_names("exclude", config.exclude, model)
     _check_names("include", config.include, model)
 
@@ -182,12 +190,13 @@ def weight_quantizers(model) -> list[WeightQuantizer]:
 
 
 def unsupported_layers(model) -> list[str]:
-    """Names of weighted layers that stay float because apply() has no quantized form."""
+    """Names of weighted layers that stay float because apply() has no quantized form
+    (normalization layers, including the input ``Normalization`` of EfficientNet, are not
+    counted: they hold statistics or affine parameters, no multiply-accumulates)."""
     return [layer.name for layer in model.layers
             if isinstance(layer, _UNSUPPORTED) or (
                 layer.weights and _quant_class(layer) is None
-                and not isinstance(layer, (QuantLayerMixin, keras.layers.BatchNormalization,
-                                           keras.layers.LayerNormalization)))]
+                and not isinstance(layer, (QuantLayerMixin,) + _NORMALIZATION))]
 
 
 def set_mode(model, mode: str) -> None:
@@ -235,13 +244,14 @@ def get_bits(model) -> dict:
 
 
 def enable_weight_quantization(model, enabled: bool = True, initialize: bool = True) -> None:
-    """Turns weight quantizers on or off; on first enabling, sets LSQ initial steps from the
-    current kernels (eagerly, so it is also correct under a distribution strategy)."""
+    """Turns weight quantizers on or off. With ``initialize``, a quantizer that this call
+    turns on (it was off) gets LSQ initial steps from the current kernel (eagerly, so it is
+    also correct under a distribution strategy); one already on keeps its learned steps."""
     for layer in quant_layers(model):
         wq = layer.kernel_quantizer
         if wq is None:
             continue
-        if enabled and initialize:
+        if enabled and initialize and not wq.enabled:
             wq.initialize(layer.kernel)
         wq.enabled = enabled
 

@@ -1,0 +1,516 @@
+"""The inference graph of a MetaMix model: BatchNorm folded, weights on per-channel integer
+grids, every activation quantizer as a fake quant the TFLite converter understands.
+
+Two steps. :func:`plan` reads a wrapped Keras model (quantizers in ``"selected"`` mode,
+weight quantization on) and decides, for every tensor an int8 model has to store, its int8
+grid; :func:`build` turns the plan into a new functional Keras model, either
+converter-native (``native=True``: the int8-ready graph) or in plain float math
+(``native=False``: the fake-quantized network for float32 / float16 TFLite).
+
+Where the fake quants go. A quantized layer's input quantizer moves onto the tensor that
+produces its input (looking through zero padding, max pooling, flatten and reshape, which
+commute with rounding), right after the op that computes it, so the converter fuses it:
+``conv + bias + ReLU6 -> 8-bit fake quant (scale = learned step) -> clamp to the b-bit
+range``. Tensors are of three kinds:
+
+* ``"grid"``: read only by quantizers with one and the same grid: int8 scale = step, clamp
+  to the b-bit range; exact.
+* ``"calibrated"``: read only by float ops (residual adds, average pooling, the logits): an
+  8-bit range from calibration data (int8 model only; the Keras model keeps these in float).
+* ``"shared"``: read by a quantizer and by float ops (a block output that feeds both the
+  next block's expand conv and the next residual add), or by quantizers with different
+  grids: an int8 grid ``step / k`` with the largest odd ``k`` whose range still covers the
+  calibrated values, requantized to each reader's grid behind a clamp. With ``k`` odd the
+  double rounding is exact for the first reader (see :func:`grids.shared_grid`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from metamix_tf.export import grids
+from metamix_tf.export.grids import Grid
+from metamix_tf.export.layers import FOLDED_LAYERS, FakeQuant
+from metamix_tf.layers import QuantLayerMixin
+
+__all__ = [
+    "UnsupportedModelError",
+    "TensorPlan",
+    "InputPlan",
+    "WeightPlan",
+    "ExportPlan",
+    "WEIGHT_STORAGE",
+    "plan",
+    "build",
+    "image_batches",
+]
+
+OUTPUT = "<output>"
+L = keras.layers
+# Layers that commute with rounding to a grid that holds 0 (selection, zero padding, shape).
+_PASS_THROUGH = (L.ZeroPadding2D, L.Cropping2D, L.MaxPooling2D, L.GlobalMaxPooling2D,
+                 L.Flatten, L.Reshape)
+# Identity at inference.
+_IDENTITY = (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
+             L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.Identity,
+             L.ActivityRegularization)
+# Weightless float ops with int8 TFLite kernels.
+_FLOAT_OPS = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
+              L.GlobalAveragePooling2D, L.AveragePooling2D, L.ReLU, L.Activation, L.Softmax)
+_ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "hard_sigmoid", "hard_swish", "hard_silu",
+                "tanh", "softmax")
+_FUSABLE_ACTIVATIONS = ("relu", "relu6")
+
+
+class UnsupportedModelError(ValueError):
+    """The model has a layer or a setting that the int8 export cannot reproduce."""
+
+
+@dataclasses.dataclass
+class _Node:
+    name: str
+    layer: keras.layers.Layer
+    kind: str  # "input" | "quant" | "pass" | "op"
+    inputs: list
+    bn: keras.layers.BatchNormalization | None = None
+    keras_output: object = None  # the reference model's tensor this node computes
+
+
+@dataclasses.dataclass
+class TensorPlan:
+    """The int8 grid of one tensor of the inference graph (see the module docstring)."""
+
+    name: str  # the node that computes it (the quantized layer for a folded conv + BN)
+    kind: str  # "grid" | "calibrated" | "shared"
+    grid: Grid
+    fake_quant: str  # name of its FakeQuant layer in the inference graph
+    quant_readers: list
+    float_readers: list
+    calibrated_range: tuple | None = None
+    k: int = 1
+
+
+@dataclasses.dataclass
+class InputPlan:
+    """The input activation of one quantized layer."""
+
+    layer: str
+    bits: int
+    signed: bool
+    step: float
+    grid: Grid
+    source: str  # the tensor it reads (after zero padding and other pass-through layers)
+    requantized: bool  # read through a requantization from a shared tensor
+    exact: bool  # the int8 model rounds it as the Keras model does
+
+
+@dataclasses.dataclass
+class WeightPlan:
+    """The folded kernel of one quantized layer."""
+
+    layer: str
+    layer_type: str
+    bits: int
+    folded: grids.FoldedWeights
+    batch_norm: str | None
+    clipped: int  # integers outside [-127, 127] (8-bit weights only), clipped for int8
+
+
+@dataclasses.dataclass
+class ExportPlan:
+    """Everything :func:`build` and the encodings need."""
+
+    model_name: str
+    nodes: list
+    outputs: list
+    tensors: dict  # node name -> TensorPlan
+    inputs: dict  # quantized layer name -> InputPlan
+    weights: dict  # quantized layer name -> WeightPlan
+    int8: bool  # whether every grid fits an int8 (the native graph can be built)
+
+    @property
+    def calibrated(self) -> list:
+        return [t for t in self.tensors.values() if t.kind != "grid"]
+
+
+# -- reading the Keras graph -----------------------------------------------------------------
+
+
+def _producer(tensor) -> str:
+    return tensor._keras_history.operation.name
+
+
+def _activation_name(layer) -> str | None:
+    if isinstance(layer, L.ReLU):
+        return "relu"
+    act = getattr(layer, "activation", None)
+    return getattr(act, "__name__", None) if act is not None else None
+
+
+def _is_fusable(layer) -> bool:
+    """A ReLU / ReLU6 that TFLite fuses into the conv, fully connected or add before it."""
+    if isinstance(layer, L.ReLU):
+        return (float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0
+                and layer.max_value in (None, 6.0))
+    return isinstance(layer, L.Activation) and _activation_name(layer) in _FUSABLE_ACTIVATIONS
+
+
+def _unsupported(layer, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"Layer '{layer.name}' ({type(layer).__name__}) cannot be exported to int8 TFLite: "
+        f"{why} Received: layer={layer.name!r}")
+
+
+def _keras_nodes(model) -> list:
+    """The model's Keras nodes in topological order; raises on shared layers."""
+    by_depth = model._nodes_by_depth
+    ordered = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+    seen = set()
+    for node in ordered:
+        name = node.operation.name
+        if name in seen:
+            raise _unsupported(node.operation, "it is called more than once (a shared layer); "
+                               "give each call its own layer.")
+        seen.add(name)
+    return ordered
+
+
+def _check_quant_layer(layer) -> None:
+    if layer.input_quantizer is None or layer.kernel_quantizer is None:
+        raise _unsupported(layer, "it has no input or no kernel quantizer; wrap the float "
+                           "model with metamix_tf.apply.")
+    if not layer.kernel_quantizer.enabled:
+        raise _unsupported(layer, "its weight quantizer is off; export the model after weight "
+                           "training (final.keras), or call "
+                           "metamix_tf.enable_weight_quantization first.")
+
+
+def _read_graph(model) -> tuple[list, list]:
+    """Simplified graph: identities removed, BatchNorm merged into the quantized layer."""
+    keras_nodes = _keras_nodes(model)
+    readers: dict = {}
+    for node in keras_nodes:
+        for t in node.input_tensors:
+            readers.setdefault(_producer(t), []).append(node.operation.name)
+    for t in model.outputs:
+        readers.setdefault(_producer(t), []).append(OUTPUT)
+
+    alias: dict = {}
+    nodes: dict = {}
+    for node in keras_nodes:
+        layer = node.operation
+        inputs = [alias.get(_producer(t), _producer(t)) for t in node.input_tensors]
+        output = node.output_tensors[0] if node.output_tensors else None
+        if len(node.output_tensors) != 1:
+            raise _unsupported(layer, "it has several outputs.")
+        if isinstance(layer, L.InputLayer):
+            nodes[layer.name] = _Node(layer.name, layer, "input", [], keras_output=output)
+        elif isinstance(layer, QuantLayerMixin):
+            _check_quant_layer(layer)
+            nodes[layer.name] = _Node(layer.name, layer, "quant", inputs, keras_output=output)
+        elif isinstance(layer, L.BatchNormalization):
+            producer = nodes.get(inputs[0])
+            if (producer is None or producer.kind != "quant" or producer.bn is not None
+                    or len(readers.get(producer.name, [])) != 1
+                    or _activation_name(producer.layer) not in (None, "linear")):
+                raise _unsupported(layer, "a BatchNormalization folds only into the quantized "
+                                   "conv / dense right before it (linear activation, no other "
+                                   "reader).")
+            if layer.axis not in (-1, len(output.shape) - 1):
+                raise _unsupported(layer, "only channels-last BatchNormalization folds.")
+            producer.bn = layer
+            producer.keras_output = output
+            alias[layer.name] = producer.name
+        elif isinstance(layer, _IDENTITY) or (
+                isinstance(layer, L.Activation) and _activation_name(layer) == "linear"):
+            alias[layer.name] = inputs[0]
+        elif isinstance(layer, _PASS_THROUGH):
+            nodes[layer.name] = _Node(layer.name, layer, "pass", inputs, keras_output=output)
+        elif isinstance(layer, _FLOAT_OPS):
+            name = _activation_name(layer)
+            if isinstance(layer, (L.Activation, L.ReLU)) and name not in _ACTIVATIONS:
+                raise _unsupported(layer, f"activation {name!r} has no int8 TFLite kernel here "
+                                   f"(supported: {', '.join(_ACTIVATIONS)}).")
+            nodes[layer.name] = _Node(layer.name, layer, "op", inputs, keras_output=output)
+        elif layer.weights:
+            raise _unsupported(layer, "it has weights but no quantizers (every weighted layer "
+                               "must be a quantized Conv2D / DepthwiseConv2D / Dense; do not "
+                               "exclude it in quant.exclude).")
+        else:
+            raise _unsupported(layer, "no int8 export rule for this layer type.")
+    outputs = [alias.get(_producer(t), _producer(t)) for t in model.outputs]
+    return list(nodes.values()), outputs
+
+
+def _readers(nodes: list, outputs: list) -> dict:
+    readers = {n.name: [] for n in nodes}
+    for n in nodes:
+        for i in n.inputs:
+            readers[i].append(n.name)
+    for o in outputs:
+        readers[o].append(OUTPUT)
+    return readers
+
+
+def _effective_readers(name: str, readers: dict, by_name: dict) -> list:
+    """Readers of ``name``, looking through pass-through layers (unique, in order)."""
+    out = []
+    for r in readers[name]:
+        if r != OUTPUT and by_name[r].kind == "pass":
+            out.extend(_effective_readers(r, readers, by_name))
+        else:
+            out.append(r)
+    return list(dict.fromkeys(out))
+
+
+def _stored(node: _Node, readers: dict, by_name: dict) -> bool:
+    """Whether the int8 model stores this tensor (else it is fused into the next op)."""
+    if node.kind == "pass":
+        return False
+    fusable_producer = node.kind == "quant" or (
+        node.kind == "op" and isinstance(node.layer, (L.Add, L.Subtract)))
+    only = readers[node.name]
+    return not (fusable_producer and len(only) == 1 and only[0] != OUTPUT
+                and _is_fusable(by_name[only[0]].layer))
+
+
+# -- planning --------------------------------------------------------------------------------
+
+
+def _input_grid(layer) -> Grid:
+    q = layer.input_quantizer
+    return grids.activation_grid(q.selected_bits, q.signed, q.selected_step)
+
+
+def _weight_plan(node: _Node, weight_storage: str, input_scale: float) -> WeightPlan:
+    layer = node.layer
+    wq = layer.kernel_quantizer
+    step = keras.ops.convert_to_numpy(wq.step_size)
+    quantized = keras.ops.convert_to_numpy(wq(layer.kernel))
+    integers = grids.kernel_integers(quantized, step)
+    clipped = int(np.sum(np.abs(integers) > grids.WEIGHT_QMAX))
+    integers = np.clip(integers, -grids.WEIGHT_QMAX, grids.WEIGHT_QMAX)
+    bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
+    bn = node.bn
+    stats = {}
+    if bn is not None:
+        stats = dict(
+            gamma=keras.ops.convert_to_numpy(bn.gamma) if bn.scale else None,
+            beta=keras.ops.convert_to_numpy(bn.beta) if bn.center else None,
+            mean=keras.ops.convert_to_numpy(bn.moving_mean),
+            variance=keras.ops.convert_to_numpy(bn.moving_variance), epsilon=bn.epsilon)
+    folded = grids.fold_batch_norm(integers, step.reshape(-1), bias, **stats)
+    if weight_storage == "spread":
+        folded = grids.spread_to_int8(folded, input_scale)
+    return WeightPlan(layer=layer.name, layer_type=type(layer).__name__, bits=wq.bits,
+                      folded=folded, batch_norm=bn.name if bn is not None else None,
+                      clipped=clipped)
+
+
+def image_batches(data, batch_size: int = 64, limit: int | None = None) -> Iterable:
+    """Yields float32 image batches from an array, a list of arrays, or a dataset / iterable
+    of ``images`` or ``(images, labels)`` batches, up to ``limit`` images in all."""
+    if isinstance(data, np.ndarray) or tf.is_tensor(data):
+        data = np.asarray(data)
+        data = [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+    seen = 0
+    for batch in data:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        images = np.asarray(images, np.float32)
+        if limit is not None:
+            images = images[:max(0, limit - seen)]
+        if len(images) == 0:
+            break
+        seen += len(images)
+        yield images
+
+
+def _calibrate(model, nodes: list, data, limit: int | None) -> dict:
+    """``{node name: (min, max)}`` of the reference model's float tensors over ``data``."""
+    if not nodes:
+        return {}
+    if data is None:
+        raise ValueError("The int8 export needs calibration images for the tensors the Keras "
+                         "model keeps in float (residual adds, pooling, logits): pass "
+                         "`calibration_data`. Received: calibration_data=None")
+    probe = keras.Model(model.inputs, [n.keras_output for n in nodes])
+    run = tf.function(lambda x: probe(x, training=False))
+    lows = np.full(len(nodes), np.inf)
+    highs = np.full(len(nodes), -np.inf)
+    count = 0
+    for images in image_batches(data, limit=limit):
+        outs = run(tf.convert_to_tensor(images))
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for i, out in enumerate(outs):
+            out = out.numpy()
+            lows[i] = min(lows[i], float(out.min()))
+            highs[i] = max(highs[i], float(out.max()))
+        count += len(images)
+    if count == 0:
+        raise ValueError("The calibration data holds no images. "
+                         f"Received: calibration_data={type(data).__name__}")
+    return {n.name: (float(lo), float(hi)) for n, lo, hi in zip(nodes, lows, highs, strict=True)}
+
+
+WEIGHT_STORAGE = ("bits", "spread")
+
+
+def plan(model: keras.Model, calibration_data=None, int8: bool = True,
+         max_calibration_examples: int | None = 1024,
+         weight_storage: str = "bits") -> ExportPlan:
+    """Reads a wrapped MetaMix model and decides every tensor's grid (module docstring).
+
+    Args:
+      model: functional model from :func:`metamix_tf.apply`, its quantizers selected (their
+        ``bit_index``) and its weight quantizers enabled.
+      calibration_data: images (array, dataset or iterable of batches) for the ranges of the
+        tensors the Keras model keeps in float; needed when ``int8``.
+      int8: plan the int8 model (raises if a quantizer has more than 8 bits); False plans
+        only what the float exports need (no calibration).
+      max_calibration_examples: images used for calibration at most.
+      weight_storage: ``"bits"``: the int8 weights hold the b-bit integers with the learned
+        per-channel steps (BatchNorm folded); ``"spread"``: the same real weights with the
+        integers multiplied per channel to fill ``[-127, 127]``
+        (:func:`grids.spread_to_int8`), which rounds the int32 biases more finely.
+    """
+    if weight_storage not in WEIGHT_STORAGE:
+        raise ValueError(f"`weight_storage` must be one of {WEIGHT_STORAGE}. "
+                         f"Received: weight_storage={weight_storage!r}")
+    nodes, outputs = _read_graph(model)
+    by_name = {n.name: n for n in nodes}
+    readers = _readers(nodes, outputs)
+    quant_nodes = [n for n in nodes if n.kind == "quant"]
+    if not quant_nodes:
+        raise UnsupportedModelError(
+            f"Model '{model.name}' has no quantized layers; wrap it with metamix_tf.apply and "
+            f"train it first. Received: model={model.name!r}")
+    input_grids = {n.name: _input_grid(n.layer) for n in quant_nodes}
+    wide = {name: g.bits for name, g in input_grids.items() if not g.fits_int8}
+    if int8 and wide:
+        name, bits = next(iter(wide.items()))
+        raise UnsupportedModelError(
+            f"Layer '{name}' has a {bits}-bit activation quantizer; int8 TFLite kernels hold at "
+            "most 8 bits. Export float16 / float32 only (--format=float16,float32) or search "
+            f"with candidate bits <= 8. Received: bits={bits}")
+
+    stored = [n for n in nodes if _stored(n, readers, by_name)]
+    structure = {}
+    for n in stored:
+        eff = _effective_readers(n.name, readers, by_name)
+        quant = [r for r in eff if r != OUTPUT and by_name[r].kind == "quant"]
+        floats = [r for r in eff if r not in quant]
+        distinct = {input_grids[r] for r in quant}
+        if quant and not floats and len(distinct) == 1:
+            kind = "grid"
+        elif not quant:
+            kind = "calibrated"
+        else:
+            kind = "shared"
+        structure[n.name] = (kind, quant, floats)
+
+    needs_range = [n for n in stored if structure[n.name][0] != "grid"] if int8 else []
+    ranges = _calibrate(model, needs_range, calibration_data, max_calibration_examples)
+
+    tensors = {}
+    for n in stored:
+        kind, quant, floats = structure[n.name]
+        rng = ranges.get(n.name)
+        k = 1
+        if kind == "grid":
+            grid = input_grids[quant[0]]
+            fq_name = f"{quant[0]}_input_quant" if len(quant) == 1 else f"{n.name}_quant"
+        elif not int8:
+            continue  # float exports keep these tensors in float, as the Keras model does
+        elif kind == "calibrated":
+            grid = grids.calibrated_grid(*rng)
+            fq_name = f"{n.name}_quant"
+        else:
+            first, others = input_grids[quant[0]], [input_grids[r] for r in quant[1:]]
+            max_abs = max(abs(rng[0]), abs(rng[1])) if floats else None
+            grid, k = grids.shared_grid(first, tuple(others), max_abs=max_abs,
+                                        signed=rng[0] < 0)
+            fq_name = f"{n.name}_quant"
+        tensors[n.name] = TensorPlan(name=n.name, kind=kind, grid=grid, fake_quant=fq_name,
+                                     quant_readers=quant, float_readers=floats,
+                                     calibrated_range=rng, k=k)
+
+    inputs = {}
+    for n in quant_nodes:
+        source = n.inputs[0]
+        while by_name[source].kind == "pass":
+            source = by_name[source].inputs[0]
+        q = n.layer.input_quantizer
+        tensor = tensors.get(source)
+        requantized = tensor is None or tensor.kind != "grid"
+        exact = tensor is None or tensor.kind == "grid" or grids.is_exact_requantization(
+            tensor.grid, input_grids[n.name])
+        inputs[n.name] = InputPlan(
+            layer=n.name, bits=q.selected_bits, signed=q.signed, step=q.selected_step,
+            grid=input_grids[n.name], source=source, requantized=requantized, exact=exact)
+    weights = {n.name: _weight_plan(n, weight_storage, input_grids[n.name].scale)
+               for n in quant_nodes}
+    return ExportPlan(model_name=model.name, nodes=nodes, outputs=outputs, tensors=tensors,
+                      inputs=inputs, weights=weights, int8=int8)
+
+
+# -- building --------------------------------------------------------------------------------
+
+_DROPPED_KEYS = ("input_quantizer", "kernel_quantizer")
+
+
+def _folded_layer(node: _Node, weights: WeightPlan, native: bool) -> keras.layers.Layer:
+    layer = node.layer
+    config = {k: v for k, v in layer.get_config().items() if k not in _DROPPED_KEYS
+              and not k.endswith(("_regularizer", "_constraint"))}
+    config.update(use_bias=True, weight_bits=weights.bits, native=native)
+    folded = FOLDED_LAYERS[type(layer).__name__].from_config(config)
+    folded.build(tuple(layer.input.shape))
+    folded.set_folded(weights.folded.kernel, weights.folded.bias, weights.folded.scale)
+    return folded
+
+
+def build(export_plan: ExportPlan, native: bool = True, name: str | None = None) -> keras.Model:
+    """The inference graph of ``export_plan`` as a functional Keras model.
+
+    ``native=True``: converter-native fake quants on every stored tensor (the int8-ready
+    graph; needs a plan made with ``int8=True``). ``native=False``: float math fake quants
+    on the quantizers' inputs only, the network the Keras model computes (for float32 /
+    float16 TFLite).
+    """
+    if native and not export_plan.int8:
+        raise ValueError("The converter-native graph needs a plan made with int8=True. "
+                         f"Received: native={native}")
+    new: dict = {}
+    inputs = []
+    for node in export_plan.nodes:
+        if node.kind == "input":
+            shape = tuple(node.layer.batch_shape[1:])
+            t = keras.Input(shape=shape, dtype="float32", name=node.name)
+            inputs.append(t)
+        else:
+            xs = []
+            for source in node.inputs:
+                x = new[source]
+                inp = export_plan.inputs.get(node.name) if node.kind == "quant" else None
+                if inp is not None and inp.requantized:
+                    x = FakeQuant.from_grid(inp.grid, clamp_first=True, native=native,
+                                            name=f"{node.name}_input_quant")(x)
+                xs.append(x)
+            if node.kind == "quant":
+                layer = _folded_layer(node, export_plan.weights[node.name], native)
+            else:
+                layer = type(node.layer).from_config(node.layer.get_config())
+            t = layer(xs[0] if len(xs) == 1 else xs)
+        tensor = export_plan.tensors.get(node.name)
+        if tensor is not None and (native or tensor.kind == "grid"):
+            t = FakeQuant.from_grid(tensor.grid, native=native, name=tensor.fake_quant)(t)
+        new[node.name] = t
+    outputs = [new[o] for o in export_plan.outputs]
+    return keras.Model(inputs[0] if len(inputs) == 1 else inputs,
+                       outputs[0] if len(outputs) == 1 else outputs,
+                       name=name or f"{export_plan.model_name}_inference")

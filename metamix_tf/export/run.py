@@ -1,0 +1,380 @@
+"""Export of a trained model or a training run directory, with verification.
+
+:func:`export_model` takes a wrapped Keras model (quantizers selected, weight quantization
+on) and writes into ``output_dir``:
+
+* ``<name>_int8.tflite``, ``<name>_float16.tflite``, ``<name>_float32.tflite``;
+* ``<name>.encodings.json``: the encodings sidecar (:mod:`metamix_tf.export.encodings`);
+* ``<name>_inference.keras`` and ``saved_model/``: the inference graph (the int8-ready,
+  converter-native graph when int8 is exported, else the float one);
+* ``export_report.json``: verification against the Keras fake-quantized model.
+
+:func:`export_run` does the same for a run directory of :mod:`metamix_tf.pipeline` (its
+``config.yaml``, ``bits.json`` and ``final.keras``), with calibration images from the
+train split and verification on the eval split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from metamix_tf import config as config_lib
+from metamix_tf import wrap
+from metamix_tf.export import encodings as encodings_lib
+from metamix_tf.export import graph, tflite, verify
+
+__all__ = [
+    "DEFAULT_RUN_ROOT",
+    "RunError",
+    "Run",
+    "latest_run",
+    "load_run",
+    "parse_formats",
+    "export_model",
+    "export_run",
+    "format_report",
+]
+
+DEFAULT_RUN_ROOT = "runs"
+REPORT_NAME = "export_report.json"
+
+
+class RunError(ValueError):
+    """The run directory is missing something the export needs."""
+
+
+@dataclasses.dataclass
+class Run:
+    model_dir: str
+    config: config_lib.ExperimentConfig
+    bits_info: dict
+    model: keras.Model
+
+
+def parse_formats(formats) -> tuple:
+    """``"int8,float32"`` or a sequence -> a tuple of known formats, in canonical order."""
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    formats = list(formats or [])
+    unknown = [f for f in formats if f not in tflite.FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"`formats` must be a non-empty subset of {tflite.FORMATS}. "
+                         f"Received: formats={formats!r}")
+    return tuple(f for f in tflite.FORMATS if f in formats)
+
+
+def latest_run(run_root: str = DEFAULT_RUN_ROOT) -> str:
+    """The run directory under ``run_root`` whose ``final.keras`` (or, lacking one, whose
+    ``config.yaml``) is the newest."""
+    candidates = [os.path.dirname(p) for p in glob.glob(os.path.join(run_root, "*", "config.yaml"))]
+    if not candidates:
+        raise RunError(f"No training runs under '{run_root}/' (no */config.yaml). Train one with "
+                       "`python train.py --model=mobilenet_v2 --phase=all`, or pass "
+                       f"--model_dir. Received: run_root={run_root!r}")
+
+    def stamp(path):
+        final = os.path.join(path, "final.keras")
+        return os.path.getmtime(final if os.path.exists(final)
+                                else os.path.join(path, "config.yaml"))
+
+    return max(candidates, key=stamp)
+
+
+def load_run(model_dir: str) -> Run:
+    """Reads ``config.yaml``, ``bits.json`` and ``final.keras`` of a run, with a message
+    naming the fix when one is missing or they disagree."""
+    if not os.path.isdir(model_dir):
+        raise RunError(f"Run directory not found: {model_dir}. Pass the --model_dir of a "
+                       f"`python train.py` run. Received: model_dir={model_dir!r}")
+    config_path = os.path.join(model_dir, "config.yaml")
+    config = (config_lib.load([config_path]) if os.path.exists(config_path)
+              else config_lib.ExperimentConfig(model_dir=model_dir))
+    bits_path = os.path.join(model_dir, "bits.json")
+    if not os.path.exists(bits_path):
+        raise RunError(f"{model_dir} has no bits.json: the bit search has not finished. Run "
+                       f"`python train.py --phase=all --model_dir={model_dir}` (or "
+                       f"--phase=search, then --phase=finetune). Received: model_dir="
+                       f"{model_dir!r}")
+    with open(bits_path) as f:
+        bits_info = json.load(f)
+    final = os.path.join(model_dir, "final.keras")
+    if not os.path.exists(final):
+        raise RunError(f"{model_dir} has no final.keras: weight training has not finished, "
+                       "so there is no checkpoint with quantized weights to export. Run "
+                       f"`python train.py --phase=finetune --model_dir={model_dir}` (or "
+                       f"--phase=all). Received: model_dir={model_dir!r}")
+    import metamix_tf.export.layers  # noqa: F401  (registers the export layers)
+
+    model = keras.saving.load_model(final, compile=False)
+    searched = dict(bits_info.get("bits") or {})
+    actual = wrap.get_bits(model)
+    unknown = sorted(set(searched) - set(actual))
+    differ = sorted(k for k in set(searched) & set(actual) if int(searched[k]) != actual[k])
+    if unknown or differ:
+        example = unknown[:1] or [f"{differ[0]}: bits.json {searched[differ[0]]} vs "
+                                  f"final.keras {actual[differ[0]]}"]
+        raise RunError(f"bits.json and final.keras of {model_dir} disagree ({len(unknown)} "
+                       f"unknown layer(s), {len(differ)} different bit-width(s), e.g. "
+                       f"{example[0]}); rerun --phase=finetune so that both come from the "
+                       f"same search. Received: model_dir={model_dir!r}")
+    return Run(model_dir=model_dir, config=config, bits_info=bits_info, model=model)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def _arrays(dataset, limit: int | None) -> tuple:
+    images, labels, count = [], [], 0
+    for batch in dataset:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        x = np.asarray(x, np.float32)
+        if limit is not None:
+            x = x[:max(0, limit - count)]
+        if len(x) == 0:
+            break
+        images.append(x)
+        if y is not None:
+            labels.append(np.asarray(y)[:len(x)])
+        count += len(x)
+        if limit is not None and count >= limit:
+            break
+    if not images:
+        raise ValueError("The dataset yielded no images.")
+    return np.concatenate(images), (np.concatenate(labels) if labels else None)
+
+
+def _run_data(run: Run, max_eval_examples: int | None, calibration_examples: int):
+    from metamix_tf import data as data_lib
+    from metamix_tf import models
+
+    name = run.config.model.name
+    preprocess = models.preprocess_input(name) if name in models.MODEL_NAMES else None
+    data_config = dataclasses.replace(run.config.data, augment=False)
+    image_size = int(run.model.inputs[0].shape[1])
+    datasets = data_lib.load(data_config, image_size=image_size, preprocess=preprocess)
+    calibration, _ = _arrays(datasets.train, calibration_examples)
+    images, labels = _arrays(datasets.eval, max_eval_examples)
+    return calibration, images, labels
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def _reference_logits(model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    run = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return np.concatenate([run(tf.convert_to_tensor(images[i:i + batch_size])).numpy()
+                           for i in range(0, len(images), batch_size)])
+
+
+def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
+                 name: str = "model", calibration_data=None, eval_images=None,
+                 eval_labels=None, verify_models: bool = True, bits_info: dict | None = None,
+                 max_calibration_examples: int = 1024, grid_check_examples: int = 64,
+                 latency_rounds: int = 5, latency_runs: int = 20,
+                 latency_threads: int | None = 1, weight_storage: str = "bits",
+                 report_extra: dict | None = None, log=print) -> dict:
+    """Exports ``model`` (module docstring) and, with ``eval_images``, verifies it.
+
+    Args:
+      model: a wrapped model from :func:`metamix_tf.apply`; its activation quantizers are
+        put in ``"selected"`` mode (the bits in their ``bit_index``).
+      formats: subset of :data:`tflite.FORMATS` (a list or ``"int8,float16"``).
+      calibration_data: images for the int8 ranges of the tensors Keras keeps in float
+        (default: ``eval_images``).
+      eval_images / eval_labels: verification data (preprocessed images, int labels).
+      verify_models: run the LiteRT checks (needs ``eval_images``).
+      bits_info: the run's ``bits.json`` content, copied into the sidecar and the report.
+      weight_storage: ``"bits"`` or ``"spread"``, see :func:`graph.plan`.
+      report_extra: entries added to the report.
+    Returns the report (also written to ``export_report.json``).
+    """
+    formats = parse_formats(formats)
+    if model.inputs is None or len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError("The export takes a model with one input and one output. "
+                         f"Received: inputs={len(model.inputs or [])}")
+    began = time.time()
+    os.makedirs(output_dir, exist_ok=True)
+    wrap.set_mode(model, "selected")
+    int8 = "int8" in formats
+    if calibration_data is None:
+        calibration_data = eval_images
+    log(f"Planning the inference graph of '{model.name}' ({', '.join(formats)})")
+    export_plan = graph.plan(model, calibration_data=calibration_data if int8 else None,
+                             int8=int8, max_calibration_examples=max_calibration_examples,
+                             weight_storage=weight_storage)
+    graphs = {"native": graph.build(export_plan, native=True)} if int8 else {}
+    graphs["float"] = graph.build(export_plan, native=False)
+    main = graphs["native" if int8 else "float"]
+
+    files = {}
+    path = lambda suffix: os.path.join(output_dir, f"{name}{suffix}")  # noqa: E731
+    files["keras"] = tflite.save_keras(main, path("_inference.keras"))
+    files["saved_model"] = tflite.export_saved_model(main, os.path.join(output_dir,
+                                                                        "saved_model"))
+    summaries = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in formats:
+            if fmt == "int8":
+                source = files["saved_model"]
+            else:
+                source = os.path.join(tmp, "float_saved_model")
+                if not os.path.isdir(source):
+                    graphs["float"].export(source, verbose=False)
+            log(f"Converting {fmt}")
+            data = tflite.convert(source, fmt)
+            files[fmt] = tflite.write_atomic(path(f"_{fmt}.tflite"), data)
+            summaries[fmt] = tflite.graph_summary(data)
+    sidecar = encodings_lib.encodings(export_plan, bits_info,
+                                      input_name=main.inputs[0].name if main.inputs else None)
+    files["encodings"] = encodings_lib.write(path(".encodings.json"), sidecar)
+
+    report = {
+        **(report_extra or {}),
+        "model": model.name, "formats": list(formats), "output_dir": output_dir,
+        "weight_storage": weight_storage,
+        "files": {k: {"path": v, "bytes": _size(v)} for k, v in files.items()},
+        "graphs": summaries,
+        "bits": {n: p.bits for n, p in export_plan.inputs.items()},
+        "gbops": (bits_info or {}).get("gbops"),
+        "avg_activation_bits": sidecar["avg_activation_bits"],
+        "tensors": {"grid": sum(t.kind == "grid" for t in export_plan.tensors.values()),
+                    "shared": sum(t.kind == "shared" for t in export_plan.tensors.values()),
+                    "calibrated": sum(t.kind == "calibrated"
+                                      for t in export_plan.tensors.values())},
+        "inexact_inputs": [n for n, p in export_plan.inputs.items() if not p.exact],
+    }
+    if verify_models and eval_images is not None:
+        report["verification"] = _verify(model, graphs, files, formats, export_plan,
+                                         np.asarray(eval_images, np.float32), eval_labels,
+                                         grid_check_examples, latency_rounds, latency_runs,
+                                         latency_threads, log)
+    report["export_seconds"] = round(time.time() - began, 1)
+    tflite.write_atomic(os.path.join(output_dir, REPORT_NAME),
+                        (json.dumps(report, indent=1, default=_json_default) + "\n").encode())
+    return report
+
+
+def _verify(model, graphs, files, formats, export_plan, images, labels, grid_examples,
+            latency_rounds, latency_runs, latency_threads, log) -> dict:
+    log(f"Verifying on {len(images)} images")
+    reference = _reference_logits(model, images)
+    out = {"examples": int(len(images)), "reference": "keras fake-quant model",
+           "max_abs_reference_logit": float(np.abs(reference).max()),
+           "keras_inference_graph": {}, "tflite": {}}
+    if labels is not None:
+        out["reference_accuracy"] = float(np.mean(reference.argmax(-1) == labels))
+    for key, g in graphs.items():
+        out["keras_inference_graph"][key] = verify.compare(
+            reference, _reference_logits(g, images), labels)
+    for fmt in formats:
+        out["tflite"][fmt] = verify.compare(reference, verify.run_tflite(files[fmt], images),
+                                            labels)
+    if "int8" in formats:
+        sample = images[:grid_examples]
+        checks = [c.to_dict() for c in verify.check_grids(files["int8"], export_plan, sample)]
+        with tempfile.TemporaryDirectory() as tmp:
+            match = verify.layer_match(graphs["native"], export_plan, model, sample, tmp)
+        for c in checks:
+            c.update(match.get(c["layer"], {"match": None, "max_int_diff": None}))
+        matches = [c["match"] for c in checks if c["match"] is not None]
+        out["grid_check"] = {
+            "examples": int(len(sample)),
+            "all_on_grid": all(c["on_grid"] for c in checks),
+            "median_match": float(np.median(matches)) if matches else None,
+            "min_match": min(matches, default=None),
+            "layers": checks,
+        }
+    timed = {fmt: files[fmt] for fmt in formats}
+    if len(timed) > 0:
+        log("Timing " + ", ".join(timed))
+        lat = verify.latency(timed, rounds=latency_rounds, runs_per_round=latency_runs,
+                             num_threads=latency_threads)
+        out["latency"] = lat
+        if "int8" in lat and "float32" in lat:
+            out["latency"]["float32_over_int8"] = (lat["float32"]["median_ms"]
+                                                   / lat["int8"]["median_ms"])
+    return out
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(root, f))
+                   for root, _, names in os.walk(path) for f in names)
+    return os.path.getsize(path)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"Not JSON serializable: {type(value).__name__}")
+
+
+def export_run(model_dir: str | None = None, output_dir: str | None = None,
+               formats=tflite.FORMATS, verify_models: bool = True,
+               max_eval_examples: int | None = 5000, max_calibration_examples: int = 1024,
+               run_root: str = DEFAULT_RUN_ROOT, log=print, **kwargs) -> dict:
+    """Exports a training run (default: the latest under ``run_root``) to
+    ``output_dir`` (default ``<model_dir>/export``); see :func:`export_model`."""
+    formats = parse_formats(formats)
+    model_dir = model_dir or latest_run(run_root)
+    run = load_run(model_dir)
+    output_dir = output_dir or os.path.join(model_dir, "export")
+    log(f"Run {model_dir}: {run.model.name}, searcher {run.bits_info.get('searcher')}, "
+        f"{run.bits_info.get('gbops')} GBOPs")
+    calibration, images, labels = _run_data(run, max_eval_examples, max_calibration_examples)
+    report = export_model(
+        run.model, output_dir, formats, name=run.config.model.name,
+        calibration_data=calibration, eval_images=images, eval_labels=labels,
+        verify_models=verify_models, bits_info=run.bits_info,
+        max_calibration_examples=max_calibration_examples,
+        report_extra={"model_dir": model_dir}, log=log, **kwargs)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A short text table of an export report."""
+    lines = [f"Export of {report['model']} -> {report['output_dir']}"]
+    v = report.get("verification")
+    sizes = {k: f["bytes"] for k, f in report["files"].items()}
+    header = f"{'format':<9} {'size KiB':>9} {'top-1 agree':>11} {'max|dlogit|':>11} " \
+             f"{'mean|dlogit|':>12} {'accuracy':>9} {'latency ms':>10}"
+    lines.append(header)
+    for fmt in report["formats"]:
+        row = f"{fmt:<9} {sizes[fmt] / 1024:>9.1f}"
+        if v:
+            t = v["tflite"][fmt]
+            lat = v.get("latency", {}).get(fmt, {}).get("median_ms")
+            row += (f" {t['top1_agreement'] * 100:>10.2f}% {t['max_abs_logit_diff']:>11.4f} "
+                    f"{t['mean_abs_logit_diff']:>12.5f} "
+                    f"{t.get('accuracy', float('nan')) * 100:>8.2f}% "
+                    f"{lat if lat is not None else float('nan'):>10.3f}")
+        lines.append(row)
+    if v:
+        lines.append(f"Keras fake-quant reference: {v['examples']} images, accuracy "
+                     f"{v.get('reference_accuracy', float('nan')) * 100:.2f}%")
+        ratio = v.get("latency", {}).get("float32_over_int8")
+        if ratio:
+            lines.append(f"float32 / int8 latency: {ratio:.2f}x "
+                         f"({v['latency']['int8']['num_threads']} thread(s))")
+        g = v.get("grid_check")
+        if g:
+            lines.append(f"int8 grid check: {len(g['layers'])} quantized inputs, all on their "
+                         f"b-bit grids: {g['all_on_grid']}; integers equal to Keras': median "
+                         f"{(g['median_match'] or 0) * 100:.2f}%, lowest "
+                         f"{(g['min_match'] or 0) * 100:.2f}%")
+    t = report["tensors"]
+    lines.append(f"int8 tensors: {t['grid']} on learned grids, {t['shared']} shared, "
+                 f"{t['calibrated']} calibrated (float in Keras); inexact quantized inputs: "
+                 f"{len(report['inexact_inputs'])}")
+    return "\n".join(lines)

@@ -1,0 +1,671 @@
+"""The phases of a MetaMix run, in sequence, with a run directory that lets them resume.
+
+``run(config, phase)`` with ``phase`` one of ``"pretrain"``, ``"search"``, ``"finetune"``,
+``"all"``. The run directory (``config.model_dir``) holds:
+
+* ``config.yaml``: the resolved config;
+* ``float.keras``: the float model (after pre-training, or built from ``model.weights``);
+* ``ckpt/<phase>/``: ``tf.train.CheckpointManager`` checkpoints, one per epoch, and
+  ``history.json``;
+* ``search.keras``: the wrapped model after bit selection, quantizers in ``"selected"`` mode
+  at the chosen bits, weight quantization off;
+* ``bits.json``: ``{"searcher", "bits": {layer: a_bits}, "gbops", "target_gbops",
+  "avg_activation_bits", "report"}`` (the report is :meth:`CostModel.report`);
+* ``bits.png``: the selected activation bits per layer beside each layer's MACs;
+* ``final.keras``: the wrapped model after weight training, ``"selected"`` mode, weight
+  quantization on (what the exporter loads);
+* ``summary.json``: accuracy per phase, GBOPs, average bits, wall time per phase, machine;
+* ``<phase>.done``: the phase's results; ``"all"`` skips phases that have one;
+* ``logs/<phase>/``: TensorBoard scalars.
+
+Searchers (``config.search.searcher``): ``"metamix"`` (per iteration a bit-meta step then a
+bit-search step, bit-meta only during the warm-up epochs), ``"joint"`` (EdMIPS/DNAS: weights
+and alphas stepped together on the mixture) and ``"none"`` (uniform LSQ: every searchable
+layer at ``search.uniform_bits``, weights and step sizes trained for the same epochs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import time
+import types
+import typing
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from metamix_tf import config as config_lib
+from metamix_tf import data as data_lib
+from metamix_tf import distribute, models, steps, trainer, wrap
+from metamix_tf.config import ExperimentConfig
+from metamix_tf.cost import CostModel
+
+__all__ = [
+    "PHASES",
+    "run",
+    "resolve_target",
+    "default_model_dir",
+    "plot_bits",
+    "RunContext",
+]
+
+PHASES = ("pretrain", "search", "finetune")
+_ALL = "all"
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What every phase of one run shares."""
+
+    config: ExperimentConfig
+    strategy: tf.distribute.Strategy
+    data: data_lib.Datasets
+    model_dir: str
+    iterators: trainer.EpochIterators
+    eval_dataset: object
+    steps_per_epoch: int
+    jit_compile: bool
+    model_fn: Callable | None
+    verbose: bool
+    on_epoch_end: Callable | None
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.model_dir, *parts)
+
+    def say(self, message: str) -> None:
+        if self.verbose:
+            print(message, flush=True)
+
+
+def default_model_dir(model: str, dataset: str) -> str:
+    """``runs/<model>-<dataset slug>`` (``folder:/a/b/cifar10`` -> ``cifar10``)."""
+    name = dataset.split(":", 1)[1] if dataset.startswith("folder:") else dataset
+    name = os.path.basename(os.path.normpath(name)) or "data"
+    slug = re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_") or "data"
+    return os.path.join("runs", f"{model}-{slug}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_numbers(section, prefix: str) -> None:
+    """Numeric fields must hold numbers (YAML 1.1 reads ``5e-4`` without a dot as a string)."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, f"{prefix}{f.name}.")
+            continue
+        hint = hints[f.name]
+        origin = typing.get_origin(hint)
+        if origin is None:
+            kinds = (hint,)
+        elif origin in (typing.Union, types.UnionType):
+            kinds = typing.get_args(hint)
+        else:  # containers (candidate bits, layer names): left to their own checks
+            continue
+        numeric = any(k in (int, float) for k in kinds)
+        if numeric and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(
+                f"`{prefix}{f.name}` must be a number (in YAML write 5.0e-4, not 5e-4, which "
+                f"YAML reads as a string). Received: {prefix}{f.name}={value!r}")
+
+
+def _check(config: ExperimentConfig, phase: str, model_fn) -> None:
+    _check_numbers(config, "")
+    if phase not in PHASES + (_ALL,):
+        raise ValueError(f"`phase` must be one of {PHASES + (_ALL,)}. Received: phase={phase!r}")
+    if model_fn is None and config.model.name not in models.MODEL_NAMES:
+        raise ValueError(f"Unknown model name; expected one of {models.MODEL_NAMES}. "
+                         f"Received: model={config.model.name!r}")
+    s = config.search
+    for section, name in ((config.pretrain, "pretrain"), (s, "search"),
+                          (config.finetune, "finetune")):
+        if not isinstance(section.epochs, int) or section.epochs < 0:
+            raise ValueError(f"`{name}.epochs` must be an integer >= 0. "
+                             f"Received: {name}.epochs={section.epochs!r}")
+    if s.searcher != "none" and s.epochs < 1:
+        raise ValueError(f"The '{s.searcher}' searcher needs `search.epochs` >= 1 to learn the "
+                         f"bit logits. Received: search.epochs={s.epochs}")
+    if s.warmup_epochs < 0:
+        raise ValueError(f"`search.warmup_epochs` must be >= 0. "
+                         f"Received: search.warmup_epochs={s.warmup_epochs}")
+    if s.target_gbops is None and s.target_avg_bits is None and s.searcher != "none":
+        raise ValueError("Give the GBOPs target as `search.target_gbops` or "
+                         "`search.target_avg_bits`. Received: both None")
+    if s.target_gbops is not None and not s.target_gbops > 0:
+        raise ValueError(f"`search.target_gbops` must be > 0. "
+                         f"Received: target_gbops={s.target_gbops}")
+    for section, name in ((s, "search"), (config.finetune, "finetune")):
+        teacher = section.teacher
+        if teacher not in (None, "self") and not os.path.exists(str(teacher)):
+            raise FileNotFoundError(f"Teacher model file not found: {teacher}. Use 'self' (the "
+                                    f"float model) or a .keras file. "
+                                    f"Received: {name}.teacher={teacher!r}")
+
+
+def _quant_config(config: ExperimentConfig) -> config_lib.QuantConfig:
+    """The quantization config; uniform LSQ adds its bit-width to the candidates if needed."""
+    quant = config.quant
+    if config.search.searcher == "none" and config.search.uniform_bits not in quant.candidate_bits:
+        quant = dataclasses.replace(
+            quant, candidate_bits=tuple(sorted({*quant.candidate_bits,
+                                                config.search.uniform_bits})))
+    return quant
+
+
+def resolve_target(config: ExperimentConfig, cost: CostModel) -> float:
+    """The GBOPs target: ``search.target_gbops`` if set, else every searchable layer at
+    ``search.target_avg_bits``; checked against what the candidate bits allow."""
+    s = config.search
+    if s.target_gbops is not None:
+        target = float(s.target_gbops)
+    elif s.target_avg_bits is not None:
+        low_bits, high_bits = min(config.quant.candidate_bits), max(config.quant.candidate_bits)
+        if not low_bits <= s.target_avg_bits <= high_bits:
+            raise ValueError(
+                f"The average activation bit-width target {s.target_avg_bits} is outside the "
+                f"candidate bits [{low_bits}, {high_bits}]. "
+                f"Received: target_avg_bits={s.target_avg_bits}")
+        target = cost.uniform_gbops(float(s.target_avg_bits))
+    else:
+        target = cost.uniform_gbops(float(s.uniform_bits))
+    return cost.check_target(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def _build_float(config, input_shape, num_classes, model_fn=None, weights=None):
+    if model_fn is not None:
+        model = model_fn(input_shape, num_classes)
+        if weights:
+            model.load_weights(weights)
+        if config.model.bn_momentum is not None:
+            models.set_bn_momentum(model, config.model.bn_momentum)
+        return model
+    m = config.model
+    return models.build(m.name, input_shape, num_classes, weights=weights,
+                        bn_momentum=m.bn_momentum, dropout=m.dropout)
+
+
+def _load(path: str, what: str, hint: str) -> keras.Model:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}; {hint}.")
+    return keras.saving.load_model(path, compile=False)
+
+
+def _save(model, path: str) -> None:
+    """Saves ``model`` with BatchNorm un-synchronised (a plain single-device model)."""
+    distribute.sync_batch_norm(model, False)
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _teacher(ctx: RunContext, teacher: str | None):
+    if teacher is None:
+        return None
+    path = ctx.path("float.keras") if teacher == "self" else teacher
+    model = _load(path, "Teacher model", "run the pretrain phase first or pass a .keras file")
+    out = model.output_shape[-1]
+    if out != ctx.data.num_classes:
+        raise ValueError(f"The teacher {path} has {out} outputs but the data has "
+                         f"{ctx.data.num_classes} classes. Received: teacher={teacher!r}")
+    return model
+
+
+def _no_decay(variables) -> list:
+    return [v for v in variables if len(v.shape) <= 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-directory bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+
+def _done_path(ctx: RunContext, phase: str) -> str:
+    return ctx.path(f"{phase}.done")
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"Not JSON serialisable: {type(value).__name__}")
+
+
+def _machine(strategy) -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "cpu_count": os.cpu_count(),
+        "gpus": [d.name for d in tf.config.list_logical_devices("GPU")],
+        "strategy": distribute.describe(strategy),
+    }
+
+
+def _slot_offsets(config: ExperimentConfig) -> dict:
+    """Iterator slots per phase (1 calibration slot + one per epoch), fixed by the config so
+    a phase sees the same batches whether or not the earlier phases ran in this process."""
+    pretrain = 0
+    search = pretrain + 1 + config.pretrain.epochs
+    finetune = search + 1 + config.search.epochs
+    return {"pretrain": pretrain, "search": search, "finetune": finetune}
+
+
+def _phase_checkpoint(ctx: RunContext, phase: str, **objects) -> tuple:
+    return tf.train.Checkpoint(**objects), ctx.path("ckpt", phase)
+
+
+def _hook(ctx: RunContext, phase: str):
+    if ctx.on_epoch_end is None:
+        return None
+    return lambda epoch, record: ctx.on_epoch_end(phase, epoch, record)
+
+
+def _evaluate(ctx: RunContext, model, configure=None) -> dict:
+    fn = steps.eval_step(ctx.strategy, model, configure=configure, jit_compile=ctx.jit_compile)
+    return trainer.evaluate(ctx.strategy, fn, ctx.eval_dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------
+
+
+def _pretrain(ctx: RunContext) -> dict:
+    config, strategy = ctx.config, ctx.strategy
+    p = config.pretrain
+    shape, classes = ctx.data.image_shape, ctx.data.num_classes
+    if config.model.weights:
+        with strategy.scope():
+            model = _build_float(config, shape, classes, ctx.model_fn, config.model.weights)
+        metrics = _evaluate(ctx, model)
+        ctx.say(f"[pretrain] skipped: float weights from {config.model.weights}, "
+                f"val_acc {metrics['val_acc']:.4f}")
+        _save(model, ctx.path("float.keras"))
+        return {"skipped": True, "weights": config.model.weights, **metrics,
+                "wall_time_s": 0.0, "epochs": 0}
+    with strategy.scope():
+        model = _build_float(config, shape, classes, ctx.model_fn)
+        distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
+        variables = list(model.trainable_variables)
+        optimizer = trainer.make_optimizer(
+            trainer.cosine_schedule(p.learning_rate, p.epochs * ctx.steps_per_epoch),
+            variables, weight_decay=p.weight_decay, no_decay=_no_decay(variables))
+    step = steps.train_step(strategy, model, optimizer, variables,
+                            label_smoothing=p.label_smoothing, jit_compile=ctx.jit_compile)
+    eval_fn = steps.eval_step(strategy, model, jit_compile=ctx.jit_compile)
+    checkpoint, directory = _phase_checkpoint(ctx, "pretrain", model=model, optimizer=optimizer)
+    ctx.say(f"[pretrain] float training: {p.epochs} epoch(s) x {ctx.steps_per_epoch} steps")
+    result = trainer.run_epochs(
+        phase="pretrain", strategy=strategy, iterators=ctx.iterators,
+        slot_offset=_slot_offsets(config)["pretrain"], epochs=p.epochs,
+        steps_per_epoch=ctx.steps_per_epoch, epoch_step=lambda epoch: step, eval_fn=eval_fn,
+        eval_dataset=ctx.eval_dataset, checkpoint=checkpoint, checkpoint_dir=directory,
+        log_dir=ctx.path("logs", "pretrain"), on_epoch_end=_hook(ctx, "pretrain"),
+        verbose=ctx.verbose)
+    metrics = result.last if result.history else _evaluate(ctx, model)
+    _save(model, ctx.path("float.keras"))
+    return {"skipped": False, "val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
+            "wall_time_s": result.wall_time_s, "epochs": p.epochs, "history": result.history}
+
+
+def _searchable_bits(model, bits: int) -> dict:
+    return {layer.name: bits for layer in wrap.quant_layers(model)
+            if layer.input_quantizer is not None and layer.input_quantizer.searchable}
+
+
+def _nearest_uniform(cost: CostModel, candidates, target: float) -> int:
+    """The candidate bit-width whose uniform GBOPs is closest to ``target``."""
+    return min(candidates, key=lambda b: abs(cost.uniform_gbops(b) - target))
+
+
+def _bits_line(bits: dict) -> str:
+    return " ".join(str(b) for b in bits.values())
+
+
+def _search(ctx: RunContext) -> dict:
+    config, strategy = ctx.config, ctx.strategy
+    s = config.search
+    quant = _quant_config(config)
+    float_model = _load(ctx.path("float.keras"), "Float model",
+                        "run --phase=pretrain first, or pass --weights")
+    with strategy.scope():
+        model = wrap.apply(float_model, quant)
+        distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
+        groups = wrap.variable_groups(model)
+        weight_vars = groups.weights_and_steps
+        total = s.epochs * ctx.steps_per_epoch
+        weight_opt = trainer.make_optimizer(
+            trainer.cosine_schedule(s.learning_rate, total), weight_vars,
+            weight_decay=s.weight_decay, no_decay=groups.steps + _no_decay(groups.weights))
+        alpha_opt = trainer.make_optimizer(
+            s.alpha_learning_rate, groups.alphas, weight_decay=s.alpha_weight_decay,
+            beta_1=s.alpha_beta_1, beta_2=s.alpha_beta_2) if groups.alphas else None
+        teacher = _teacher(ctx, s.teacher)
+    del float_model
+    cost = CostModel(model)
+    target = resolve_target(config, cost)
+    kd = dict(teacher=teacher, kd_temperature=s.kd_temperature, jit_compile=ctx.jit_compile)
+    warmup = s.warmup_epochs
+    if s.searcher == "metamix" and warmup >= s.epochs:
+        warmup = s.epochs - 1
+        ctx.say(f"[search] warm-up shortened to {warmup} epoch(s) to leave one bit-search "
+                f"epoch (search.epochs={s.epochs})")
+    uniform = s.uniform_bits if s.searcher == "none" else _nearest_uniform(
+        cost, quant.candidate_bits, target)
+
+    if s.searcher == "metamix":
+        meta = steps.meta_step(strategy, model, weight_opt, weight_vars, quant.candidate_bits,
+                               **kd)
+        if groups.alphas:
+            search = steps.search_step(strategy, model, alpha_opt, groups.alphas, cost, target,
+                                       s.cost_weight, **kd)
+        else:
+            search = None
+
+        def both(images, labels):
+            out = meta(images, labels)
+            out.update({f"search_{k}": v for k, v in search(images, labels).items()})
+            return out
+
+        def epoch_step(epoch):
+            return meta if epoch < warmup or search is None else both
+    elif s.searcher == "joint":
+        if groups.alphas:
+            joint = steps.joint_step(strategy, model, weight_opt, weight_vars, alpha_opt,
+                                     groups.alphas, cost, target, s.cost_weight, **kd)
+        else:
+            joint = steps.train_step(strategy, model, weight_opt, weight_vars,
+                                     configure=lambda: wrap.set_mode(model, "mixture"), **kd)
+
+        def epoch_step(epoch):
+            return joint
+    else:
+        lsq = steps.train_step(strategy, model, weight_opt, weight_vars,
+                               configure=lambda: wrap.set_uniform(model, s.uniform_bits), **kd)
+
+        def epoch_step(epoch):
+            return lsq
+
+    def select(epoch):
+        if s.searcher == "none" or (s.searcher == "metamix" and epoch < warmup):
+            return wrap.select_bits(model, _searchable_bits(model, uniform))
+        return wrap.select_bits(model)
+
+    def epoch_info(epoch):
+        bits = wrap.get_bits(model)
+        report = cost.report(bits)
+        return {"sel_gbops": report["gbops"], "avg_bits": report["avg_activation_bits"],
+                "bits": bits}
+
+    eval_fn = steps.eval_step(strategy, model, configure=lambda: wrap.set_mode(model, "selected"),
+                              jit_compile=ctx.jit_compile)
+    calibrate = steps.calibrate_step(strategy, model)
+
+    def on_fresh_start(iterator):
+        images, labels = next(iterator)
+        calibrate(images, labels)
+
+    objects = dict(model=model, optimizer=weight_opt)
+    if alpha_opt is not None:
+        objects["alpha_optimizer"] = alpha_opt
+    checkpoint, directory = _phase_checkpoint(ctx, "search", **objects)
+    low, high = cost.bounds()
+    ctx.say(f"[search] searcher={s.searcher}, {s.epochs} epoch(s) "
+            f"({warmup if s.searcher == 'metamix' else 0} warm-up) x {ctx.steps_per_epoch} "
+            f"steps, candidates {quant.candidate_bits}, target {target:.4f} GBOPs "
+            f"(range {low:.4f}..{high:.4f}; uniform {uniform}-bit = "
+            f"{cost.uniform_gbops(uniform):.4f}), lambda {s.cost_weight}")
+    result = trainer.run_epochs(
+        phase="search", strategy=strategy, iterators=ctx.iterators,
+        slot_offset=_slot_offsets(config)["search"], epochs=s.epochs,
+        steps_per_epoch=ctx.steps_per_epoch, epoch_step=epoch_step, eval_fn=eval_fn,
+        eval_dataset=ctx.eval_dataset, checkpoint=checkpoint, checkpoint_dir=directory,
+        log_dir=ctx.path("logs", "search"), before_eval=select, epoch_info=epoch_info,
+        on_epoch_end=_hook(ctx, "search"), on_fresh_start=on_fresh_start, verbose=ctx.verbose)
+
+    bits = select(s.epochs)
+    metrics = result.last if result.history else trainer.evaluate(strategy, eval_fn,
+                                                                  ctx.eval_dataset)
+    report = cost.report(bits)
+    record = {
+        "searcher": s.searcher,
+        "bits": bits,
+        "gbops": report["gbops"],
+        "target_gbops": target,
+        "avg_activation_bits": report["avg_activation_bits"],
+        "mac_weighted_activation_bits": report["mac_weighted_activation_bits"],
+        "candidate_bits": list(quant.candidate_bits),
+        "report": report,
+    }
+    _write_json(ctx.path("bits.json"), record)
+    plot_bits(report, ctx.path("bits.png"),
+              title=f"{config.model.name} {s.searcher}: {report['gbops']:.4f} GBOPs "
+                    f"(target {target:.4f}), avg {report['avg_activation_bits']:.2f} bits")
+    ctx.say(cost.format_report(bits))
+    wrap.set_mode(model, "selected")
+    _save(model, ctx.path("search.keras"))
+    return {"searcher": s.searcher, "val_acc": metrics["val_acc"],
+            "val_loss": metrics["val_loss"], "gbops": report["gbops"], "target_gbops": target,
+            "avg_activation_bits": report["avg_activation_bits"],
+            "wall_time_s": result.wall_time_s, "epochs": s.epochs, "history": result.history}
+
+
+def _finetune(ctx: RunContext) -> dict:
+    config, strategy = ctx.config, ctx.strategy
+    f = config.finetune
+    bits_path = ctx.path("bits.json")
+    if not os.path.exists(bits_path):
+        raise FileNotFoundError(f"Selected bits not found: {bits_path}; run --phase=search "
+                                "first.")
+    bits = _read_json(bits_path)["bits"]
+    with strategy.scope():
+        model = _load(ctx.path("search.keras"), "Searched model", "run --phase=search first")
+        wrap.select_bits(model, bits)
+        wrap.enable_weight_quantization(model, True)
+        distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
+        groups = wrap.variable_groups(model)
+        variables = groups.weights_and_steps
+        optimizer = trainer.make_optimizer(
+            trainer.cosine_schedule(f.learning_rate, f.epochs * ctx.steps_per_epoch),
+            variables, weight_decay=f.weight_decay,
+            no_decay=groups.steps + _no_decay(groups.weights))
+        teacher = _teacher(ctx, f.teacher)
+
+    selected = steps.fixed_bits(model, bits)  # the selected bits, as static branches
+    step = steps.train_step(strategy, model, optimizer, variables, configure=selected,
+                            teacher=teacher, kd_temperature=f.kd_temperature,
+                            jit_compile=ctx.jit_compile)
+    eval_fn = steps.eval_step(strategy, model, configure=selected, jit_compile=ctx.jit_compile)
+    checkpoint, directory = _phase_checkpoint(ctx, "finetune", model=model, optimizer=optimizer)
+    ctx.say(f"[finetune] weight training at the selected bits with "
+            f"{config.quant.weight_bits}-bit weights: {f.epochs} epoch(s) x "
+            f"{ctx.steps_per_epoch} steps" + (f", KD from {f.teacher}" if f.teacher else ""))
+    result = trainer.run_epochs(
+        phase="finetune", strategy=strategy, iterators=ctx.iterators,
+        slot_offset=_slot_offsets(config)["finetune"], epochs=f.epochs,
+        steps_per_epoch=ctx.steps_per_epoch, epoch_step=lambda epoch: step, eval_fn=eval_fn,
+        eval_dataset=ctx.eval_dataset, checkpoint=checkpoint, checkpoint_dir=directory,
+        log_dir=ctx.path("logs", "finetune"), on_epoch_end=_hook(ctx, "finetune"),
+        verbose=ctx.verbose)
+    metrics = result.last if result.history else trainer.evaluate(strategy, eval_fn,
+                                                                  ctx.eval_dataset)
+    report = CostModel(model).report()
+    wrap.select_bits(model, bits)  # "selected" mode, as the exporter expects
+    _save(model, ctx.path("final.keras"))
+    return {"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
+            "gbops": report["gbops"], "avg_activation_bits": report["avg_activation_bits"],
+            "wall_time_s": result.wall_time_s, "epochs": f.epochs, "history": result.history}
+
+
+_PHASE_FNS = {"pretrain": _pretrain, "search": _search, "finetune": _finetune}
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and plot
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_bits(report: dict, path: str, title: str = "") -> None:
+    """Bars of the selected activation bits per layer, with each layer's MACs (log scale)
+    on a second axis; written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["layers"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.22 * len(rows) + 2), 4.5))
+    colors = ["tab:blue" if r["searchable"] else "tab:gray" for r in rows]
+    ax.bar(x, [r["a_bits"] for r in rows], color=colors, width=0.8)
+    ax.set_ylabel("activation bits (gray: fixed)")
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
+    ax.set_ylim(0, max(r["a_bits"] for r in rows) + 1)
+    twin = ax.twinx()
+    twin.plot(x, [max(r["macs"], 1) for r in rows], color="tab:red", marker=".", lw=1)
+    twin.set_yscale("log")
+    twin.set_ylabel("MACs", color="tab:red")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _summary(ctx: RunContext, results: dict) -> dict:
+    config = ctx.config
+    summary = {
+        "model": config.model.name,
+        "dataset": ctx.data.name,
+        "searcher": config.search.searcher,
+        "train_size": ctx.data.train_size,
+        "eval_size": ctx.data.eval_size,
+        "image_shape": list(ctx.data.image_shape),
+        "machine": _machine(ctx.strategy),
+        "phases": {},
+    }
+    total = 0.0
+    for phase in PHASES:
+        r = results.get(phase)
+        if r is None:
+            continue
+        summary["phases"][phase] = {k: v for k, v in r.items() if k != "history"}
+        total += r.get("wall_time_s", 0.0)
+    summary["wall_time_s"] = {p: r.get("wall_time_s", 0.0) for p, r in results.items()}
+    summary["total_wall_time_s"] = total
+    if "pretrain" in results:
+        summary["float_val_acc"] = results["pretrain"]["val_acc"]
+    if "search" in results:
+        summary["search_val_acc"] = results["search"]["val_acc"]
+        summary["target_gbops"] = results["search"]["target_gbops"]
+        summary["gbops"] = results["search"]["gbops"]
+        summary["avg_activation_bits"] = results["search"]["avg_activation_bits"]
+    if "finetune" in results:
+        summary["final_val_acc"] = results["finetune"]["val_acc"]
+        summary["gbops"] = results["finetune"]["gbops"]
+        summary["avg_activation_bits"] = results["finetune"]["avg_activation_bits"]
+        if "float_val_acc" in summary:
+            summary["accuracy_drop"] = summary["float_val_acc"] - summary["final_val_acc"]
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_target_early(config: ExperimentConfig, model_fn, image_shape, num_classes) -> None:
+    """Builds the wrapped model once (outside any strategy) to check the GBOPs target before
+    spending time on pre-training."""
+    if config.search.searcher == "none":
+        return
+    model = wrap.apply(_build_float(config, image_shape, num_classes, model_fn),
+                       _quant_config(config))
+    resolve_target(config, CostModel(model))
+
+
+def run(config: ExperimentConfig, phase: str = _ALL, *,
+        strategy: tf.distribute.Strategy | None = None, model_fn: Callable | None = None,
+        verbose: bool = True, on_epoch_end: Callable | None = None) -> dict:
+    """Runs ``phase`` (or all phases in order, skipping finished ones) in
+    ``config.model_dir``; returns the summary (also written to ``summary.json``).
+
+    Args:
+      config: the resolved experiment config.
+      phase: ``"pretrain"``, ``"search"``, ``"finetune"`` or ``"all"``.
+      strategy: default :func:`metamix_tf.distribute.get_strategy`.
+      model_fn: ``(input_shape, num_classes) -> keras.Model`` to use instead of
+        ``models.build(config.model.name, ...)`` (tests use a tiny network).
+      on_epoch_end: ``(phase, epoch, record) -> None`` after each epoch's checkpoint.
+    """
+    _check(config, phase, model_fn)
+    strategy = strategy or distribute.get_strategy()
+    jit = distribute.has_gpu() if config.jit_compile is None else bool(config.jit_compile)
+    keras.utils.set_random_seed(config.seed)
+    m = config.model
+    preprocess = None if model_fn is not None else models.preprocess_input(m.name)
+    data = data_lib.load(config.data, image_size=m.input_size, preprocess=preprocess)
+    steps_per_epoch = data.train_size // config.data.batch_size
+    if phase in (_ALL, "search") and not os.path.exists(
+            os.path.join(config.model_dir, "search.done")):
+        _check_target_early(config, model_fn, data.image_shape, data.num_classes)
+    os.makedirs(config.model_dir, exist_ok=True)
+    config_lib.save(config, os.path.join(config.model_dir, "config.yaml"))
+    ctx = RunContext(
+        config=config, strategy=strategy, data=data, model_dir=config.model_dir,
+        iterators=trainer.EpochIterators(strategy, data.train),
+        eval_dataset=strategy.experimental_distribute_dataset(data.eval),
+        steps_per_epoch=steps_per_epoch, jit_compile=jit, model_fn=model_fn,
+        verbose=verbose, on_epoch_end=on_epoch_end)
+    ctx.say(f"Run directory {config.model_dir}: {m.name} on {data.name}, "
+            f"{data.train_size} train / {data.eval_size} eval images "
+            f"{'x'.join(map(str, data.image_shape))}, {distribute.describe(strategy)}, "
+            f"jit_compile={jit}")
+    results = {}
+    for name in PHASES:
+        if os.path.exists(_done_path(ctx, name)):
+            results[name] = _read_json(_done_path(ctx, name))
+    todo = PHASES if phase == _ALL else (phase,)
+    for name in todo:
+        if phase == _ALL and name in results:
+            ctx.say(f"[{name}] already done ({_done_path(ctx, name)}); skipped")
+            continue
+        began = time.time()
+        result = _PHASE_FNS[name](ctx)
+        result["phase_seconds_this_process"] = round(time.time() - began, 2)
+        _write_json(_done_path(ctx, name), result)
+        results[name] = result
+        _write_json(ctx.path("summary.json"), _summary(ctx, results))
+    summary = _summary(ctx, results)
+    _write_json(ctx.path("summary.json"), summary)
+    return summary

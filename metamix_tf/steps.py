@@ -1,0 +1,364 @@
+"""Step functions of the training loop, each a ``tf.function`` running ``strategy.run``.
+
+Every builder returns ``step(images, labels) -> dict`` of scalar tensors already reduced over
+replicas (``strategy.reduce(SUM)``): ``loss_sum`` (summed per-example task loss),
+``correct`` and ``count``, plus ``penalty`` and ``gbops`` for the steps that see the cost.
+The inputs are the per-replica values of a distributed dataset (or plain tensors under the
+default strategy).
+
+Quantizer modes are Python attributes read while tracing, so each builder sets the modes it
+needs inside the traced function (``configure``): a step function traces once per phase and
+always runs the modes it was built for, whatever the model's modes are when it is called.
+
+Losses are scaled by the global batch size (:func:`metamix_tf.losses.scale_loss`, with the
+global size all-reduced from the replicas, so a short last batch is weighted right) and the
+Keras optimizers sum the gradients over replicas; the results do not depend on the replica
+count except through floating-point order (and BatchNorm, which the trainer synchronises
+across replicas).
+
+The steps (``w``: weights, BatchNorm parameters and LSQ step sizes; ``a``: bit logits):
+
+* :func:`train_step`: ``w -= grad L(w)`` at the model's current modes (float pre-training,
+  uniform LSQ, weight training at the selected bits).
+* :func:`meta_step` (bit-meta): ``L_meta = mean_b L(w; every layer at b)`` over the
+  candidate bits, one step of ``w``; ``a`` untouched.
+* :func:`search_step` (bit-search): mixture forward with ``w`` fixed,
+  ``L = L_task + lambda |GBOPs(a) - target| / target``, one step of ``a`` only.
+* :func:`joint_step` (EdMIPS/DNAS baseline): the same loss on the mixture, one tape, ``w``
+  and ``a`` both stepped by their own optimizers.
+* :func:`eval_step`: inference forward, no state change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from metamix_tf import losses, wrap
+
+__all__ = [
+    "train_step",
+    "meta_step",
+    "search_step",
+    "joint_step",
+    "eval_step",
+    "calibrate_step",
+    "fixed_bits",
+    "apply_gradients",
+    "frozen_batch_norm_statistics",
+]
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+def _global_count(labels: tf.Tensor) -> tf.Tensor:
+    """The number of examples in the global batch (an all-reduce of the replica counts)."""
+    count = tf.cast(tf.shape(labels)[0], tf.float32)
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return count
+    return context.all_reduce(SUM, count)
+
+
+def _correct(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.reduce_sum(tf.cast(tf.equal(predictions, tf.cast(labels, tf.int32)), tf.float32))
+
+
+def apply_gradients(optimizer, grads: Sequence, variables: Sequence) -> None:
+    """Applies the gradients that exist (a variable with no path to the loss, e.g. a
+    disabled weight quantizer's step size, is left out rather than given a zero step that
+    would still decay it)."""
+    pairs = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+    if pairs:
+        optimizer.apply_gradients(pairs)
+
+
+@contextlib.contextmanager
+def frozen_batch_norm_statistics(model):
+    """While tracing: BatchNorm uses batch statistics but keeps its moving statistics
+    (momentum 1, so ``moving = moving * 1 + batch * 0``). Restores the momenta on exit."""
+    layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = 1.0
+        yield
+    finally:
+        for layer, momentum in zip(layers, saved, strict=True):
+            layer.momentum = momentum
+
+
+def fixed_bits(model, bits: dict) -> Callable:
+    """A ``configure`` callable that runs every activation quantizer at ``bits`` (layer name
+    -> bits) as a static branch.
+
+    Same outputs and gradients as ``"selected"`` mode at these bits, but each quantizer's
+    branch is fixed while tracing (mode ``"uniform"`` with a per-layer ``uniform_index``)
+    instead of picked at run time by ``tf.switch_case`` on ``bit_index``: a phase whose bits
+    do not change (weight training) traces about 3x faster and steps about 2x faster on CPU.
+    """
+    indices = []
+    for layer in wrap.quant_layers(model):
+        q = layer.input_quantizer
+        if q is None:
+            continue
+        if layer.name not in bits:
+            raise ValueError(f"`bits` has no entry for quantized layer '{layer.name}'. "
+                             f"Received: bits keys={sorted(bits)}")
+        indices.append((q, q.index_of(int(bits[layer.name]))))
+
+    def configure():
+        for q, index in indices:
+            q.mode = "uniform"
+            q.uniform_index = index
+
+    return configure
+
+
+def _teacher_logits(teacher, images):
+    return None if teacher is None else tf.stop_gradient(teacher(images, training=False))
+
+
+def _reduce(strategy, per_replica: dict) -> dict:
+    return {key: strategy.reduce(SUM, value, axis=None) for key, value in per_replica.items()}
+
+
+def _compiled(fn: Callable, jit_compile: bool) -> Callable:
+    return tf.function(fn, jit_compile=True, autograph=False) if jit_compile else fn
+
+
+def _distributed(strategy: tf.distribute.Strategy, replica_fn: Callable,
+                 configure: Callable | None, jit_compile: bool, name: str,
+                 context: Callable | None = None) -> Callable:
+    """``tf.function`` that runs ``configure()`` (at trace time), then ``replica_fn`` on
+    every replica inside ``context()`` (a trace-time context manager), and sums each
+    returned scalar over replicas.
+
+    Python state (quantizer modes, BatchNorm momenta) changes only here, outside
+    ``strategy.run``: MirroredStrategy traces its replicas in threads that take turns at
+    every cross-replica call (synchronized BatchNorm, variable aggregation), so a change
+    made inside one replica's function would leak into the other's trace.
+    """
+    inner = _compiled(replica_fn, jit_compile)
+
+    def step(images, labels):
+        if configure is not None:
+            configure()
+        with context() if context is not None else contextlib.nullcontext():
+            per_replica = strategy.run(inner, args=(images, labels))
+        return _reduce(strategy, per_replica)
+
+    step.__name__ = name
+    return tf.function(step, reduce_retracing=True, autograph=False)
+
+
+def train_step(strategy, model, optimizer, variables: Sequence, *,
+               configure: Callable | None = None, teacher=None, kd_temperature: float = 1.0,
+               label_smoothing: float = 0.0, jit_compile: bool = False) -> Callable:
+    """One optimizer step on ``variables`` at the model's modes (set by ``configure``).
+
+    Forward: ``model(x, training=True)``; loss: cross-entropy, or KD from ``teacher``.
+    Gradient: ``dL/dv`` for ``v`` in ``variables`` (global-batch mean, summed over
+    replicas by the optimizer).
+    """
+    variables = list(variables)
+
+    def replica_fn(images, labels):
+        n = _global_count(labels)
+        teacher_logits = _teacher_logits(teacher, images)
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = losses.task_loss(labels, logits, teacher_logits, kd_temperature,
+                                           label_smoothing)
+            loss = losses.scale_loss(per_example, n)
+        apply_gradients(optimizer, tape.gradient(loss, variables), variables)
+        return {"loss_sum": tf.reduce_sum(per_example), "correct": _correct(labels, logits),
+                "count": tf.cast(tf.shape(labels)[0], tf.float32)}
+
+    return _distributed(strategy, replica_fn, configure, jit_compile, "train_step")
+
+
+def meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: Sequence[int],
+              *, teacher=None, kd_temperature: float = 1.0, label_smoothing: float = 0.0,
+              jit_compile: bool = False) -> Callable:
+    """Bit-meta training: the same batch once per candidate bit-width, every searchable
+    layer at that width (:func:`metamix_tf.wrap.set_uniform`), losses averaged.
+
+    Forward: ``L_meta = (1/K) sum_b L(model_b(x))``. Gradient: ``dL_meta/dv`` for ``v`` in
+    ``variables`` (weights, BatchNorm parameters, every branch's step size), accumulated
+    pass by pass, then one optimizer step; the bit logits get no step. BatchNorm moving
+    statistics are updated once per candidate pass.
+
+    Each candidate's forward and backward is its own ``strategy.run`` (the bits are set
+    between them, see :func:`_distributed`), so only one pass's activations are alive at a
+    time.
+    """
+    variables = list(variables)
+    candidate_bits = tuple(int(b) for b in candidate_bits)
+    if not candidate_bits:
+        raise ValueError(f"`candidate_bits` must not be empty. Received: {candidate_bits}")
+    k = float(len(candidate_bits))
+    has_grad = [False] * len(variables)  # filled while tracing the passes
+
+    def grad_pass(images, labels, teacher_logits, *accumulated):
+        n = _global_count(labels)
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = losses.task_loss(labels, logits, teacher_logits, kd_temperature,
+                                           label_smoothing)
+            loss = losses.scale_loss(per_example, n) / k
+        grads = tape.gradient(loss, variables)
+        out = []
+        for index, (grad, var) in enumerate(zip(grads, variables, strict=True)):
+            if grad is None:
+                grad = tf.zeros(var.shape, var.dtype)
+            else:
+                has_grad[index] = True
+                grad = tf.convert_to_tensor(grad)
+            out.append(grad + accumulated[index] if accumulated else grad)
+        metrics = {"loss_sum": tf.reduce_sum(per_example) / k,
+                   "correct": _correct(labels, logits) / k}
+        return out, metrics
+
+    def apply(*grads):
+        apply_gradients(optimizer, [g if used else None for g, used in
+                                    zip(grads, has_grad, strict=True)], variables)
+        return tf.constant(0.0)
+
+    grad_pass_fn = _compiled(grad_pass, jit_compile)
+    apply_fn = _compiled(apply, jit_compile)
+    teacher_fn = _compiled(lambda images: _teacher_logits(teacher, images), jit_compile)
+
+    def step(images, labels):
+        teacher_logits = None if teacher is None else strategy.run(teacher_fn, args=(images,))
+        accumulated, totals = (), {}
+        for bits in candidate_bits:
+            wrap.set_uniform(model, bits)  # read while tracing this pass
+            accumulated, metrics = strategy.run(
+                grad_pass_fn, args=(images, labels, teacher_logits, *accumulated))
+            for key, value in _reduce(strategy, metrics).items():
+                totals[key] = totals[key] + value if key in totals else value
+        strategy.run(apply_fn, args=tuple(accumulated))
+        count = strategy.run(lambda y: tf.cast(tf.shape(y)[0], tf.float32), args=(labels,))
+        totals["count"] = strategy.reduce(SUM, count, axis=None)
+        return totals
+
+    step.__name__ = "meta_step"
+    return tf.function(step, reduce_retracing=True, autograph=False)
+
+
+def _mixture(model):
+    def configure():
+        wrap.set_mode(model, "mixture")
+    return configure
+
+
+def search_step(strategy, model, optimizer, alphas: Sequence, cost_model, target_gbops: float,
+                cost_weight: float, *, teacher=None, kd_temperature: float = 1.0,
+                label_smoothing: float = 0.0, jit_compile: bool = False) -> Callable:
+    """Bit-search training: mixture forward with the weights fixed, only ``alphas`` stepped.
+
+    Forward: every quantizer outputs ``sum_b softmax(a)_b q_b(x)``; BatchNorm normalises
+    with the batch statistics but its moving statistics stay as they are.
+    Loss: ``L_task + lambda * |GBOPs(a) - target| / target`` (GBOPs with the straight-through
+    argmax of :meth:`metamix_tf.cost.CostModel.expected_gbops`).
+    Gradient: ``dL/da`` only (the tape watches the alphas alone).
+    """
+    alphas = list(alphas)
+    target_gbops, cost_weight = float(target_gbops), float(cost_weight)
+
+    def replica_fn(images, labels):
+        n = _global_count(labels)
+        teacher_logits = _teacher_logits(teacher, images)
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch([getattr(a, "value", a) for a in alphas])
+            logits = model(images, training=True)  # BN momenta frozen by the context
+            per_example = losses.task_loss(labels, logits, teacher_logits, kd_temperature,
+                                           label_smoothing)
+            gbops = cost_model.expected_gbops()
+            penalty = losses.cost_penalty(gbops, target_gbops, cost_weight)
+            loss = losses.scale_loss(per_example, n) + losses.scale_replica_term(penalty)
+        apply_gradients(optimizer, tape.gradient(loss, alphas), alphas)
+        return {"loss_sum": tf.reduce_sum(per_example), "correct": _correct(labels, logits),
+                "count": tf.cast(tf.shape(labels)[0], tf.float32),
+                "penalty": losses.scale_replica_term(penalty),
+                "gbops": losses.scale_replica_term(gbops)}
+
+    return _distributed(strategy, replica_fn, _mixture(model), jit_compile, "search_step",
+                        context=lambda: frozen_batch_norm_statistics(model))
+
+
+def joint_step(strategy, model, weight_optimizer, weight_variables: Sequence,
+               alpha_optimizer, alphas: Sequence, cost_model, target_gbops: float,
+               cost_weight: float, *, teacher=None, kd_temperature: float = 1.0,
+               label_smoothing: float = 0.0, jit_compile: bool = False) -> Callable:
+    """Joint search (EdMIPS/DNAS baseline): one tape on the mixture forward.
+
+    Loss as in :func:`search_step`; gradients ``dL/dw`` stepped by ``weight_optimizer`` and
+    ``dL/da`` by ``alpha_optimizer`` in the same step. BatchNorm updates its moving
+    statistics from the mixture.
+    """
+    weight_variables, alphas = list(weight_variables), list(alphas)
+    target_gbops, cost_weight = float(target_gbops), float(cost_weight)
+
+    def replica_fn(images, labels):
+        n = _global_count(labels)
+        teacher_logits = _teacher_logits(teacher, images)
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = losses.task_loss(labels, logits, teacher_logits, kd_temperature,
+                                           label_smoothing)
+            gbops = cost_model.expected_gbops()
+            penalty = losses.cost_penalty(gbops, target_gbops, cost_weight)
+            loss = losses.scale_loss(per_example, n) + losses.scale_replica_term(penalty)
+        grads = tape.gradient(loss, weight_variables + alphas)
+        apply_gradients(weight_optimizer, grads[:len(weight_variables)], weight_variables)
+        apply_gradients(alpha_optimizer, grads[len(weight_variables):], alphas)
+        return {"loss_sum": tf.reduce_sum(per_example), "correct": _correct(labels, logits),
+                "count": tf.cast(tf.shape(labels)[0], tf.float32),
+                "penalty": losses.scale_replica_term(penalty),
+                "gbops": losses.scale_replica_term(gbops)}
+
+    return _distributed(strategy, replica_fn, _mixture(model), jit_compile, "joint_step")
+
+
+def eval_step(strategy, model, *, configure: Callable | None = None,
+              jit_compile: bool = False) -> Callable:
+    """Inference forward ``model(x, training=False)``: summed cross-entropy, correct count
+    and count. Changes no state."""
+
+    def replica_fn(images, labels):
+        logits = model(images, training=False)
+        return {"loss_sum": tf.reduce_sum(losses.cross_entropy(labels, logits)),
+                "correct": _correct(labels, logits),
+                "count": tf.cast(tf.shape(labels)[0], tf.float32)}
+
+    return _distributed(strategy, replica_fn, configure, jit_compile, "eval_step")
+
+
+def calibrate_step(strategy, model) -> Callable:
+    """LSQ step-size initialisation on every replica's shard of a batch: one inference
+    forward in ``"calibrate"`` mode (see :func:`metamix_tf.wrap.calibrate`); the step-size
+    variables average over replicas. The modes are switched outside ``strategy.run``."""
+
+    def replica_fn(images):
+        model(images, training=False)
+        return tf.cast(tf.shape(images)[0], tf.float32)
+
+    def step(images, labels):
+        del labels
+        saved = [(q, q.mode) for q in wrap.activation_quantizers(model)]
+        wrap.set_mode(model, "calibrate")
+        try:
+            count = strategy.run(replica_fn, args=(images,))
+        finally:
+            for q, mode in saved:
+                q.mode = mode
+        return {"count": strategy.reduce(SUM, count, axis=None)}
+
+    return tf.function(step, autograph=False)

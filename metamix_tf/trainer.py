@@ -1,0 +1,297 @@
+"""The epoch loop shared by every phase: steps, evaluation, checkpoints, logs, resume.
+
+:func:`run_epochs` drives one phase: for each epoch it asks ``epoch_step(epoch)`` for the
+per-batch function (so a phase can change what a batch does, e.g. bit-meta only during the
+warm-up epochs), runs it over the distributed train dataset with a tqdm bar, evaluates,
+prints one line, writes TensorBoard scalars and saves a checkpoint
+(``tf.train.CheckpointManager``: the model, the optimizers, the epoch counter and the
+accumulated wall time). Run again, it restores the latest checkpoint of the phase and goes on
+from the next epoch.
+
+Data order: a ``tf.data`` pipeline that reshuffles each iteration draws new seeds each time
+an iterator is created, from a seed generator shared by every iterator of that dataset
+object. :class:`EpochIterators` therefore numbers the iterators of a run (slots); epoch
+``e`` of a phase always gets slot ``offset + 1 + e`` (slot ``offset`` feeds the phase's
+calibration batch), and a resumed run first creates and drops the iterators of the slots it
+skips, so it sees exactly the batches an uninterrupted run sees.
+
+Losses that are not finite stop the phase with :class:`NonFiniteLossError`; the checkpoint
+of the last finished epoch stays the latest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+from tqdm.auto import tqdm
+
+__all__ = [
+    "NonFiniteLossError",
+    "EpochIterators",
+    "PhaseResult",
+    "cosine_schedule",
+    "make_optimizer",
+    "evaluate",
+    "run_epochs",
+    "float_metrics",
+    "write_scalar",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class EpochIterators:
+    """Numbered iterators of one distributed train dataset (see the module docstring).
+
+    ``iterator(slot)`` creates (and drops) the iterators of the slots before ``slot`` that
+    were not created yet, then returns the iterator of ``slot``. Slots only go forward.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
+        self.dataset = dataset
+        self.distributed = strategy.experimental_distribute_dataset(dataset)
+        self.created = 0
+
+    def iterator(self, slot: int):
+        if slot < self.created:
+            raise ValueError(f"Iterator slot {slot} was already used (the next free slot is "
+                             f"{self.created}); slots only go forward. Received: slot={slot}")
+        while self.created < slot:
+            iter(self.distributed)  # draws (and drops) this slot's shuffle seeds
+            self.created += 1
+        self.created += 1
+        return iter(self.distributed)
+
+
+@dataclasses.dataclass
+class PhaseResult:
+    """What one phase left: per-epoch history and the last epoch's metrics."""
+
+    phase: str
+    epochs: int
+    history: list
+    wall_time_s: float
+    resumed_from_epoch: int = 0
+
+    @property
+    def last(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def cosine_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0):
+    """Cosine decay from ``learning_rate`` to 0 over ``total_steps`` optimizer steps
+    (``lr_t = lr * (1 + cos(pi * t / T)) / 2``), after an optional linear warm-up."""
+    total_steps = max(int(total_steps), 1)
+    warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
+    if warmup_steps:
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=total_steps - warmup_steps, warmup_target=learning_rate,
+            warmup_steps=warmup_steps)
+    return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps)
+
+
+def make_optimizer(learning_rate, variables: Sequence, *, weight_decay: float = 0.0,
+                   beta_1: float = 0.9, beta_2: float = 0.999,
+                   no_decay: Sequence = ()) -> keras.optimizers.Optimizer:
+    """Adam with decoupled weight decay (AdamW when ``weight_decay > 0``), built for
+    ``variables`` (call it under the strategy's scope). ``no_decay`` variables get no decay
+    (BatchNorm parameters, biases, LSQ step sizes)."""
+    optimizer = keras.optimizers.Adam(learning_rate, beta_1=beta_1, beta_2=beta_2,
+                                      weight_decay=weight_decay or None)
+    if weight_decay and no_decay:
+        optimizer.exclude_from_weight_decay(var_list=list(no_decay))
+    optimizer.build(list(variables))
+    return optimizer
+
+
+def evaluate(strategy: tf.distribute.Strategy, eval_fn: Callable, dataset) -> dict:
+    """Runs ``eval_fn`` over a distributed eval dataset: ``{"val_loss", "val_acc"}``."""
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for images, labels in dataset:
+        out = eval_fn(images, labels)
+        for key in totals:
+            totals[key] += float(out[key])
+    count = max(totals["count"], 1.0)
+    return {"val_loss": totals["loss_sum"] / count, "val_acc": totals["correct"] / count}
+
+
+def _epoch_metrics(totals: dict, last: dict) -> dict:
+    """Per-epoch means from summed step outputs (``*loss_sum``/``*correct`` over counts)."""
+    metrics = {}
+    for key, value in totals.items():
+        prefix = key[: -len("loss_sum")] if key.endswith("loss_sum") else None
+        if prefix is not None:
+            count = max(totals.get(prefix + "count", 0.0), 1.0)
+            metrics[prefix + "loss"] = value / count
+            metrics[prefix + "acc"] = totals.get(prefix + "correct", 0.0) / count
+    for key in ("gbops", "search_gbops", "penalty", "search_penalty"):
+        if key in last:
+            metrics[key] = last[key]
+    return metrics
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: EpochIterators,
+               slot_offset: int, epochs: int, steps_per_epoch: int,
+               epoch_step: Callable[[int], Callable], eval_fn: Callable, eval_dataset,
+               checkpoint: tf.train.Checkpoint, checkpoint_dir: str,
+               log_dir: str | None = None, before_epoch: Callable | None = None,
+               before_eval: Callable | None = None, epoch_info: Callable | None = None,
+               on_epoch_end: Callable | None = None, on_fresh_start: Callable | None = None,
+               verbose: bool = True, max_to_keep: int = 2) -> PhaseResult:
+    """Trains one phase for ``epochs`` epochs, resuming from its latest checkpoint.
+
+    Args:
+      phase: the phase name (messages, TensorBoard tags).
+      iterators: the run's :class:`EpochIterators`; epoch ``e`` uses slot
+        ``slot_offset + 1 + e``, and ``on_fresh_start`` gets the iterator of slot
+        ``slot_offset`` (e.g. to calibrate on its first batch).
+      epoch_step: ``epoch -> step(images, labels) -> dict`` of reduced step outputs
+        (``loss_sum``, ``correct``, ``count``, optionally prefixed and with ``gbops``).
+      eval_fn: an :func:`metamix_tf.steps.eval_step` function; ``before_eval(epoch)`` runs
+        first (e.g. to select the argmax bits).
+      checkpoint: a ``tf.train.Checkpoint`` of everything trained; this function adds the
+        ``epoch`` counter and ``wall_time`` to it.
+      epoch_info: ``epoch -> dict`` of extra values for the epoch line and history (GBOPs,
+        bits per layer).
+      on_epoch_end: ``(epoch, record) -> None``, after the checkpoint is written (tests
+        use it to interrupt a run).
+    """
+    if tf.distribute.has_strategy():
+        raise ValueError("Call run_epochs outside `strategy.scope()` (its counters are plain "
+                         "variables). Received: strategy scope active")
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    wall_var = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_time")
+    checkpoint.epoch = epoch_var
+    checkpoint.wall_time = wall_var
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=max_to_keep)
+    history_path = os.path.join(checkpoint_dir, "history.json")
+    start, history = 0, []
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        start = int(epoch_var.numpy())
+        if os.path.exists(history_path):
+            with open(history_path) as f:
+                history = json.load(f)[:start]
+        _say(verbose, f"[{phase}] resuming from {manager.latest_checkpoint} "
+                      f"(epoch {start}/{epochs} done)")
+    iterator0 = iterators.iterator(slot_offset)
+    if start == 0 and on_fresh_start is not None:
+        on_fresh_start(iterator0)
+    del iterator0
+    writer = tf.summary.create_file_writer(log_dir) if log_dir else None
+    for epoch in range(start, epochs):
+        began = time.time()
+        if before_epoch is not None:
+            before_epoch(epoch)
+        step = epoch_step(epoch)
+        iterator = iterators.iterator(slot_offset + 1 + epoch)
+        totals: dict = {}
+        last: dict = {}
+        bar = tqdm(total=steps_per_epoch, desc=f"{phase} {epoch + 1}/{epochs}", leave=False,
+                   disable=None if verbose else True, file=sys.stderr, dynamic_ncols=True)
+        for index in range(steps_per_epoch):
+            try:
+                images, labels = next(iterator)
+            except StopIteration:
+                break
+            out = {key: float(value) for key, value in step(images, labels).items()}
+            bad = [key for key, value in out.items() if "loss" in key and not math.isfinite(value)]
+            if bad:
+                bar.close()
+                kept = manager.latest_checkpoint or "none yet"
+                raise NonFiniteLossError(
+                    f"Non-finite loss in phase '{phase}' at epoch {epoch + 1}, step {index + 1} "
+                    f"({', '.join(f'{k}={out[k]}' for k in bad)}); stopped. The last good "
+                    f"checkpoint is kept: {kept}. Lower the learning rate or check the data.")
+            for key, value in out.items():
+                totals[key] = totals.get(key, 0.0) + value
+            last = out
+            count = max(out.get("count", 1.0), 1.0)
+            bar.set_postfix(loss=f"{out.get('loss_sum', 0.0) / count:.3f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        metrics = _epoch_metrics(totals, last)
+        if before_eval is not None:
+            before_eval(epoch)
+        metrics.update(evaluate(strategy, eval_fn, eval_dataset))
+        if epoch_info is not None:
+            metrics.update(epoch_info(epoch))
+        elapsed = time.time() - began
+        wall_var.assign_add(elapsed)
+        record = {"epoch": epoch + 1, **metrics, "time_s": round(elapsed, 2)}
+        history.append(record)
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        with open(history_path, "w") as f:  # before the checkpoint; resume truncates it
+            json.dump(history, f, indent=1)
+        epoch_var.assign(epoch + 1)
+        manager.save(checkpoint_number=epoch + 1)
+        if writer is not None:
+            with writer.as_default(step=epoch + 1):
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        write_scalar(f"{phase}/{key}", value, epoch + 1)
+                    elif isinstance(value, dict):
+                        for name, v in value.items():
+                            write_scalar(f"{phase}_{key}/{name}", float(v), epoch + 1)
+            writer.flush()
+        _say(verbose, _epoch_line(phase, epoch, epochs, record))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+    if writer is not None:
+        writer.close()
+    return PhaseResult(phase=phase, epochs=epochs, history=history,
+                       wall_time_s=float(wall_var.numpy()), resumed_from_epoch=start)
+
+
+def write_scalar(tag: str, value: float, step: int) -> None:
+    """A TensorBoard scalar through the default summary writer, without needing the
+    ``tensorboard`` package (the event has the scalars plugin's metadata, as
+    ``tf.summary.scalar`` writes it)."""
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    tf.summary.write(tag, tf.constant(float(value), tf.float32), step=step, metadata=metadata)
+
+
+def _epoch_line(phase: str, epoch: int, epochs: int, record: dict) -> str:
+    parts = [f"[{phase}] epoch {epoch + 1}/{epochs}"]
+    for key, value in record.items():
+        if key in ("epoch", "bits"):
+            continue
+        if isinstance(value, dict):
+            continue
+        parts.append(f"{key} {_format(value)}")
+    line = "  ".join(parts)
+    if isinstance(record.get("bits"), dict):
+        line += "\n    bits: " + " ".join(str(b) for b in record["bits"].values())
+    return line
+
+
+def _say(verbose: bool, message: str) -> None:
+    if verbose:
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def float_metrics(values: dict) -> dict:
+    """A dict with NumPy scalars turned into Python floats (JSON ready)."""
+    return {k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
+            for k, v in values.items()}
+

@@ -1,0 +1,542 @@
+"""Tests for metamix_tf.export: grids, BatchNorm folding, the inference graph, TFLite export
+(int8 / float16 / float32) checked with the LiteRT interpreter, the encodings sidecar, and
+the messages for bad input.
+
+The main test trains a tiny mixed-precision network (activations at 2, 3, 4 and 8 bits,
+signed and unsigned inputs, a residual add, zero padding, max pooling, dropout) for a few
+steps, exports it and compares the int8 model with the Keras fake-quantized model.
+
+Logit tolerance of the int8 model (documented here, asserted below): the Keras model keeps
+the residual add, the pooling input and the logits in float, while the int8 model stores
+them at 8 bits from calibration, and TFLite rounds biases to ``s_in * s_w``; so the int8
+logits may differ by a few steps of the logits' int8 scale. The test asserts
+``max |logit difference| <= 4 * logit_scale + 0.02 * max |logit|`` and 100% top-1
+agreement; the float32 model must match to 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import metamix_tf as mm
+from metamix_tf import config as config_lib
+from metamix_tf.export import encodings, graph, grids, run, tflite, verify
+from metamix_tf.export.layers import FakeQuant
+
+L = keras.layers
+BITS = {"dw": 2, "project": 3, "expand": 4, "project2": 8, "head": 2}
+SIGNED = {"stem": True, "dw": False, "project": False, "expand": True, "project2": False,
+          "head": True, "logits": False}
+NUM_CLASSES = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny trained mixed-precision model
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_float_model() -> keras.Model:
+    inp = keras.Input((16, 16, 3), name="image")
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inp)
+    x = L.BatchNormalization(momentum=0.8, name="stem_bn")(x)
+    x = L.ReLU(6.0, name="stem_relu")(x)
+    x = L.ZeroPadding2D(((0, 1), (0, 1)), name="dw_pad")(x)
+    x = L.DepthwiseConv2D(3, strides=2, use_bias=False, name="dw")(x)
+    x = L.BatchNormalization(momentum=0.8, name="dw_bn")(x)
+    x = L.ReLU(6.0, name="dw_relu")(x)
+    t = L.Conv2D(8, 1, use_bias=False, name="project")(x)
+    # linear (no ReLU): read by expand (quantized, signed) and by add (float)
+    t = L.BatchNormalization(momentum=0.8, name="project_bn")(t)
+    y = L.Conv2D(16, 1, use_bias=False, name="expand")(t)
+    y = L.BatchNormalization(momentum=0.8, name="expand_bn")(y)
+    y = L.ReLU(name="expand_relu")(y)
+    y = L.Conv2D(8, 1, use_bias=False, name="project2")(y)
+    y = L.BatchNormalization(momentum=0.8, name="project2_bn")(y)
+    a = L.Add(name="add")([t, y])
+    z = L.Conv2D(16, 1, name="head")(a)  # bias, no BatchNorm
+    z = L.ReLU(name="head_relu")(z)
+    z = L.MaxPooling2D(2, name="pool")(z)
+    z = L.GlobalAveragePooling2D(name="gap")(z)
+    z = L.Dropout(0.1, name="drop")(z)
+    out = L.Dense(NUM_CLASSES, name="logits")(z)
+    return keras.Model(inp, out, name="tiny")
+
+
+def _data(n: int, seed: int):
+    """Four classes: a bright quadrant on noise, in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, n)
+    images = rng.normal(0.0, 0.35, (n, 16, 16, 3))
+    for i, c in enumerate(labels):
+        r, q = divmod(int(c), 2)
+        images[i, 8 * r:8 * r + 8, 8 * q:8 * q + 8, :] += 0.9
+    return np.clip(images, -1, 1).astype(np.float32), labels.astype(np.int32)
+
+
+def _json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _fit(model, images, labels, steps: int, lr: float):
+    model.compile(optimizer=keras.optimizers.Adam(lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(images, labels, batch_size=32, epochs=max(1, steps * 32 // len(images)),
+              verbose=0, shuffle=True)
+
+
+def _train_tiny(seed: int = 0, bits: dict | None = None) -> tuple:
+    keras.utils.set_random_seed(seed)
+    train_x, train_y = _data(512, seed)
+    test_x, test_y = _data(128, seed + 1)
+    float_model = _tiny_float_model()
+    _fit(float_model, train_x, train_y, steps=128, lr=5e-3)
+    model = mm.apply(float_model, mm.QuantConfig(candidate_bits=(2, 3, 4, 8)))
+    mm.calibrate(model, train_x[:128])
+    mm.select_bits(model, bits or BITS)
+    mm.enable_weight_quantization(model)
+    for q in mm.activation_quantizers(model):
+        q.alpha.trainable = False  # bits fixed by hand: no search
+    _fit(model, train_x, train_y, steps=64, lr=2e-3)
+    return model, (train_x, train_y), (test_x, test_y)
+
+
+_CACHE: dict = {}
+
+
+def _trained():
+    if "model" not in _CACHE:
+        _CACHE["model"] = _train_tiny()
+    return _CACHE["model"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model, (train_x, _), (test_x, test_y) = _trained()
+    out = str(tmp_path_factory.mktemp("export"))
+    report = run.export_model(model, out, name="tiny", calibration_data=train_x,
+                              eval_images=test_x, eval_labels=test_y,
+                              bits_info={"searcher": "hand", "gbops": 0.001},
+                              latency_rounds=1, latency_runs=3, log=lambda _: None)
+    plan = graph.plan(model, calibration_data=train_x)
+    return report, out, plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids and folding (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits,signed,zero_point,qmin,qmax", [
+    (2, True, 0, -2, 1), (3, True, 0, -4, 3), (4, True, 0, -8, 7), (8, True, 0, -128, 127),
+    (2, False, -128, 0, 3), (3, False, -128, 0, 7), (4, False, -128, 0, 15),
+    (8, False, -128, 0, 255),
+])
+def test_activation_grid_is_the_lsq_grid_in_an_int8(bits, signed, zero_point, qmin, qmax):
+    g = grids.activation_grid(bits, signed, 0.25)
+    assert (g.scale, g.zero_point, g.qmin, g.qmax) == (0.25, zero_point, qmin, qmax)
+    assert g.fits_int8
+    assert g.clamped == (bits < 8)
+
+
+def test_activation_grid_wider_than_8_bits_does_not_fit_int8():
+    assert not grids.activation_grid(16, True, 0.01).fits_int8
+
+
+def test_calibrated_grid_holds_zero_exactly():
+    g = grids.calibrated_grid(-1.3, 4.1)
+    assert g.qmin <= 0 <= g.qmax and g.fits_int8
+    assert g.qmin * g.scale <= -1.3 + g.scale and g.qmax * g.scale >= 4.1 - g.scale
+    assert grids.calibrated_grid(0.5, 2.0).qmin == 0  # range widened to include zero
+
+
+def _round_half_up(x):
+    return np.floor(x + 0.5)
+
+
+@pytest.mark.parametrize("bits,signed", [(2, True), (3, False), (4, True), (8, False)])
+def test_shared_grid_requantization_is_exact(bits, signed):
+    first = grids.activation_grid(bits, signed, 0.37)
+    # a quantizer is unsigned only after a ReLU-like op: its tensor calibrates non-negative
+    shared, k = grids.shared_grid(first, max_abs=10.0, signed=signed)
+    assert k % 2 == 1 and shared.scale == pytest.approx(first.scale / k)
+    assert grids.is_exact_requantization(shared, first)
+    x = np.random.default_rng(0).uniform(-3 if signed else 0, 3, 100_000)
+    direct = np.clip(_round_half_up(x / first.scale), first.qmin, first.qmax)
+    fine = np.clip(_round_half_up(x / shared.scale), shared.qmin, shared.qmax)
+    twice = np.clip(_round_half_up(fine * shared.scale / first.scale), first.qmin, first.qmax)
+    np.testing.assert_array_equal(direct, twice)
+
+
+def test_shared_grid_covers_the_float_range():
+    first = grids.activation_grid(4, True, 0.1)
+    shared, k = grids.shared_grid(first, max_abs=5.0, signed=True)
+    assert shared.int8_max * shared.scale >= 5.0 - 1e-6
+    assert shared.int8_max * shared.scale >= first.max_value
+
+
+def test_fold_batch_norm_matches_conv_then_batch_norm():
+    rng = np.random.default_rng(0)
+    integers = rng.integers(-8, 8, (5, 4)).astype(np.float64)  # [in, out]
+    step = rng.uniform(0.01, 0.1, 4)
+    gamma = np.array([1.5, -0.7, 0.0, 0.3])
+    beta, mean = rng.normal(size=4), rng.normal(size=4)
+    var, bias = rng.uniform(0.5, 2, 4), rng.normal(size=4)
+    folded = grids.fold_batch_norm(integers, step, bias, gamma, beta, mean, var, 1e-3)
+    x = rng.normal(size=(7, 5))
+    expected = gamma * ((x @ (integers * step) + bias) - mean) / np.sqrt(var + 1e-3) + beta
+    np.testing.assert_allclose(x @ (folded.integers * folded.scale) + folded.bias, expected,
+                               atol=1e-12)
+    assert np.all(folded.scale > 0)
+    assert folded.negated.tolist() == [False, True, False, False]
+    assert np.all(folded.integers == np.round(folded.integers))  # still integers
+
+
+def test_kernel_integers_rejects_an_off_grid_kernel():
+    with pytest.raises(ValueError, match="not on its per-channel grid"):
+        grids.kernel_integers(np.array([[0.15, 0.2]]), np.array([0.1, 0.1]))
+
+
+@pytest.mark.parametrize("clamp_first", [False, True])
+@pytest.mark.parametrize("bits,signed", [(2, True), (3, False), (8, True), (4, False)])
+def test_fake_quant_native_equals_float_math(bits, signed, clamp_first):
+    g = grids.activation_grid(bits, signed, 0.13)
+    x = tf.constant(np.random.default_rng(1).uniform(-40, 40, 10_000), tf.float32)
+    native = FakeQuant.from_grid(g, clamp_first=clamp_first, native=True)(x).numpy()
+    math = FakeQuant.from_grid(g, native=False)(x).numpy()
+    np.testing.assert_allclose(native, math, atol=1e-5)
+    q = np.round(native / g.scale)
+    assert q.min() >= g.qmin and q.max() <= g.qmax
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan and inference graph
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plan_places_each_quantizer_on_the_tensor_that_feeds_it(exported):
+    _, _, plan = exported
+    kinds = {name: t.kind for name, t in plan.tensors.items()}
+    assert kinds["image"] == "grid"  # the model input, read by stem only
+    assert kinds["stem_relu"] == "grid"  # read by dw through the zero padding
+    assert plan.tensors["stem_relu"].fake_quant == "dw_input_quant"
+    assert kinds["project"] == "shared"  # read by expand (quantized) and add (float)
+    assert plan.tensors["project"].k % 2 == 1
+    assert kinds["add"] == "grid"  # read by head only
+    assert kinds["head_relu"] == "calibrated"  # read by max pool then average pool
+    assert kinds["gap"] == "grid"  # read by the logits layer through dropout
+    assert kinds["logits"] == "calibrated"  # the model output
+    assert "stem" not in plan.tensors  # conv + BN + ReLU6 fused: only the ReLU6 output stored
+    assert {n: p.bits for n, p in plan.inputs.items()} == {"stem": 8, "logits": 8, **BITS}
+    assert {n: p.signed for n, p in plan.inputs.items()} == SIGNED
+    assert all(p.exact for p in plan.inputs.values())
+    assert plan.inputs["expand"].requantized and not plan.inputs["head"].requantized
+    assert plan.weights["project"].batch_norm == "project_bn"
+    assert plan.weights["head"].batch_norm is None
+
+
+def test_float_inference_graph_computes_the_keras_model():
+    model, _, (test_x, _) = _trained()
+    plan = graph.plan(model, int8=False)
+    inference = graph.build(plan, native=False)
+    reference = model(test_x, training=False).numpy()
+    np.testing.assert_allclose(inference(test_x).numpy(), reference, atol=1e-4)
+    names = {layer.name for layer in inference.layers}
+    assert {"dw_input_quant", "expand_input_quant", "head_input_quant"} <= names
+    assert not any(n.endswith("_bn") for n in names)  # BatchNorm folded
+
+
+def test_folded_layers_round_trip_through_keras_files(tmp_path):
+    model, _, (test_x, _) = _trained()
+    inference = graph.build(graph.plan(model, int8=False), native=False)
+    path = str(tmp_path / "inference.keras")
+    inference.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded(test_x).numpy(), inference(test_x).numpy(), atol=1e-6)
+    assert np.array_equal(loaded.get_layer("expand").kernel_integers(),
+                          inference.get_layer("expand").kernel_integers())
+
+
+# ---------------------------------------------------------------------------------------------
+# TFLite export, checked with the LiteRT interpreter
+# ---------------------------------------------------------------------------------------------
+
+
+def test_int8_model_is_all_int8_with_4_bit_weights(exported):
+    report, out, plan = exported
+    summary = tflite.graph_summary(os.path.join(out, "tiny_int8.tflite"))
+    assert summary["float_ops"] == []
+    assert summary["ops"]["CONV_2D"] >= 5 and summary["ops"]["DEPTHWISE_CONV_2D"] == 1
+    interp = verify.interpreter(os.path.join(out, "tiny_int8.tflite"), delegates=False)
+    interp.allocate_tensors()
+    ops = verify._find_weight_ops(interp, plan)
+    assert set(ops) == set(plan.inputs)
+    for name, op in ops.items():
+        weights = interp.get_tensor(op["inputs"][1])
+        bits = plan.weights[name].bits
+        assert weights.dtype == np.int8
+        assert weights.min() >= -(2 ** (bits - 1)) and weights.max() <= 2 ** (bits - 1)
+
+
+def test_int8_activations_are_on_their_b_bit_grids(exported):
+    report, _, plan = exported
+    check = report["verification"]["grid_check"]
+    assert check["all_on_grid"]
+    by_layer = {c["layer"]: c for c in check["layers"]}
+    assert set(by_layer) == set(plan.inputs)
+    for name, c in by_layer.items():
+        p = plan.inputs[name]
+        assert c["bits"] == p.bits and c["signed"] == p.signed
+        assert c["int8_scale"] == pytest.approx(p.step, rel=1e-5)
+        assert p.grid.qmin <= c["value_min"] <= c["value_max"] <= p.grid.qmax
+    assert {c["bits"] for c in by_layer.values()} == {2, 3, 4, 8}
+    assert {c["signed"] for c in by_layer.values()} == {True, False}
+    # the 2-bit layers use their whole grid
+    assert by_layer["dw"]["value_max"] == 3 and by_layer["head"]["value_min"] == -2
+
+
+def test_int8_model_agrees_with_the_keras_fake_quant_model(exported):
+    report, _, _ = exported
+    v = report["verification"]
+    int8 = v["tflite"]["int8"]
+    assert int8["examples"] == 128
+    assert int8["top1_agreement"] == 1.0
+    summary = tflite.graph_summary(report["files"]["int8"]["path"])
+    assert summary["float_ops"] == []
+    logits_scale = _json(report["files"]["encodings"]["path"])[
+        "int8_only_encodings"]["logits"]["scale"]
+    bound = 4 * logits_scale + 0.02 * v["max_abs_reference_logit"]
+    assert int8["max_abs_logit_diff"] <= bound
+    assert int8["accuracy"] == v["reference_accuracy"] and v["reference_accuracy"] > 0.9
+
+
+def test_float_models_reproduce_the_keras_model(exported):
+    report, _, _ = exported
+    v = report["verification"]
+    assert v["tflite"]["float32"]["top1_agreement"] == 1.0
+    assert v["tflite"]["float32"]["max_abs_logit_diff"] < 1e-4
+    assert v["tflite"]["float16"]["top1_agreement"] == 1.0
+    assert v["keras_inference_graph"]["float"]["max_abs_logit_diff"] < 1e-4
+    for fmt in ("float16", "float32"):
+        summary = tflite.graph_summary(report["files"][fmt]["path"])
+        assert "FLOOR" in summary["ops"]  # the fake quants, in float math
+
+
+def test_exported_models_run_in_ai_edge_litert(exported):
+    from ai_edge_litert.interpreter import Interpreter
+
+    report, _, _ = exported
+    _, _, (test_x, _) = _trained()
+    for fmt in ("int8", "float16", "float32"):
+        interp = Interpreter(model_path=report["files"][fmt]["path"])
+        interp.allocate_tensors()
+        interp.set_tensor(interp.get_input_details()[0]["index"], test_x[:1])
+        interp.invoke()
+        assert interp.get_tensor(interp.get_output_details()[0]["index"]).shape == (1, 4)
+    assert isinstance(verify.interpreter(report["files"]["int8"]["path"]), Interpreter)
+
+
+def test_report_files_and_latency(exported):
+    report, out, _ = exported
+    on_disk = _json(os.path.join(out, run.REPORT_NAME))
+    assert on_disk["formats"] == ["int8", "float16", "float32"]
+    for key in ("int8", "float16", "float32", "encodings", "keras", "saved_model"):
+        assert os.path.exists(report["files"][key]["path"]) and report["files"][key]["bytes"] > 0
+    assert report["files"]["int8"]["bytes"] < report["files"]["float32"]["bytes"]
+    lat = report["verification"]["latency"]
+    assert lat["int8"]["median_ms"] > 0 and lat["float32_over_int8"] > 0
+    loaded = keras.saving.load_model(report["files"]["keras"]["path"])
+    assert "expand_input_quant" in {layer.name for layer in loaded.layers}
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp") or ".tmp." in f]
+    text = run.format_report(report)
+    assert "int8" in text and "top-1" in text
+
+
+def test_encodings_sidecar(exported):
+    report, _, plan = exported
+    content = _json(report["files"]["encodings"]["path"])
+    assert content["version"] == encodings.ENCODINGS_VERSION
+    assert content["gbops"] == 0.001 and content["searcher"] == "hand"
+    acts = content["activation_encodings"]
+    assert {n: a["bitwidth"] for n, a in acts.items()} == {"stem": 8, "logits": 8, **BITS}
+    dw, expand = acts["dw"], acts["expand"]
+    assert (dw["signed"], dw["offset"], dw["qmin"], dw["qmax"]) == (False, 0, 0, 3)
+    assert (expand["signed"], expand["offset"], expand["qmax"]) == (True, -8, 7)
+    assert dw["scale"] == pytest.approx(plan.inputs["dw"].step)
+    assert dw["int8_zero_point"] == -128 and expand["int8_zero_point"] == 0
+    assert expand["requantized"] and expand["exact_in_int8"]
+    params = content["param_encodings"]
+    assert params["expand"]["bitwidth"] == 4 and params["stem"]["bitwidth"] == 8
+    assert len(params["expand"]["scale"]) == 16 and params["expand"]["offset"] == -8
+    assert params["expand"]["batch_norm_folded"] == "expand_bn"
+    assert params["dw"]["layer_type"] == "QuantDepthwiseConv2D"
+    assert set(content["int8_only_encodings"]) == {"project", "head_relu", "logits"}
+    assert content["avg_activation_bits"] == pytest.approx(np.mean(list(
+        content["activation_bits"].values())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_dir(tmp_path, model=None, bits=True, final=True) -> str:
+    model_dir = tmp_path / "tiny-run"
+    model_dir.mkdir()
+    config_lib.save(config_lib.ExperimentConfig(model_dir=str(model_dir)),
+                    str(model_dir / "config.yaml"))
+    if model is None:
+        model = _trained()[0]
+    if bits:
+        (model_dir / "bits.json").write_text(json.dumps(
+            {"searcher": "hand", "bits": mm.get_bits(model), "gbops": 0.001}))
+    if final:
+        model.save(str(model_dir / "final.keras"))
+    return str(model_dir)
+
+
+def test_run_without_bits_json_names_the_fix(tmp_path):
+    model_dir = _run_dir(tmp_path, bits=False, final=False)
+    with pytest.raises(run.RunError, match=r"no bits.json.*--phase"):
+        run.load_run(model_dir)
+
+
+def test_run_without_final_checkpoint_names_the_fix(tmp_path):
+    model_dir = _run_dir(tmp_path, final=False)
+    with pytest.raises(run.RunError, match=r"no final.keras.*--phase=finetune"):
+        run.load_run(model_dir)
+
+
+def test_run_loads_and_checks_bits(tmp_path):
+    model_dir = _run_dir(tmp_path)
+    loaded = run.load_run(model_dir)
+    assert mm.get_bits(loaded.model) == mm.get_bits(_trained()[0])
+    with open(os.path.join(model_dir, "bits.json"), "w") as f:
+        json.dump({"bits": {"expand": 8}}, f)
+    with pytest.raises(run.RunError, match="disagree"):
+        run.load_run(model_dir)
+
+
+def test_latest_run_and_missing_run_root(tmp_path):
+    with pytest.raises(run.RunError, match="No training runs"):
+        run.latest_run(str(tmp_path / "nothing"))
+    for i, name in enumerate(["a", "b"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("{}\n")
+        os.utime(tmp_path / name / "config.yaml", (1000 + i, 1000 + i))
+    assert run.latest_run(str(tmp_path)) == str(tmp_path / "b")
+
+
+def test_int8_export_of_a_16_bit_activation_is_refused(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = mm.apply(_tiny_float_model(), mm.QuantConfig(candidate_bits=(4, 8, 16)))
+    x, _ = _data(32, 0)
+    mm.calibrate(model, x)
+    mm.select_bits(model, {"expand": 16})
+    mm.enable_weight_quantization(model)
+    with pytest.raises(graph.UnsupportedModelError,
+                       match=r"'expand' has a 16-bit activation.*float16 / float32"):
+        run.export_model(model, str(tmp_path), ["int8"], calibration_data=x, log=lambda _: None)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tflite")]
+    # the float exports take it
+    report = run.export_model(model, str(tmp_path), ["float32"], eval_images=x,
+                              latency_rounds=1, latency_runs=1, log=lambda _: None)
+    assert report["verification"]["tflite"]["float32"]["top1_agreement"] == 1.0
+
+
+def test_unsupported_layer_is_named():
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, name="conv")(inp)
+    x = L.LayerNormalization(name="norm")(x)
+    x = L.Flatten()(x)
+    model = mm.apply(keras.Model(inp, L.Dense(2, name="fc")(x)))
+    mm.select_bits(model)
+    mm.enable_weight_quantization(model)
+    with pytest.raises(graph.UnsupportedModelError, match=r"'norm' \(LayerNormalization\)"):
+        graph.plan(model, int8=False)
+
+
+def test_float_weighted_layer_is_refused():
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, name="kept_float")(inp)
+    x = L.Flatten()(x)
+    model = mm.apply(keras.Model(inp, L.Dense(2, name="fc")(x)),
+                     mm.QuantConfig(exclude=("kept_float",)))
+    mm.select_bits(model)
+    mm.enable_weight_quantization(model)
+    with pytest.raises(graph.UnsupportedModelError, match=r"'kept_float'.*quant.exclude"):
+        graph.plan(model, int8=False)
+
+
+def test_weight_quantization_off_is_refused():
+    model = mm.apply(_tiny_float_model())
+    mm.select_bits(model)
+    with pytest.raises(graph.UnsupportedModelError, match="weight quantizer is off"):
+        graph.plan(model, int8=False)
+
+
+def test_formats_are_checked():
+    assert run.parse_formats("float32,int8") == ("int8", "float32")
+    with pytest.raises(ValueError, match="formats"):
+        run.parse_formats("int4")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_write_atomic_leaves_nothing_on_failure(tmp_path):
+    target = str(tmp_path / "model.tflite")
+
+    def fail(path):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("converter died")
+
+    with pytest.raises(RuntimeError, match="converter died"):
+        tflite.write_atomic(target, fail)
+    assert os.listdir(tmp_path) == []
+    tflite.write_atomic(target, b"whole")
+    with open(target, "rb") as f:
+        assert f.read() == b"whole"
+    assert os.listdir(tmp_path) == ["model.tflite"]
+
+
+def test_failed_conversion_writes_no_tflite(tmp_path, monkeypatch):
+    model, (train_x, _), _ = _trained()
+
+    def broken(saved_model_dir, fmt):
+        raise tflite.ConversionError(f"broken converter. Received: fmt={fmt!r}")
+
+    monkeypatch.setattr(tflite, "convert", broken)
+    with pytest.raises(tflite.ConversionError):
+        run.export_model(model, str(tmp_path), ["int8"], calibration_data=train_x,
+                         log=lambda _: None)
+    names = os.listdir(tmp_path)
+    assert not [n for n in names if n.endswith(".tflite") or ".tmp" in n]
+
+
+# ---------------------------------------------------------------------------------------------
+# A full run (slow: needs `python train.py --model=mobilenet_v2 --phase=all` first)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_export_of_the_trained_mobilenet_v2_run(tmp_path):
+    model_dir = os.environ.get("METAMIX_RUN_DIR",
+                               os.path.join("runs", "mobilenet_v2-mnist_embedded"))
+    if not os.path.exists(os.path.join(model_dir, "final.keras")):
+        pytest.skip(f"no trained run at {model_dir}")
+    report = run.export_run(model_dir, output_dir=str(tmp_path), latency_rounds=2,
+                            log=lambda _: None)
+    v = report["verification"]
+    assert v["tflite"]["int8"]["top1_agreement"] >= 0.995
+    assert v["grid_check"]["all_on_grid"]
+    assert v["tflite"]["float32"]["top1_agreement"] == 1.0

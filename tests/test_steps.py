@@ -1,0 +1,235 @@
+"""Step functions: what each step changes, the GBOPs penalty, and replica invariance.
+
+A tiny functional conv net (16x16x3 inputs, 5 quantized layers: first conv and classifier
+fixed at 8 bits, 3 searchable) on random data keeps every test to a few seconds.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from metamix_tf import losses, steps, trainer, wrap
+from metamix_tf.config import QuantConfig
+from metamix_tf.cost import CostModel
+
+CANDIDATES = (2, 4, 8)
+
+
+def tiny_net(input_shape=(16, 16, 3), num_classes=4):
+    """Convs without bias before BatchNorm, as in the real networks (a bias there has a
+    zero gradient in exact arithmetic, so it would only move with float noise)."""
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv0")(inputs)
+    x = keras.layers.BatchNormalization(name="bn0")(x)
+    x = keras.layers.ReLU(name="relu0")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    x = keras.layers.Conv2D(16, 1, use_bias=False, name="pw1")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.ReLU(name="relu2")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False,
+                            name="conv3")(x)
+    x = keras.layers.BatchNormalization(name="bn3")(x)
+    x = keras.layers.ReLU(name="relu3")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="tiny")
+
+
+def random_batch(n=16, seed=0, shape=(16, 16, 3), num_classes=4):
+    rng = np.random.default_rng(seed)
+    return (tf.constant(rng.normal(size=(n, *shape)).astype(np.float32)),
+            tf.constant(rng.integers(0, num_classes, n).astype(np.int32)))
+
+
+def build(strategy, float_model=None, weight_lr=1e-2, alpha_lr=1e-1, sgd=False):
+    """Wrapped tiny net with its variable groups and optimizers, under ``strategy``."""
+    float_model = float_model or tiny_net()
+    with strategy.scope():
+        model = wrap.apply(float_model, QuantConfig(candidate_bits=CANDIDATES))
+        groups = wrap.variable_groups(model)
+        if sgd:
+            weight_opt = keras.optimizers.SGD(weight_lr)
+            alpha_opt = keras.optimizers.SGD(alpha_lr)
+            weight_opt.build(groups.weights_and_steps)
+            alpha_opt.build(groups.alphas)
+        else:
+            weight_opt = trainer.make_optimizer(weight_lr, groups.weights_and_steps)
+            alpha_opt = trainer.make_optimizer(alpha_lr, groups.alphas, beta_1=0.5,
+                                               weight_decay=1e-3)
+    return model, groups, weight_opt, alpha_opt
+
+
+def snapshot(variables):
+    return [np.array(keras.ops.convert_to_numpy(v)) for v in variables]
+
+
+def changed(before, variables):
+    return [not np.array_equal(b, a) for b, a in zip(before, snapshot(variables), strict=True)]
+
+
+def all_state(model):
+    """Every variable of the model, trainable or not (BN moving statistics included)."""
+    return list(model.weights)
+
+
+def calibrated(strategy, model, batch):
+    steps.calibrate_step(strategy, model)(*batch)
+
+
+def test_meta_step_changes_weights_and_step_sizes_not_alphas():
+    strategy = tf.distribute.get_strategy()
+    model, groups, weight_opt, _ = build(strategy)
+    batch = random_batch()
+    calibrated(strategy, model, batch)
+    alphas, weights = snapshot(groups.alphas), snapshot(groups.weights)
+    act_steps = [q.step_size for q in wrap.activation_quantizers(model, searchable_only=True)]
+    before_steps = snapshot(act_steps)
+    meta = steps.meta_step(strategy, model, weight_opt, groups.weights_and_steps, CANDIDATES)
+    out = meta(*batch)
+    assert np.isfinite(float(out["loss_sum"])) and float(out["count"]) == 16
+    assert not any(changed(alphas, groups.alphas))
+    assert all(changed(weights, groups.weights))
+    # Every branch of every searchable quantizer gets a step: one pass per candidate.
+    for before, step in zip(before_steps, act_steps, strict=True):
+        assert np.all(before != keras.ops.convert_to_numpy(step))
+
+
+def test_search_step_changes_alphas_only():
+    strategy = tf.distribute.get_strategy()
+    model, groups, _, alpha_opt = build(strategy)
+    batch = random_batch()
+    calibrated(strategy, model, batch)
+    cost = CostModel(model)
+    alpha_ids = {id(a) for a in groups.alphas}
+    others = [v for v in all_state(model) if id(v) not in alpha_ids]
+    before_others, before_alphas = snapshot(others), snapshot(groups.alphas)
+    search = steps.search_step(strategy, model, alpha_opt, groups.alphas, cost,
+                               cost.uniform_gbops(4), 4.0)
+    out = search(*batch)
+    assert set(out) >= {"loss_sum", "correct", "count", "penalty", "gbops"}
+    assert all(changed(before_alphas, groups.alphas))
+    # Weights, BN parameters, BN moving statistics, step sizes: all bit-identical.
+    assert not any(changed(before_others, others))
+
+
+def test_joint_step_changes_weights_and_alphas():
+    strategy = tf.distribute.get_strategy()
+    model, groups, weight_opt, alpha_opt = build(strategy)
+    batch = random_batch()
+    calibrated(strategy, model, batch)
+    cost = CostModel(model)
+    before_alphas, before_weights = snapshot(groups.alphas), snapshot(groups.weights)
+    joint = steps.joint_step(strategy, model, weight_opt, groups.weights_and_steps, alpha_opt,
+                             groups.alphas, cost, cost.uniform_gbops(4), 4.0)
+    joint(*batch)
+    assert all(changed(before_alphas, groups.alphas))
+    assert all(changed(before_weights, groups.weights))
+
+
+@pytest.mark.parametrize("start_bits,target_bits", [(8, 2), (2, 8)])
+def test_gbops_penalty_moves_bits_toward_target(start_bits, target_bits):
+    """Starting from every layer at ``start_bits``, 15 search steps with a large lambda move
+    the argmax GBOPs toward the target at ``target_bits``."""
+    strategy = tf.distribute.get_strategy()
+    model, groups, _, alpha_opt = build(strategy, alpha_lr=0.05)
+    batch = random_batch()
+    calibrated(strategy, model, batch)
+    start = CANDIDATES.index(start_bits)
+    for alpha in groups.alphas:
+        alpha.assign(np.where(np.arange(len(CANDIDATES)) == start, 0.5, 0.0).astype(np.float32))
+    cost = CostModel(model)
+    target = cost.uniform_gbops(target_bits)
+    before = cost.gbops(wrap.select_bits(model))
+    search = steps.search_step(strategy, model, alpha_opt, groups.alphas, cost, target, 20.0)
+    for _ in range(15):
+        search(*batch)
+    after = cost.gbops(wrap.select_bits(model))
+    assert abs(after - target) < abs(before - target)
+    assert abs(after - target) <= 0.5 * abs(before - target)
+
+
+def test_train_step_trains_at_fixed_bits_like_selected_mode():
+    """``fixed_bits`` (static branches) computes what "selected" mode does."""
+    strategy = tf.distribute.get_strategy()
+    model, _, _, _ = build(strategy)
+    batch = random_batch()
+    calibrated(strategy, model, batch)
+    bits = {name: (8 if name in ("conv0", "logits") else b)
+            for name, b in zip(["conv0", "dw1", "pw1", "conv3", "logits"], [8, 2, 4, 8, 8],
+                               strict=True)}
+    wrap.select_bits(model, bits)
+    selected = keras.ops.convert_to_numpy(model(batch[0], training=False))
+    steps.fixed_bits(model, bits)()
+    fixed = keras.ops.convert_to_numpy(model(batch[0], training=False))
+    np.testing.assert_array_equal(selected, fixed)
+    with pytest.raises(ValueError, match="no entry"):
+        steps.fixed_bits(model, {"conv0": 8})
+
+
+def _run_all_steps(strategy, float_model, batches):
+    """Calibration, 2 x (meta + search) and one joint step under ``strategy`` (SGD)."""
+    model, groups, weight_opt, alpha_opt = build(strategy, float_model, weight_lr=0.05,
+                                                 alpha_lr=0.5, sgd=True)
+    from metamix_tf import distribute
+
+    distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
+    cost = CostModel(model)
+    target = cost.uniform_gbops(4)
+    meta = steps.meta_step(strategy, model, weight_opt, groups.weights_and_steps, CANDIDATES)
+    search = steps.search_step(strategy, model, alpha_opt, groups.alphas, cost, target, 4.0)
+    joint = steps.joint_step(strategy, model, weight_opt, groups.weights_and_steps, alpha_opt,
+                             groups.alphas, cost, target, 4.0)
+    evaluate = steps.eval_step(strategy, model,
+                               configure=lambda: wrap.set_mode(model, "mixture"))
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(batches).batch(16))
+    outputs = []
+    for index, (images, labels) in enumerate(dataset):
+        if index == 0:
+            steps.calibrate_step(strategy, model)(images, labels)
+        if index < 2:
+            outputs.append(meta(images, labels))
+            outputs.append(search(images, labels))
+        else:
+            outputs.append(joint(images, labels))
+        outputs.append(evaluate(images, labels))
+    outputs = [{k: float(v) for k, v in out.items()} for out in outputs]
+    return outputs, snapshot(all_state(model)), [v.path for v in all_state(model)]
+
+
+def test_two_replicas_match_one_device_on_the_same_global_batch(two_cpu_strategy):
+    """The same three global batches of 16 on one device and split over two replicas.
+
+    Tolerance: rtol 1e-4 / atol 1e-5 on every variable and step output. The two runs differ
+    only in float summation order: the replicas' gradient all-reduce, and synchronized
+    BatchNorm's E[x^2] - E[x]^2 variance against ``tf.nn.moments`` on one device. SGD keeps
+    such differences proportional (Adam's first step, ``g / |g|``, would turn the sign noise
+    of a near-zero gradient into a full learning-rate step).
+    """
+    images, labels = random_batch(48, seed=3)
+    float_model = tiny_net()
+    weights = float_model.get_weights()
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    out_one, state_one, names = _run_all_steps(one, float_model, (images, labels))
+    float_model.set_weights(weights)
+    out_two, state_two, _ = _run_all_steps(two_cpu_strategy, float_model, (images, labels))
+    assert len(out_one) == len(out_two)
+    for a, b in zip(out_one, out_two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for a, b, name in zip(state_one, state_two, names, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_losses_scale_with_the_global_batch():
+    per_example = tf.constant([1.0, 2.0, 3.0, 6.0])
+    assert float(losses.scale_loss(per_example, 8)) == pytest.approx(1.5)
+    logits = tf.constant([[2.0, -1.0, 0.5]])
+    assert float(losses.distillation(logits, logits, 2.0)[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.cost_penalty(tf.constant(1.2), 1.0, 4.0)) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="target"):
+        losses.cost_penalty(tf.constant(1.0), 0.0, 4.0)
