@@ -36,6 +36,8 @@ flags.DEFINE_enum("weight_storage", "bits", ["bits", "spread"],
                   "int8 weights: 'bits' holds the b-bit integers with the learned per-channel "
                   "steps; 'spread' multiplies them per channel to fill [-127, 127] (same "
                   "weights, finer int32 biases, closer to the Keras model).")
+flags.DEFINE_bool("tensor_costs", True, "Also measure the agreement each tensor that the "
+                  "Keras model keeps in float costs when stored at 8 bits.")
 flags.DEFINE_integer("latency_threads", 1, "Interpreter threads for the latency comparison.")
 flags.DEFINE_integer("latency_rounds", 5, "Interleaved latency rounds (each model in turn).")
 
@@ -51,7 +53,7 @@ def main(argv):
             verify_models=FLAGS.verify, max_eval_examples=FLAGS.max_eval_examples,
             max_calibration_examples=FLAGS.calibration_examples, run_root=FLAGS.run_root,
             latency_threads=FLAGS.latency_threads, latency_rounds=FLAGS.latency_rounds,
-            weight_storage=FLAGS.weight_storage)
+            weight_storage=FLAGS.weight_storage, tensor_costs=FLAGS.tensor_costs)
     except (export_run.RunError, ValueError, FileNotFoundError,
             export_run.tflite.ConversionError) as e:
         print(f"export_tflite.py: error: {e}", file=sys.stderr)

@@ -20,8 +20,14 @@ range``. Tensors are of three kinds:
 * ``"shared"``: read by a quantizer and by float ops (a block output that feeds both the
   next block's expand conv and the next residual add), or by quantizers with different
   grids: an int8 grid ``step / k`` with the largest odd ``k`` whose range still covers the
-  calibrated values, requantized to each reader's grid behind a clamp. With ``k`` odd the
+  calibrated values, requantized to each reader's grid behind a clamp (through an identity
+  1x1 depthwise conv, see :class:`~metamix_tf.export.layers.FakeQuant`). With ``k`` odd the
   double rounding is exact for the first reader (see :func:`grids.shared_grid`).
+
+What stays inexact, and is measured by the verification: the calibrated 8-bit grids
+themselves (Keras keeps those tensors in float) and the conv biases, which an int8 TFLite
+conv stores as int32 multiples of ``input_step * weight_step`` (:func:`with_int32_biases`
+builds the Keras twin that rounds them the same way).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ __all__ = [
     "ExportPlan",
     "WEIGHT_STORAGE",
     "plan",
+    "with_int32_biases",
     "build",
     "image_batches",
 ]
@@ -458,6 +465,22 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
                       inputs=inputs, weights=weights, int8=int8)
 
 
+def with_int32_biases(export_plan: ExportPlan) -> ExportPlan:
+    """A copy of ``export_plan`` whose biases are rounded as an int8 TFLite conv stores them:
+    int32 multiples of ``input_scale * weight_scale`` per output channel.
+
+    Built natively, it is a Keras model that computes what the int8 TFLite model computes
+    (up to the int8 kernels' own rounding), the link between the two in the verification.
+    """
+    weights = {}
+    for name, w in export_plan.weights.items():
+        unit = (np.float32(export_plan.inputs[name].grid.scale)
+                * w.folded.scale.astype(np.float32)).astype(np.float64)
+        folded = dataclasses.replace(w.folded, bias=np.round(w.folded.bias / unit) * unit)
+        weights[name] = dataclasses.replace(w, folded=folded)
+    return dataclasses.replace(export_plan, weights=weights)
+
+
 # -- building --------------------------------------------------------------------------------
 
 _DROPPED_KEYS = ("input_quantizer", "kernel_quantizer")
@@ -498,7 +521,7 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None)
                 x = new[source]
                 inp = export_plan.inputs.get(node.name) if node.kind == "quant" else None
                 if inp is not None and inp.requantized:
-                    x = FakeQuant.from_grid(inp.grid, clamp_first=True, native=native,
+                    x = FakeQuant.from_grid(inp.grid, requantize=True, native=native,
                                             name=f"{node.name}_input_quant")(x)
                 xs.append(x)
             if node.kind == "quant":

@@ -3,10 +3,13 @@
 * :class:`FakeQuant` rounds a tensor to a :class:`~metamix_tf.export.grids.Grid`. With
   ``native=True`` it is ``tf.quantization.fake_quant_with_min_max_vars`` over the grid's int8
   range followed by a ``minimum``/``maximum`` clamp to ``[qmin, qmax]`` (what the TFLite
-  converter turns into an int8 tensor and int8 MINIMUM/MAXIMUM ops); ``clamp_first=True``
-  puts the clamp before the fake quant (a requantization of an already int8 tensor). With
-  ``native=False`` it is plain float math, ``clip(floor(x / scale + 0.5), qmin, qmax) *
-  scale``, for float32 / float16 models (GPU delegates run FLOOR, MUL, MINIMUM, MAXIMUM).
+  converter turns into an int8 tensor and int8 MINIMUM/MAXIMUM ops). ``requantize=True``
+  is for an input that is already int8 (on a finer grid): clamp first, then an identity
+  1x1 depthwise convolution (weights 1) before the fake quant, so that the rescaling runs
+  as a convolution's requantization, which LiteRT's kernels compute exactly (its QUANTIZE
+  op rounds int8 -> int8 rescales with a low-precision multiplier). With ``native=False``
+  it is plain float math, ``clip(floor(x / scale + 0.5), qmin, qmax) * scale``, for
+  float32 / float16 models (GPU delegates run FLOOR, MUL, MINIMUM, MAXIMUM).
 * :class:`FoldedConv2D`, :class:`FoldedDepthwiseConv2D`, :class:`FoldedDense`: the stock
   layers with BatchNorm folded in and a kernel on a per-output-channel integer grid
   (``kernel = integers * kernel_scale``). ``native=True`` passes the kernel through
@@ -32,18 +35,18 @@ _PACKAGE = "metamix_tf.export"
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class FakeQuant(keras.layers.Layer):
     """Rounds to ``q * scale`` with ``q`` in ``[qmin, qmax]`` (int8 zero point
-    ``zero_point``); see the module docstring for ``native`` and ``clamp_first``.
+    ``zero_point``); see the module docstring for ``native`` and ``requantize``.
 
     Rounding is half-up (``floor(x / scale + 0.5)``), as TensorFlow's FakeQuant kernels do.
     """
 
     def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int, bits: int = 8,
-                 signed: bool = True, clamp_first: bool = False, native: bool = True,
+                 signed: bool = True, requantize: bool = False, native: bool = True,
                  **kwargs):
         super().__init__(**kwargs)
         self.grid = Grid(scale=float(scale), zero_point=int(zero_point), qmin=int(qmin),
                          qmax=int(qmax), bits=int(bits), signed=bool(signed))
-        self.clamp_first = bool(clamp_first)
+        self.requantize = bool(requantize)
         self.native = bool(native)
 
     @classmethod
@@ -68,11 +71,11 @@ class FakeQuant(keras.layers.Layer):
         if not g.fits_int8:  # wider than 8 bits: the grid itself, no int8 form
             return tf.quantization.fake_quant_with_min_max_vars(
                 x, np.float32(g.qmin * g.scale), np.float32(g.qmax * g.scale), num_bits=g.bits)
-        if self.clamp_first:
-            x = self._clamp(x)
+        if self.requantize:
+            x = _identity_conv(self._clamp(x))
         x = tf.quantization.fake_quant_with_min_max_vars(
             x, np.float32(g.int8_min * g.scale), np.float32(g.int8_max * g.scale), num_bits=8)
-        if not self.clamp_first:
+        if not self.requantize:
             x = self._clamp(x)
         return x
 
@@ -81,7 +84,7 @@ class FakeQuant(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(self.grid.to_dict(), clamp_first=self.clamp_first, native=self.native)
+        config.update(self.grid.to_dict(), requantize=self.requantize, native=self.native)
         return config
 
 
@@ -95,6 +98,17 @@ def _fake_quant_channels(kernel, scale: np.ndarray, channels_shape):
     view = tf.reshape(kernel, channels_shape)
     return tf.quantization.fake_quant_with_min_max_vars_per_channel(
         view, tf.constant(-bound), tf.constant(bound), num_bits=8, narrow_range=True)
+
+
+def _identity_conv(x):
+    """``x`` through a 1x1 depthwise convolution with int8 weights 127 at scale 1/127."""
+    channels = int(x.shape[-1])
+    kernel = _fake_quant_channels(np.ones(channels, np.float32),
+                                  np.full(channels, 1.0 / WEIGHT_QMAX), [1, 1, 1, channels])
+    kernel = tf.reshape(kernel, [1, 1, channels, 1])
+    x4 = x if x.shape.rank == 4 else tf.reshape(x, [-1, 1, 1, channels])
+    y = tf.nn.depthwise_conv2d(x4, kernel, [1, 1, 1, 1], "VALID")
+    return y if x.shape.rank == 4 else tf.reshape(y, tf.shape(x))
 
 
 class _FoldedMixin:

@@ -170,9 +170,11 @@ def _run_data(run: Run, max_eval_examples: int | None, calibration_examples: int
 
 
 def _reference_logits(model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    run = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    return np.concatenate([run(tf.convert_to_tensor(images[i:i + batch_size])).numpy()
-                           for i in range(0, len(images), batch_size)])
+    """Eager calls: nothing traced, so the quantizers' current modes always apply."""
+    return np.concatenate([
+        keras.ops.convert_to_numpy(model(tf.convert_to_tensor(images[i:i + batch_size]),
+                                         training=False))
+        for i in range(0, len(images), batch_size)])
 
 
 def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
@@ -181,7 +183,8 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
                  max_calibration_examples: int = 1024, grid_check_examples: int = 64,
                  latency_rounds: int = 5, latency_runs: int = 20,
                  latency_threads: int | None = 1, weight_storage: str = "bits",
-                 report_extra: dict | None = None, log=print) -> dict:
+                 tensor_costs: bool = True, report_extra: dict | None = None,
+                 log=print) -> dict:
     """Exports ``model`` (module docstring) and, with ``eval_images``, verifies it.
 
     Args:
@@ -194,6 +197,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
       verify_models: run the LiteRT checks (needs ``eval_images``).
       bits_info: the run's ``bits.json`` content, copied into the sidecar and the report.
       weight_storage: ``"bits"`` or ``"spread"``, see :func:`graph.plan`.
+      tensor_costs: also measure the agreement each int8-only tensor costs on its own.
       report_extra: entries added to the report.
     Returns the report (also written to ``export_report.json``).
     """
@@ -211,9 +215,16 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
     export_plan = graph.plan(model, calibration_data=calibration_data if int8 else None,
                              int8=int8, max_calibration_examples=max_calibration_examples,
                              weight_storage=weight_storage)
-    graphs = {"native": graph.build(export_plan, native=True)} if int8 else {}
-    graphs["float"] = graph.build(export_plan, native=False)
-    main = graphs["native" if int8 else "float"]
+    # "float": the fake-quantized network with BatchNorm folded (float TFLite);
+    # "int8": the converter-native graph (int8 TFLite, the .keras and SavedModel files);
+    # "int8_twin": the same with the biases rounded as the int8 model stores them, a Keras
+    # model that computes what the int8 TFLite model computes (verification only).
+    graphs = {"float": graph.build(export_plan, native=False)}
+    if int8:
+        graphs["int8"] = graph.build(export_plan, native=True)
+        graphs["int8_twin"] = graph.build(graph.with_int32_biases(export_plan), native=True,
+                                          name=f"{model.name}_int8_twin")
+    main = graphs["int8" if int8 else "float"]
 
     files = {}
     path = lambda suffix: os.path.join(output_dir, f"{name}{suffix}")  # noqa: E731
@@ -256,7 +267,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         report["verification"] = _verify(model, graphs, files, formats, export_plan,
                                          np.asarray(eval_images, np.float32), eval_labels,
                                          grid_check_examples, latency_rounds, latency_runs,
-                                         latency_threads, log)
+                                         latency_threads, tensor_costs, log)
     report["export_seconds"] = round(time.time() - began, 1)
     tflite.write_atomic(os.path.join(output_dir, REPORT_NAME),
                         (json.dumps(report, indent=1, default=_json_default) + "\n").encode())
@@ -264,45 +275,66 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
 
 
 def _verify(model, graphs, files, formats, export_plan, images, labels, grid_examples,
-            latency_rounds, latency_runs, latency_threads, log) -> dict:
+            latency_rounds, latency_runs, latency_threads, tensor_costs, log) -> dict:
     log(f"Verifying on {len(images)} images")
     reference = _reference_logits(model, images)
     out = {"examples": int(len(images)), "reference": "keras fake-quant model",
            "max_abs_reference_logit": float(np.abs(reference).max()),
-           "keras_inference_graph": {}, "tflite": {}}
+           "keras_graphs": {}, "tflite": {}}
     if labels is not None:
         out["reference_accuracy"] = float(np.mean(reference.argmax(-1) == labels))
-    for key, g in graphs.items():
-        out["keras_inference_graph"][key] = verify.compare(
-            reference, _reference_logits(g, images), labels)
+    logits = {key: _reference_logits(g, images) for key, g in graphs.items()}
+    for key in graphs:
+        out["keras_graphs"][key] = verify.compare(reference, logits[key], labels)
     for fmt in formats:
-        out["tflite"][fmt] = verify.compare(reference, verify.run_tflite(files[fmt], images),
-                                            labels)
+        result = verify.run_tflite(files[fmt], images)
+        out["tflite"][fmt] = verify.compare(reference, result, labels)
+        if fmt == "int8":
+            out["tflite"][fmt]["vs_int8_keras_twin"] = verify.compare(
+                logits["int8_twin"], result, labels)
     if "int8" in formats:
         sample = images[:grid_examples]
         checks = [c.to_dict() for c in verify.check_grids(files["int8"], export_plan, sample)]
         with tempfile.TemporaryDirectory() as tmp:
-            match = verify.layer_match(graphs["native"], export_plan, model, sample, tmp)
+            ints = verify.tflite_quantized_inputs(graphs["int8"], export_plan, sample, tmp)
+        vs_keras = verify.match(
+            verify.reference_quantized_inputs(model, sample, list(export_plan.inputs)), ints)
+        vs_twin = verify.match(
+            verify.graph_quantized_inputs(graphs["int8_twin"], export_plan, sample), ints)
         for c in checks:
-            c.update(match.get(c["layer"], {"match": None, "max_int_diff": None}))
-        matches = [c["match"] for c in checks if c["match"] is not None]
+            c["match_keras"] = vs_keras.get(c["layer"], {}).get("match")
+            c["max_int_diff_keras"] = vs_keras.get(c["layer"], {}).get("max_int_diff")
+            c["match_int8_twin"] = vs_twin.get(c["layer"], {}).get("match")
         out["grid_check"] = {
             "examples": int(len(sample)),
             "all_on_grid": all(c["on_grid"] for c in checks),
-            "median_match": float(np.median(matches)) if matches else None,
-            "min_match": min(matches, default=None),
+            "median_match_keras": _median([c["match_keras"] for c in checks]),
+            "min_match_keras": _min([c["match_keras"] for c in checks]),
+            "min_match_int8_twin": _min([c["match_int8_twin"] for c in checks]),
             "layers": checks,
         }
-    timed = {fmt: files[fmt] for fmt in formats}
-    if len(timed) > 0:
-        log("Timing " + ", ".join(timed))
-        lat = verify.latency(timed, rounds=latency_rounds, runs_per_round=latency_runs,
-                             num_threads=latency_threads)
-        out["latency"] = lat
-        if "int8" in lat and "float32" in lat:
-            out["latency"]["float32_over_int8"] = (lat["float32"]["median_ms"]
-                                                   / lat["int8"]["median_ms"])
+        if tensor_costs:
+            log("Measuring what each int8-only tensor costs")
+            out["int8_tensor_costs"] = verify.tensor_costs(export_plan, images, reference,
+                                                           _reference_logits)
+    log("Timing " + ", ".join(formats))
+    lat = verify.latency({fmt: files[fmt] for fmt in formats}, rounds=latency_rounds,
+                         runs_per_round=latency_runs, num_threads=latency_threads)
+    out["latency"] = lat
+    if "int8" in lat and "float32" in lat:
+        out["latency"]["float32_over_int8"] = (lat["float32"]["median_ms"]
+                                               / lat["int8"]["median_ms"])
     return out
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def _min(values):
+    values = [v for v in values if v is not None]
+    return float(min(values)) if values else None
 
 
 def _size(path: str) -> int:
@@ -342,37 +374,54 @@ def export_run(model_dir: str | None = None, output_dir: str | None = None,
     return report
 
 
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value * 100:.2f}%"
+
+
 def format_report(report: dict) -> str:
     """A short text table of an export report."""
     lines = [f"Export of {report['model']} -> {report['output_dir']}"]
     v = report.get("verification")
     sizes = {k: f["bytes"] for k, f in report["files"].items()}
-    header = f"{'format':<9} {'size KiB':>9} {'top-1 agree':>11} {'max|dlogit|':>11} " \
-             f"{'mean|dlogit|':>12} {'accuracy':>9} {'latency ms':>10}"
-    lines.append(header)
+    lines.append(f"{'format':<9} {'size KiB':>9} {'top-1 agree':>11} {'max|dlogit|':>11} "
+                 f"{'mean|dlogit|':>12} {'accuracy':>9} {'latency ms':>10}")
     for fmt in report["formats"]:
         row = f"{fmt:<9} {sizes[fmt] / 1024:>9.1f}"
         if v:
             t = v["tflite"][fmt]
-            lat = v.get("latency", {}).get(fmt, {}).get("median_ms")
-            row += (f" {t['top1_agreement'] * 100:>10.2f}% {t['max_abs_logit_diff']:>11.4f} "
-                    f"{t['mean_abs_logit_diff']:>12.5f} "
-                    f"{t.get('accuracy', float('nan')) * 100:>8.2f}% "
-                    f"{lat if lat is not None else float('nan'):>10.3f}")
+            lat = v.get("latency", {}).get(fmt, {}).get("median_ms", float("nan"))
+            row += (f" {_pct(t['top1_agreement']):>11} {t['max_abs_logit_diff']:>11.4f} "
+                    f"{t['mean_abs_logit_diff']:>12.5f} {_pct(t.get('accuracy')):>9} "
+                    f"{lat:>10.3f}")
         lines.append(row)
     if v:
-        lines.append(f"Keras fake-quant reference: {v['examples']} images, accuracy "
-                     f"{v.get('reference_accuracy', float('nan')) * 100:.2f}%")
+        lines.append(f"Reference: the Keras fake-quant model on {v['examples']} images, "
+                     f"accuracy {_pct(v.get('reference_accuracy'))}.")
         ratio = v.get("latency", {}).get("float32_over_int8")
         if ratio:
             lines.append(f"float32 / int8 latency: {ratio:.2f}x "
-                         f"({v['latency']['int8']['num_threads']} thread(s))")
+                         f"({v['latency']['int8']['num_threads']} thread(s), XNNPACK)")
+        k = v["keras_graphs"]
+        if "int8_twin" in k:
+            twin = v["tflite"]["int8"]["vs_int8_keras_twin"]
+            lines.append(
+                "Top-1 agreement with the Keras model, step by step: BatchNorm folded "
+                f"{_pct(k['float']['top1_agreement'])}; + 8-bit grids on the tensors Keras "
+                f"keeps in float {_pct(k['int8']['top1_agreement'])}; + int32 biases "
+                f"{_pct(k['int8_twin']['top1_agreement'])}; int8 TFLite "
+                f"{_pct(v['tflite']['int8']['top1_agreement'])}. int8 TFLite vs that Keras "
+                f"twin: {_pct(twin['top1_agreement'])}.")
         g = v.get("grid_check")
         if g:
             lines.append(f"int8 grid check: {len(g['layers'])} quantized inputs, all on their "
-                         f"b-bit grids: {g['all_on_grid']}; integers equal to Keras': median "
-                         f"{(g['median_match'] or 0) * 100:.2f}%, lowest "
-                         f"{(g['min_match'] or 0) * 100:.2f}%")
+                         f"b-bit grids: {g['all_on_grid']}; integers equal to the Keras "
+                         f"model's: median {_pct(g['median_match_keras'])}, lowest "
+                         f"{_pct(g['min_match_keras'])} (to the int8 twin's: lowest "
+                         f"{_pct(g['min_match_int8_twin'])})")
+        costs = v.get("int8_tensor_costs")
+        if costs:
+            worst = ", ".join(f"{c['tensor']} {_pct(c['top1_agreement'])}" for c in costs[:3])
+            lines.append(f"Costliest int8-only tensors (agreement when alone): {worst}")
     t = report["tensors"]
     lines.append(f"int8 tensors: {t['grid']} on learned grids, {t['shared']} shared, "
                  f"{t['calibrated']} calibrated (float in Keras); inexact quantized inputs: "

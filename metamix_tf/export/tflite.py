@@ -47,6 +47,12 @@ def _temporary_path(path: str, suffix: str = "") -> str:
     return tmp
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str, data: bytes | Callable[[str], None]) -> str:
     """Writes ``data`` (bytes, or a function that writes a file at the path it is given) to
     a temporary file beside ``path`` and renames it to ``path`` once complete."""
@@ -59,6 +65,7 @@ def write_atomic(path: str, data: bytes | Callable[[str], None]) -> str:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; files are for sharing
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -75,6 +82,7 @@ def atomic_directory(path: str):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(tmp, path)

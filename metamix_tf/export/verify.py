@@ -6,8 +6,10 @@
   (``experimental_preserve_all_tensors``, reference kernels) and checks that it is on that
   layer's b-bit grid: int8 scale equal to the learned step, the zero point of the grid, every
   integer within ``[qmin, qmax]``.
-* :func:`layer_match`: how often those integers equal the Keras model's, under the default
+* :func:`tflite_quantized_inputs` / :func:`reference_quantized_inputs` /
+  :func:`match`: how often those integers equal the Keras model's, under the default
   (XNNPACK) kernels.
+* :func:`tensor_costs`: the agreement each int8-only tensor costs on its own.
 * :func:`latency`: int8 vs float median latency on this CPU, interleaved rounds.
 """
 
@@ -31,7 +33,10 @@ __all__ = [
     "LayerGridCheck",
     "check_grids",
     "reference_quantized_inputs",
-    "layer_match",
+    "graph_quantized_inputs",
+    "tflite_quantized_inputs",
+    "match",
+    "tensor_costs",
     "latency",
 ]
 
@@ -147,6 +152,75 @@ def reference_quantized_inputs(model: keras.Model, images: np.ndarray,
     return result
 
 
+def graph_quantized_inputs(inference_graph: keras.Model, export_plan: ExportPlan,
+                           images: np.ndarray) -> dict:
+    """``{layer: integers}``: each quantized layer's input in a Keras inference graph."""
+    names = list(export_plan.inputs)
+    probe = keras.Model(inference_graph.inputs,
+                        [inference_graph.get_layer(n).input for n in names])
+    outs = probe(tf.convert_to_tensor(images), training=False)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    return {n: np.round(keras.ops.convert_to_numpy(o) / export_plan.inputs[n].step).astype(
+        np.int64) for n, o in zip(names, outs, strict=True)}
+
+
+def tflite_quantized_inputs(inference_graph: keras.Model, export_plan: ExportPlan,
+                            images: np.ndarray, workdir: str) -> dict:
+    """``{layer: integers}``: each quantized layer's input in the int8 TFLite model, under
+    the default kernels (XNNPACK), which is what deployment runs.
+
+    A delegate keeps no intermediate tensors, so this converts a probe copy of the int8
+    graph (``inference_graph``, the converter-native one) whose outputs are those inputs.
+    """
+    names = list(export_plan.inputs)
+    probe = keras.Model(inference_graph.inputs,
+                        [inference_graph.get_layer(n).input for n in names])
+    saved = os.path.join(workdir, "probe_saved_model")
+    probe.export(saved, verbose=False)
+    path = os.path.join(workdir, "probe_int8.tflite")
+    with open(path, "wb") as f:
+        f.write(tflite.convert(saved, "int8"))
+    runner = interpreter(path).get_signature_runner()
+    (input_name,) = runner.get_input_details()
+    outputs = runner(**{input_name: np.ascontiguousarray(images, np.float32)})
+    # Keras' SavedModel names the outputs output_<i>, in the probe's order
+    return {n: np.round(outputs[f"output_{i}"] / export_plan.inputs[n].step).astype(np.int64)
+            for i, n in enumerate(names)}
+
+
+def match(reference: dict, values: dict) -> dict:
+    """``{layer: {"match": fraction of equal integers, "max_int_diff": int}}``."""
+    out = {}
+    for name, v in values.items():
+        ref = _crop_to(reference[name], v.shape) if name in reference else None
+        if ref is None or ref.shape != v.shape:
+            continue
+        out[name] = {"match": float(np.mean(ref == v)),
+                     "max_int_diff": int(np.abs(ref - v).max()) if v.size else 0}
+    return out
+
+
+def tensor_costs(export_plan: ExportPlan, images: np.ndarray, reference: np.ndarray,
+                 logits_fn) -> list:
+    """What each tensor that the Keras model keeps in float costs in top-1 agreement when
+    it alone is stored at its int8 grid (the others stay float): a list of ``{"tensor",
+    "kind", "top1_agreement", "mean_abs_logit_diff"}``, costliest first. ``logits_fn``
+    maps a Keras model and images to logits."""
+    from metamix_tf.export import graph as graph_lib
+
+    rows = []
+    grid_only = {k: t for k, t in export_plan.tensors.items() if t.kind == "grid"}
+    for name, t in export_plan.tensors.items():
+        if t.kind == "grid":
+            continue
+        single = dataclasses.replace(export_plan, tensors={**grid_only, name: t})
+        logits = logits_fn(graph_lib.build(single, native=True), images)
+        c = compare(reference, logits)
+        rows.append({"tensor": name, "kind": t.kind, "top1_agreement": c["top1_agreement"],
+                     "mean_abs_logit_diff": c["mean_abs_logit_diff"]})
+    return sorted(rows, key=lambda r: (r["top1_agreement"], -r["mean_abs_logit_diff"]))
+
+
 def _crop_to(reference: np.ndarray, shape: tuple) -> np.ndarray | None:
     """``reference`` cut to ``shape`` when the converter folded a zero padding into the op
     (the padding is on the bottom / right, as Keras' 'same' and MobileNetV2's
@@ -198,39 +272,6 @@ def check_grids(model_path: str, export_plan: ExportPlan, images: np.ndarray) ->
             value_min=int(values.min()), value_max=int(values.max()), on_grid=bool(on_grid),
             exact=plan_input.exact))
     return results
-
-
-def layer_match(inference_graph: keras.Model, export_plan: ExportPlan, model: keras.Model,
-                images: np.ndarray, workdir: str) -> dict:
-    """How often each quantized layer's input integers in the int8 model equal the Keras
-    model's, under the default kernels (XNNPACK), which is what deployment runs.
-
-    A delegate keeps no intermediate tensors, so this converts a probe copy of the int8
-    graph (``inference_graph``, the converter-native one) whose outputs are those inputs.
-    Returns ``{layer: {"match": fraction, "max_int_diff": int}}``.
-    """
-    names = list(export_plan.inputs)
-    probe = keras.Model(inference_graph.inputs,
-                        [inference_graph.get_layer(n).input for n in names])
-    saved = os.path.join(workdir, "probe_saved_model")
-    probe.export(saved, verbose=False)
-    path = os.path.join(workdir, "probe_int8.tflite")
-    with open(path, "wb") as f:
-        f.write(tflite.convert(saved, "int8"))
-    runner = interpreter(path).get_signature_runner()
-    (input_name,) = runner.get_input_details()
-    outputs = runner(**{input_name: np.ascontiguousarray(images, np.float32)})
-    reference = reference_quantized_inputs(model, images, names)
-    out = {}
-    for i, name in enumerate(names):  # Keras' SavedModel names the outputs output_<i>
-        values = np.round(outputs[f"output_{i}"] / export_plan.inputs[name].step)
-        values = values.astype(np.int64)
-        ref = _crop_to(reference[name], values.shape)
-        if ref is None:
-            continue
-        out[name] = {"match": float(np.mean(ref == values)),
-                     "max_int_diff": int(np.abs(ref - values).max()) if ref.size else 0}
-    return out
 
 
 def latency(model_paths: dict, rounds: int = 5, runs_per_round: int = 20, warmup: int = 5,
