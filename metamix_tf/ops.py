@@ -5,17 +5,18 @@ and get their own gradients back. The straight-through estimator sits on ``round
 clip, divide and multiply keep their true gradients (Esser et al., "Learned Step Size
 Quantization", ICLR 2020).
 
-Speed: the elementwise parts of :func:`lsq_quantize` and :func:`lsq_mixture` (forward, and
-the backward's input gradient and per-element step/probability terms) are small
-``tf.function(jit_compile=True)`` kernels when traced into a graph (a ``tf.function`` step;
-eagerly they run as plain ops), so XLA fuses each into one loop over the tensor
-instead of running a separate TensorFlow kernel (and a full-size temporary) per
-divide/clip/round/compare/multiply; the reductions to the step and probability shapes stay
-TensorFlow ops (multi-threaded). The values are those of the plain TensorFlow ops (same
-IEEE operations; XLA may contract a multiply-add into an FMA, a difference of one rounding
-at most). This holds wherever the surrounding step runs (eagerly, in ``tf.function``, under
-a distribution strategy, or inside a ``jit_compile=True`` step, which inlines the kernels).
-Set the environment variable ``METAMIX_TF_XLA_OPS=0`` before importing to use plain ops.
+Speed: inside a graph (a ``tf.function`` step, also under a distribution strategy or
+inside a ``jit_compile=True`` step, which inlines them), the elementwise parts of
+:func:`lsq_quantize` and :func:`lsq_mixture` (the forward, and the backward's input
+gradient and per-element step / probability terms) are small
+``tf.function(jit_compile=True)`` kernels: XLA fuses each into one loop over the tensor
+instead of one TensorFlow kernel, with a full-size temporary, per divide / clip / round /
+compare / multiply. The reductions of those terms to the step and probability shapes stay
+TensorFlow ops (multi-threaded; XLA's CPU reductions are slower). Eagerly the same ops run
+unfused (compiling per new shape would cost more than it saves). Both paths compute the
+same IEEE operations in the same order (XLA may contract a multiply-add into an FMA: one
+rounding at most). Setting the environment variable ``METAMIX_TF_XLA_OPS=0`` before
+importing the package turns the kernels off.
 """
 
 from __future__ import annotations

@@ -8,15 +8,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 _cpus = tf.config.list_physical_devices("CPU")
-try:
+# RuntimeError: devices already initialised (e.g. another conftest ran first).
+with contextlib.suppress(RuntimeError):
     tf.config.set_logical_device_configuration(
         _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-except RuntimeError:  # devices already initialised (e.g. another conftest ran first)
-    pass
 
 
 @pytest.fixture

@@ -30,14 +30,25 @@ def np_softmax(a):
     return e / e.sum()
 
 
-def tape_grads(fn, inputs, dy):
-    """Output of ``fn(*inputs)`` and the gradients of ``sum(fn(*inputs) * dy)``."""
+def tape_grads(fn, inputs, dy, where="eager"):
+    """Output of ``fn(*inputs)`` and the gradients of ``sum(fn(*inputs) * dy)``, computed
+    eagerly (plain TensorFlow ops) or in a ``tf.function`` (the XLA-fused kernels)."""
     inputs = [tf.constant(v, tf.float32) for v in inputs]
-    with tf.GradientTape() as tape:
-        tape.watch(inputs)
-        y = fn(*inputs)
-        loss = tf.reduce_sum(y * dy)
-    return y.numpy(), [g.numpy() for g in tape.gradient(loss, inputs)]
+
+    def forward_backward(*inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = fn(*inputs)
+            loss = tf.reduce_sum(y * dy)
+        return y, tape.gradient(loss, inputs)
+
+    if where == "graph":
+        forward_backward = tf.function(forward_backward)
+    y, grads = forward_backward(*inputs)
+    return y.numpy(), [g.numpy() for g in grads]
+
+
+WHERE = ["eager", "graph"]
 
 
 def sum_close(actual, expected, terms, rtol=1e-5):
@@ -96,15 +107,16 @@ def test_scale_gradient_forward_identity_and_scaled_backward():
 
 
 # -- lsq_quantize ----------------------------------------------------------------------------
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("granularity", list(GRANULARITIES))
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 @pytest.mark.parametrize("bits", BITS)
-def test_lsq_quantize_matches_numpy(granularity, bits, signed):
+def test_lsq_quantize_matches_numpy(granularity, bits, signed, where):
     x, step, qn, qp, dy = _case(granularity, bits, signed, seed=bits)
     q_ref, dx_ref, ds_terms = np_lsq(x, step, qn, qp, dy)
     ds_ref = ds_terms.reshape((-1,) + step.shape).sum(axis=0)
 
-    q, (dx, ds) = tape_grads(lambda x, s: ops.lsq_quantize(x, s, qn, qp), [x, step], dy)
+    q, (dx, ds) = tape_grads(lambda x, s: ops.lsq_quantize(x, s, qn, qp), [x, step], dy, where)
 
     # Same float32 operations: equal up to one rounding (an FMA the compiler may form).
     np.testing.assert_allclose(q, q_ref, rtol=1e-6, atol=1e-7)
@@ -188,11 +200,12 @@ def _fake_quant_case(signed):
     return x, s, qn, qp
 
 
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
-def test_8_bit_matches_fake_quant_with_min_max_vars(signed):
+def test_8_bit_matches_fake_quant_with_min_max_vars(signed, where):
     x, s, qn, qp = _fake_quant_case(signed)
     dy = np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
-    q, (dx, _) = tape_grads(lambda x, s: ops.lsq_quantize(x, s, qn, qp), [x, s], dy)
+    q, (dx, _) = tape_grads(lambda x, s: ops.lsq_quantize(x, s, qn, qp), [x, s], dy, where)
     fq, (fq_dx,) = tape_grads(
         lambda x: tf.quantization.fake_quant_with_min_max_vars(x, -qn * s, qp * s, num_bits=8),
         [x], dy)
@@ -225,11 +238,12 @@ def _mixture_case(candidates, signed, seed=0):
     return x, steps, probs, qns, qps, dy
 
 
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("candidates,signed", MIXTURES)
-def test_lsq_mixture_matches_numpy(candidates, signed):
+def test_lsq_mixture_matches_numpy(candidates, signed, where):
     x, steps, probs, qns, qps, dy = _mixture_case(candidates, signed)
     y, (dx, dsteps, dprobs) = tape_grads(
-        lambda x, s, p: ops.lsq_mixture(x, s, p, qns, qps), [x, steps, probs], dy)
+        lambda x, s, p: ops.lsq_mixture(x, s, p, qns, qps), [x, steps, probs], dy, where)
 
     y_ref, dx_ref = np.zeros_like(x), np.zeros_like(x)
     for k in range(len(candidates)):
@@ -242,8 +256,9 @@ def test_lsq_mixture_matches_numpy(candidates, signed):
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("where", WHERE)
 @pytest.mark.parametrize("candidates,signed", MIXTURES)
-def test_lsq_mixture_equals_weighted_branches(candidates, signed):
+def test_lsq_mixture_equals_weighted_branches(candidates, signed, where):
     """Value and every gradient equal ``sum_k p_k * lsq_quantize(x, s_k)``."""
     x, steps, probs, qns, qps, dy = _mixture_case(candidates, signed, seed=3)
 
@@ -251,8 +266,9 @@ def test_lsq_mixture_equals_weighted_branches(candidates, signed):
         return tf.add_n([p[k] * ops.lsq_quantize(x, s[k], qns[k], qps[k])
                          for k in range(len(candidates))])
 
-    fused = tape_grads(lambda x, s, p: ops.lsq_mixture(x, s, p, qns, qps), [x, steps, probs], dy)
-    summed = tape_grads(branches, [x, steps, probs], dy)
+    fused = tape_grads(lambda x, s, p: ops.lsq_mixture(x, s, p, qns, qps), [x, steps, probs],
+                       dy, where)
+    summed = tape_grads(branches, [x, steps, probs], dy, where)
     np.testing.assert_allclose(fused[0], summed[0], rtol=1e-6, atol=1e-6)
     for got, want in zip(fused[1], summed[1], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
