@@ -35,8 +35,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("data", "folder:/tmp/cifar10", "folder:PATH of the unzipped CIFAR-10 "
                     "JPEGs, or the TFDS name cifar10.")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (for --data=cifar10).")
-flags.DEFINE_enum("budget", "small", ["small", "full"], "small: <= ~60 min on 2 CPU cores; "
-                  "full: all 50,000 images, more epochs, 3 seeds (meant for a GPU).")
+flags.DEFINE_enum("budget", "small", ["smoke", "small", "full"],
+                  "smoke: a few minutes, checks the setup (numbers mean nothing); small: <= ~60 "
+                  "min on 2 CPU cores; full: all 50,000 images, more epochs, 3 seeds (a GPU).")
 flags.DEFINE_string("work_dir", "runs/cifar10_study", "Where the run directories go.")
 flags.DEFINE_string("results_dir", "docs/results", "Where JSON and PNGs are written.")
 flags.DEFINE_list("methods", None, "Subset of methods to run (default: all).")
@@ -44,6 +45,8 @@ flags.DEFINE_list("methods", None, "Subset of methods to run (default: all).")
 # Budgets. The small one is a stratified subset with short schedules; every method gets the
 # same search and weight-training epochs.
 BUDGETS = {
+    "smoke": dict(seeds=(0,), max_train=1024, max_eval=512, pretrain_epochs=1,
+                  search_epochs=1, warmup_epochs=0, finetune_epochs=1),
     "small": dict(seeds=(0,), max_train=10_000, max_eval=2_000, pretrain_epochs=12,
                   search_epochs=3, warmup_epochs=1, finetune_epochs=3),
     "full": dict(seeds=(0, 1, 2), max_train=None, max_eval=None, pretrain_epochs=60,

@@ -14,7 +14,12 @@
 * ``bits.png``: the selected activation bits per layer beside each layer's MACs;
 * ``final.keras``: the wrapped model after weight training, ``"selected"`` mode, weight
   quantization on (what the exporter loads);
-* ``summary.json``: accuracy per phase, GBOPs, average bits, wall time per phase, machine;
+* ``summary.json``: accuracy per phase, GBOPs, average bits, wall time per phase, machine.
+  ``float_val_acc``: the float model; ``search_val_acc``: the searched bits with float
+  weights and the BatchNorm statistics bit-meta training left (an average over the
+  candidate bit-widths, so below what weight training reaches); ``final_val_acc``: after
+  weight training with quantized weights. ``wall_time_s`` per phase sums its epochs
+  (tracing included) over every process that ran them;
 * ``<phase>.done``: the phase's results; ``"all"`` skips phases that have one;
 * ``logs/<phase>/``: TensorBoard scalars.
 
@@ -163,6 +168,14 @@ def _quant_config(config: ExperimentConfig) -> config_lib.QuantConfig:
     return quant
 
 
+def _check_avg_bits(config: ExperimentConfig) -> None:
+    bits = config.search.target_avg_bits
+    low, high = min(config.quant.candidate_bits), max(config.quant.candidate_bits)
+    if not low <= bits <= high:
+        raise ValueError(f"The average activation bit-width target {bits} is outside the "
+                         f"candidate bits [{low}, {high}]. Received: target_avg_bits={bits}")
+
+
 def resolve_target(config: ExperimentConfig, cost: CostModel) -> float:
     """The GBOPs target: ``search.target_gbops`` if set, else every searchable layer at
     ``search.target_avg_bits``; checked against what the candidate bits allow."""
@@ -170,12 +183,7 @@ def resolve_target(config: ExperimentConfig, cost: CostModel) -> float:
     if s.target_gbops is not None:
         target = float(s.target_gbops)
     elif s.target_avg_bits is not None:
-        low_bits, high_bits = min(config.quant.candidate_bits), max(config.quant.candidate_bits)
-        if not low_bits <= s.target_avg_bits <= high_bits:
-            raise ValueError(
-                f"The average activation bit-width target {s.target_avg_bits} is outside the "
-                f"candidate bits [{low_bits}, {high_bits}]. "
-                f"Received: target_avg_bits={s.target_avg_bits}")
+        _check_avg_bits(config)
         target = cost.uniform_gbops(float(s.target_avg_bits))
     else:
         target = cost.uniform_gbops(float(s.uniform_bits))
@@ -373,7 +381,10 @@ def _search(ctx: RunContext) -> dict:
         teacher = _teacher(ctx, s.teacher)
     del float_model
     cost = CostModel(model)
-    target = resolve_target(config, cost)
+    if s.searcher == "none":  # no search: the "target" is what the uniform bits cost
+        target = cost.uniform_gbops(float(s.uniform_bits))
+    else:
+        target = resolve_target(config, cost)
     kd = dict(teacher=teacher, kd_temperature=s.kd_temperature, jit_compile=ctx.jit_compile)
     warmup = s.warmup_epochs
     if s.searcher == "metamix" and warmup >= s.epochs:
@@ -477,6 +488,7 @@ def _search(ctx: RunContext) -> dict:
     return {"searcher": s.searcher, "val_acc": metrics["val_acc"],
             "val_loss": metrics["val_loss"], "gbops": report["gbops"], "target_gbops": target,
             "avg_activation_bits": report["avg_activation_bits"],
+            "mac_weighted_activation_bits": report["mac_weighted_activation_bits"],
             "wall_time_s": result.wall_time_s, "epochs": s.epochs, "history": result.history}
 
 
@@ -590,6 +602,8 @@ def _summary(ctx: RunContext, results: dict) -> dict:
         summary["target_gbops"] = results["search"]["target_gbops"]
         summary["gbops"] = results["search"]["gbops"]
         summary["avg_activation_bits"] = results["search"]["avg_activation_bits"]
+        summary["mac_weighted_activation_bits"] = results["search"].get(
+            "mac_weighted_activation_bits")
     if "finetune" in results:
         summary["final_val_acc"] = results["finetune"]["val_acc"]
         summary["gbops"] = results["finetune"]["gbops"]
@@ -607,7 +621,11 @@ def _summary(ctx: RunContext, results: dict) -> dict:
 def _check_target_early(config: ExperimentConfig, model_fn, image_shape, num_classes) -> None:
     """Builds the wrapped model once (outside any strategy) to check the GBOPs target before
     spending time on pre-training."""
-    if config.search.searcher == "none":
+    s = config.search
+    if s.searcher == "none":
+        return
+    if s.target_gbops is None:  # uniform GBOPs at bits within the candidates' range are
+        _check_avg_bits(config)  # always within the GBOPs bounds: no model needed
         return
     model = wrap.apply(_build_float(config, image_shape, num_classes, model_fn),
                        _quant_config(config))

@@ -9,6 +9,10 @@ default strategy).
 Quantizer modes are Python attributes read while tracing, so each builder sets the modes it
 needs inside the traced function (``configure``): a step function traces once per phase and
 always runs the modes it was built for, whatever the model's modes are when it is called.
+Such Python state is only changed outside ``strategy.run`` (MirroredStrategy traces the
+replicas in threads that take turns at each cross-replica call, so a change made inside one
+replica's function would leak into another's trace); the bit-meta step therefore runs one
+``strategy.run`` per candidate bit-width.
 
 Losses are scaled by the global batch size (:func:`metamix_tf.losses.scale_loss`, with the
 global size all-reduced from the replicas, so a short last batch is weighted right) and the
@@ -99,8 +103,9 @@ def fixed_bits(model, bits: dict) -> Callable:
 
     Same outputs and gradients as ``"selected"`` mode at these bits, but each quantizer's
     branch is fixed while tracing (mode ``"uniform"`` with a per-layer ``uniform_index``)
-    instead of picked at run time by ``tf.switch_case`` on ``bit_index``: a phase whose bits
-    do not change (weight training) traces about 3x faster and steps about 2x faster on CPU.
+    instead of read from the ``bit_index`` variable at run time, for a phase whose bits do
+    not change (weight training). Measured on MobileNetV2, 2 CPU cores: first call 16 s
+    against 23 s in ``"selected"`` mode, the same time per step.
     """
     indices = []
     for layer in wrap.quant_layers(model):

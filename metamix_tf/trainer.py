@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 from tqdm.auto import tqdm
@@ -43,7 +42,6 @@ __all__ = [
     "make_optimizer",
     "evaluate",
     "run_epochs",
-    "float_metrics",
     "write_scalar",
 ]
 
@@ -289,9 +287,4 @@ def _say(verbose: bool, message: str) -> None:
         tqdm.write(message, file=sys.stdout)
         sys.stdout.flush()
 
-
-def float_metrics(values: dict) -> dict:
-    """A dict with NumPy scalars turned into Python floats (JSON ready)."""
-    return {k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
-            for k, v in values.items()}
 

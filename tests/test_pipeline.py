@@ -134,6 +134,29 @@ def test_resume_after_interruptions_reaches_the_same_bits(reference, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+@pytest.mark.slow  # about 85 s on 2 cores
+def test_all_phases_under_mirrored_strategy_with_distillation(tmp_path, two_cpu_strategy):
+    """Two replicas: checkpoints of mirrored variables, models loaded in the strategy's
+    scope, KD from the float model in both search and weight training, and a resume."""
+    config = tiny_config(tmp_path, pretrain={"epochs": 1},
+                         search={"teacher": "self"}, finetune={"teacher": "self"})
+
+    def stop(phase, epoch, record):
+        if phase == "search" and epoch == 0:
+            raise Interrupt(phase)
+
+    with pytest.raises(Interrupt):
+        run(config, strategy=two_cpu_strategy, on_epoch_end=stop)
+    summary = run(config, strategy=two_cpu_strategy)
+    assert summary["machine"]["strategy"] == "MirroredStrategy with 2 replica(s)"
+    assert [h["epoch"] for h in read_json(tmp_path / "ckpt" / "search" / "history.json")] \
+        == [1, 2]
+    final = keras.saving.load_model(tmp_path / "final.keras", compile=False)
+    assert wrap.get_bits(final) == read_json(tmp_path / "bits.json")["bits"]
+    assert not any(layer.synchronized for layer in final.layers
+                   if isinstance(layer, keras.layers.BatchNormalization))
+
+
 @pytest.mark.parametrize("searcher", ["joint", "none"])
 def test_baselines_run_in_the_same_loop(reference, tmp_path, searcher):
     ref_dir, _ = reference
