@@ -8,6 +8,7 @@ mirror over logical CPUs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-__all__ = ["get_strategy", "describe", "sync_batch_norm", "has_gpu"]
+__all__ = ["get_strategy", "mirrored_strategy", "describe", "sync_batch_norm", "has_gpu"]
 
 
 def has_gpu() -> bool:
@@ -39,7 +40,7 @@ def get_strategy(devices: Sequence[str] | None = None) -> tf.distribute.Strategy
                              f"Received: devices={devices}")
         if len(devices) == 1:
             return tf.distribute.OneDeviceStrategy(devices[0])
-        return tf.distribute.MirroredStrategy(devices)
+        return mirrored_strategy(devices)
     tf_config = os.environ.get("TF_CONFIG")
     if tf_config:
         try:
@@ -50,8 +51,31 @@ def get_strategy(devices: Sequence[str] | None = None) -> tf.distribute.Strategy
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+        return mirrored_strategy([d.name for d in gpus])
     return tf.distribute.get_strategy()
+
+
+_KEY_BASE_STRIDE = 10_000
+_instances = itertools.count(1)
+
+
+def mirrored_strategy(devices: Sequence[str] | None = None) -> tf.distribute.MirroredStrategy:
+    """``tf.distribute.MirroredStrategy(devices)`` that can live beside other instances.
+
+    Every MirroredStrategy numbers its collective groups from the same start, so two
+    instances in one process (``pipeline.run`` called twice, a test suite) reuse collective
+    keys, and the second one's all-reduces (synchronized BatchNorm) fail with "Shape
+    mismatch in the collective instance". Each instance made here gets its own key range
+    (through the class attribute ``_collective_key_base``, which TensorFlow reads in the
+    constructor and sets for the same reason in its own tests).
+    """
+    cls = tf.distribute.MirroredStrategy
+    saved = cls._collective_key_base
+    cls._collective_key_base = next(_instances) * _KEY_BASE_STRIDE
+    try:
+        return cls(devices)
+    finally:
+        cls._collective_key_base = saved
 
 
 def describe(strategy: tf.distribute.Strategy) -> str:
