@@ -261,8 +261,10 @@ def calibrate(model, images) -> None:
 
     Runs ``model`` once in ``"calibrate"`` mode (identity quantizers that record
     ``2 * mean|x| / sqrt(Qp)`` for each branch), then restores each quantizer's mode. Call it
-    eagerly, inside ``tf.function``, or per replica through ``strategy.run`` (step
-    variables average over replicas).
+    eagerly or inside ``tf.function``. Under a distribution strategy use
+    :func:`metamix_tf.steps.calibrate_step`, which switches the modes outside
+    ``strategy.run`` (a mode switched inside one replica's trace leaks into the other
+    replicas' traces) and averages the step sizes over replicas.
     """
     modes = [(q, q.mode) for q in activation_quantizers(model)]
     set_mode(model, "calibrate")
