@@ -13,22 +13,11 @@ import pytest
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf import distribute, pipeline, wrap
+from metamix_tf import pipeline, wrap
 from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
 from metamix_tf.trainer import NonFiniteLossError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def two_replicas():
-    """MirroredStrategy over two logical CPUs from ``distribute.mirrored_strategy``, which
-    gives each instance its own collective keys (instances of the conftest fixture share
-    theirs, so a second one in the process fails in synchronized BatchNorm's all-reduce)."""
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-    if len(devices) < 2:
-        pytest.skip("two logical CPU devices are not available")
-    return distribute.mirrored_strategy(devices)
 
 
 def tiny_net(input_shape, num_classes):
@@ -146,7 +135,7 @@ def test_resume_after_interruptions_reaches_the_same_bits(reference, tmp_path):
 
 
 @pytest.mark.slow  # about 85 s on 2 cores
-def test_all_phases_under_mirrored_strategy_with_distillation(tmp_path, two_replicas):
+def test_all_phases_under_mirrored_strategy_with_distillation(tmp_path, two_cpu_strategy):
     """Two replicas: checkpoints of mirrored variables, models loaded in the strategy's
     scope, KD from the float model in both search and weight training, and a resume."""
     config = tiny_config(tmp_path, pretrain={"epochs": 1},
@@ -157,8 +146,8 @@ def test_all_phases_under_mirrored_strategy_with_distillation(tmp_path, two_repl
             raise Interrupt(phase)
 
     with pytest.raises(Interrupt):
-        run(config, strategy=two_replicas, on_epoch_end=stop)
-    summary = run(config, strategy=two_replicas)
+        run(config, strategy=two_cpu_strategy, on_epoch_end=stop)
+    summary = run(config, strategy=two_cpu_strategy)
     assert summary["machine"]["strategy"] == "MirroredStrategy with 2 replica(s)"
     assert [h["epoch"] for h in read_json(tmp_path / "ckpt" / "search" / "history.json")] \
         == [1, 2]

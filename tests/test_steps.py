@@ -16,17 +16,6 @@ from metamix_tf.cost import CostModel
 CANDIDATES = (2, 4, 8)
 
 
-@pytest.fixture
-def two_replicas():
-    """MirroredStrategy over two logical CPUs from ``distribute.mirrored_strategy``, which
-    gives each instance its own collective keys (instances of the conftest fixture share
-    theirs, so a second one in the process fails in synchronized BatchNorm's all-reduce)."""
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-    if len(devices) < 2:
-        pytest.skip("two logical CPU devices are not available")
-    return distribute.mirrored_strategy(devices)
-
-
 def tiny_net(input_shape=(16, 16, 3), num_classes=4):
     """Convs without bias before BatchNorm, as in the real networks (a bias there has a
     zero gradient in exact arithmetic, so it would only move with float noise)."""
@@ -209,7 +198,7 @@ def _run_all_steps(strategy, float_model, batches):
     return outputs, snapshot(all_state(model)), [v.path for v in all_state(model)]
 
 
-def test_two_replicas_match_one_device_on_the_same_global_batch(two_replicas):
+def test_two_cpu_strategy_match_one_device_on_the_same_global_batch(two_cpu_strategy):
     """The same three global batches of 16 on one device and split over two replicas.
 
     Tolerance: rtol 1e-4 / atol 1e-5 on every variable and step output. The two runs differ
@@ -224,7 +213,7 @@ def test_two_replicas_match_one_device_on_the_same_global_batch(two_replicas):
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     out_one, state_one, names = _run_all_steps(one, float_model, (images, labels))
     float_model.set_weights(weights)
-    out_two, state_two, _ = _run_all_steps(two_replicas, float_model, (images, labels))
+    out_two, state_two, _ = _run_all_steps(two_cpu_strategy, float_model, (images, labels))
     assert len(out_one) == len(out_two)
     for a, b in zip(out_one, out_two, strict=True):
         assert a.keys() == b.keys()
