@@ -70,11 +70,16 @@ class QuantConfig:
     Activations get a multi-branch quantizer with one branch per ``candidate_bits``;
     weights get ``weight_bits`` per-output-channel LSQ. The first and last quantized layers
     use ``first_last_bits`` for both (``None``: treat them like every other layer).
+    ``output_bits`` puts a fixed-width quantizer on the tensors an integer model stores
+    that no quantized layer reads (residual-add inputs, pooling inputs, the model outputs),
+    so that the trained model computes what the int8 export computes (``None``: keep them
+    float; the export then calibrates their ranges).
     """
 
     candidate_bits: Sequence[int] = (2, 3, 4, 8)
     weight_bits: int = 4
     first_last_bits: int | None = 8
+    output_bits: int | None = 8
     temperature: float = 1.0
     # "signed": a symmetric signed grid after hard-swish; "unsigned": clip the small
     # negative part (-0.375..0) to zero.
@@ -95,6 +100,8 @@ class QuantConfig:
         self.weight_bits = validate_bits("weight_bits", self.weight_bits)
         if self.first_last_bits is not None:
             self.first_last_bits = validate_bits("first_last_bits", self.first_last_bits)
+        if self.output_bits is not None:
+            self.output_bits = validate_bits("output_bits", self.output_bits)
         if self.hswish_range not in ("signed", "unsigned"):
             raise ValueError("`hswish_range` must be 'signed' or 'unsigned'. "
                              f"Received: hswish_range={self.hswish_range!r}")
@@ -159,6 +166,9 @@ class SearchConfig:
     cost_weight: float = 4.0  # lambda in  loss + lambda * |GBOPs - target| / target
     target_gbops: float | None = None
     target_avg_bits: float | None = 3.5
+    # After each search epoch, lower the bits the alphas prefer least until the selected
+    # bits cost at most the target (the cost penalty only pulls toward it).
+    enforce_target: bool = True
     uniform_bits: int = 4
     teacher: str | None = None  # None | "self" | path to a .keras model
     kd_temperature: float = 1.0

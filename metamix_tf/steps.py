@@ -116,6 +116,7 @@ def fixed_bits(model, bits: dict) -> Callable:
             raise ValueError(f"`bits` has no entry for quantized layer '{layer.name}'. "
                              f"Received: bits keys={sorted(bits)}")
         indices.append((q, q.index_of(int(bits[layer.name]))))
+    indices += [(q, 0) for q in wrap.output_quantizers(model)]  # one branch each
 
     def configure():
         for q, index in indices:

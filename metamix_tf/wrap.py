@@ -16,6 +16,7 @@ __all__ = [
     "apply",
     "quant_layers",
     "activation_quantizers",
+    "output_quantizers",
     "weight_quantizers",
     "set_mode",
     "set_uniform",
@@ -42,6 +43,22 @@ _NORMALIZATION = (
     keras.layers.BatchNormalization, keras.layers.LayerNormalization,
     keras.layers.GroupNormalization, keras.layers.Normalization,
 )
+# Layers that commute with rounding to a grid (or are identities at inference): a tensor
+# read through them is read by what reads them.
+_SHAPE_ONLY = (
+    keras.layers.ZeroPadding2D, keras.layers.Cropping2D, keras.layers.MaxPooling2D,
+    keras.layers.GlobalMaxPooling2D, keras.layers.Flatten, keras.layers.Reshape,
+    keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.Identity,
+)
+# Weightless ops that an integer model runs on stored tensors; a ReLU / ReLU6 is not one
+# (TFLite fuses it into the conv or add before it).
+_STORING_OPS = (
+    keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
+    keras.layers.Maximum, keras.layers.Minimum, keras.layers.Concatenate,
+    keras.layers.GlobalAveragePooling2D, keras.layers.AveragePooling2D, keras.layers.Softmax,
+    keras.layers.Activation, keras.layers.ReLU,
+)
+_OUTPUT = object()  # stands for "read as a model output"
 # Weighted layers that apply() does not quantize: they stay float and are reported.
 _UNSUPPORTED = (
     keras.layers.SeparableConv2D, keras.layers.Conv1D, keras.layers.Conv3D,
@@ -69,7 +86,11 @@ def _producer(tensor):
 
 def _input_sign(layer, hswish_range: str) -> bool:
     """True when the layer's input can be negative (walks back through shape-only layers)."""
-    producer = _producer(layer.input)
+    return _output_sign(_producer(layer.input), hswish_range)
+
+
+def _output_sign(producer, hswish_range: str) -> bool:
+    """True when the output of layer ``producer`` can be negative."""
     while isinstance(producer, _PASS_THROUGH):
         producer = _producer(producer.input)
     if producer is None or isinstance(producer, keras.layers.InputLayer):
@@ -80,6 +101,39 @@ def _input_sign(layer, hswish_range: str) -> bool:
     if name in _HARD_SWISH:
         return hswish_range == "signed"
     return name not in _NON_NEGATIVE_ACTIVATIONS
+
+
+def _is_fused_relu(layer) -> bool:
+    if isinstance(layer, keras.layers.ReLU):
+        return (float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0
+                and layer.max_value in (None, 6.0))
+    return isinstance(layer, keras.layers.Activation) and _activation_name(layer) in (
+        "relu", "relu6")
+
+
+def _stored_outputs(model) -> list[str]:
+    """Layers whose output an integer model stores although no quantized layer reads it:
+    outputs read by a weightless op (residual add, pooling, concatenation, a non-fused
+    activation) or by the model's caller, looking through shape-only layers."""
+    readers: dict = {}
+    for layer in model.layers:
+        for node in layer._inbound_nodes:
+            for t in node.input_tensors:
+                readers.setdefault(_producer(t).name, []).append(layer)
+    for t in model.outputs:
+        readers.setdefault(_producer(t).name, []).append(_OUTPUT)
+
+    def stores(name) -> bool:
+        for r in readers.get(name, []):
+            if r is _OUTPUT or (isinstance(r, _STORING_OPS) and not _is_fused_relu(r)):
+                return True
+            if isinstance(r, _SHAPE_ONLY) and stores(r.name):
+                return True
+        return False
+
+    return [layer.name for layer in model.layers
+            if not isinstance(layer, (keras.layers.InputLayer,) + _SHAPE_ONLY)
+            and stores(layer.name)]
 
 
 def _is_functional(model) -> bool:
@@ -106,6 +160,11 @@ def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
     ``"float"`` mode with weight quantization off, so the copy computes exactly what the
     original does. Other weighted layers (e.g. ``SeparableConv2D``) stay float and are
     listed by :func:`unsupported_layers`.
+
+    With ``config.output_bits``, every tensor that an integer model stores but no quantized
+    layer reads (see :func:`output_quantizers`) gets a one-branch quantizer of that width,
+    named ``<producer>_oq``, so that the trained model and its int8 export round the same
+    tensors.
     """
     config = config or QuantConfig()
     if not isinstance(config, QuantConfig):
@@ -150,7 +209,20 @@ def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
         return quant_cls(**layer_config, input_quantizer=input_quantizer,
                          kernel_quantizer=kernel_quantizer)
 
-    wrapped = keras.models.clone_model(model, clone_function=clone)
+    stored = set(_stored_outputs(model)) if config.output_bits else set()
+
+    def call(layer, *args, **kwargs):
+        outputs = layer(*args, **kwargs)
+        if layer.name not in stored:
+            return outputs
+        original = model.get_layer(layer.name)
+        quantizer = ActivationQuantizer(
+            candidate_bits=(config.output_bits,),
+            signed=_output_sign(original, config.hswish_range), grad_scale=config.grad_scale,
+            temperature=config.temperature, name=f"{layer.name}_oq")
+        return quantizer(outputs)
+
+    wrapped = keras.models.clone_model(model, clone_function=clone, call_function=call)
     for old in model.layers:
         weights = old.get_weights()
         if weights:
@@ -176,10 +248,17 @@ def quant_layers(model) -> list:
     return [layer for layer in model.layers if isinstance(layer, QuantLayerMixin)]
 
 
+def output_quantizers(model) -> list[ActivationQuantizer]:
+    """The one-branch quantizers that :func:`apply` puts on stored tensors that no quantized
+    layer reads (``config.output_bits``), in graph order."""
+    return [layer for layer in model.layers if isinstance(layer, ActivationQuantizer)]
+
+
 def activation_quantizers(model, searchable_only: bool = False) -> list[ActivationQuantizer]:
-    """Every activation quantizer (optionally only those with more than one branch)."""
+    """Every activation quantizer, the quantized layers' input quantizers first, then the
+    output quantizers (optionally only those with more than one branch)."""
     out = [layer.input_quantizer for layer in quant_layers(model)
-           if layer.input_quantizer is not None]
+           if layer.input_quantizer is not None] + output_quantizers(model)
     return [q for q in out if q.searchable] if searchable_only else out
 
 
@@ -196,7 +275,7 @@ def unsupported_layers(model) -> list[str]:
     return [layer.name for layer in model.layers
             if isinstance(layer, _UNSUPPORTED) or (
                 layer.weights and _quant_class(layer) is None
-                and not isinstance(layer, (QuantLayerMixin,) + _NORMALIZATION))]
+                and not isinstance(layer, (QuantLayerMixin, ActivationQuantizer) + _NORMALIZATION))]
 
 
 def set_mode(model, mode: str) -> None:
@@ -234,6 +313,8 @@ def select_bits(model, bits: dict | None = None) -> dict:
             continue
         q.mode = "selected"
         selected[layer.name] = q.select(bits.get(layer.name))
+    for q in output_quantizers(model):  # one branch each
+        q.mode = "selected"
     return selected
 
 

@@ -80,7 +80,8 @@ def test_apply_on_architecture(name):
     wrapped = mm.apply(model)
 
     n_quantizable = sum(isinstance(layer, QUANTIZABLE) for layer in model.layers)
-    assert len(mm.activation_quantizers(wrapped)) == n_quantizable
+    assert len(mm.activation_quantizers(wrapped)) == n_quantizable + len(
+        mm.output_quantizers(wrapped))
     assert len(mm.weight_quantizers(wrapped)) == n_quantizable
     assert len(mm.quant_layers(wrapped)) == n_quantizable > 10
     assert wrap.unsupported_layers(wrapped) == []
@@ -132,7 +133,7 @@ def test_apply_on_architecture(name):
     mm.enable_weight_quantization(wrapped)
     groups = assert_partition(wrapped)
     assert len(groups.alphas) == n_quantizable - 2  # first and last: one fixed branch
-    assert len(groups.steps) == 2 * n_quantizable
+    assert len(groups.steps) == 2 * n_quantizable + len(mm.output_quantizers(wrapped))
     variables = groups.weights + groups.steps + groups.alphas
     labels = np.arange(len(x)) % 10
     with tf.GradientTape() as tape:
@@ -221,7 +222,9 @@ def test_first_and_last_layers_fixed_at_first_last_bits():
     assert len(mm.activation_quantizers(model, searchable_only=True)) == len(layers) - 2
 
     model = mm.apply(_tiny(), mm.QuantConfig(candidate_bits=(2, 4), first_last_bits=None))
-    assert all(q.candidate_bits == (2, 4) for q in mm.activation_quantizers(model))
+    assert all(layer.input_quantizer.candidate_bits == (2, 4)
+               for layer in mm.quant_layers(model))
+    assert [q.candidate_bits for q in mm.output_quantizers(model)] == [(8,), (8,)]
 
 
 def test_include_and_exclude():
@@ -303,7 +306,8 @@ def test_variable_groups_partition():
     model = mm.apply(_tiny(), mm.QuantConfig(candidate_bits=(2, 4, 8)))
     groups = assert_partition(model)
     assert [a.path for a in groups.alphas] == ["dw/dw_aq/alpha", "pw/pw_aq/alpha"]
-    assert all("step_size" in v.path for v in groups.steps) and len(groups.steps) == 8
+    # 4 input and 4 weight quantizers; 2 output quantizers (pooling input, logits)
+    assert all("step_size" in v.path for v in groups.steps) and len(groups.steps) == 10
     assert not any("step_size" in v.path or "alpha" in v.path for v in groups.weights)
     assert groups.weights_and_steps == groups.weights + groups.steps
 
@@ -361,3 +365,45 @@ def test_enable_weight_quantization_initialises_once():
     mm.enable_weight_quantization(model, False)
     assert not any(w.enabled for w in mm.weight_quantizers(model))
     np.testing.assert_array_equal(model(x).numpy(), original(x).numpy())
+
+
+# -- output quantizers ------------------------------------------------------------------------
+def _residual(name="residual"):
+    inp = keras.Input((32, 32, 3))
+    a = L.Conv2D(8, 3, padding="same", activation="relu", name="a")(inp)
+    b = L.BatchNormalization(name="b_bn")(L.Conv2D(8, 1, use_bias=False, name="b")(a))
+    s = L.Add(name="add")([a, b])  # a: read by conv b and the add; b_bn: by the add only
+    c = L.ReLU(6.0, name="c_relu")(L.Conv2D(8, 1, name="c")(s))  # fused relu: not stored
+    x = L.GlobalAveragePooling2D(name="gap")(L.Dropout(0.1, name="drop")(c))
+    return keras.Model(inp, L.Dense(3, name="fc")(x), name=name)
+
+
+def test_output_quantizers_on_tensors_no_quantized_layer_reads():
+    model = _residual()
+    wrapped = mm.apply(model, mm.QuantConfig(output_bits=8))
+    quantizers = {q.name: q for q in mm.output_quantizers(wrapped)}
+    # a (relu, unsigned) feeds the add; b_bn feeds the add; c_relu feeds pooling through
+    # dropout; fc is the model output. The add only feeds conv c: its grid is c's input.
+    assert {n: q.signed for n, q in quantizers.items()} == {
+        "a_oq": False, "b_bn_oq": True, "c_relu_oq": False, "fc_oq": True}
+    assert all(q.candidate_bits == (8,) and not q.searchable for q in quantizers.values())
+    x = images(4)
+    np.testing.assert_array_equal(wrapped(x).numpy(), model(x).numpy())  # float mode
+    assert set(mm.activation_quantizers(wrapped)) >= set(quantizers.values())
+    assert not mm.output_quantizers(mm.apply(model, mm.QuantConfig(output_bits=None)))
+
+    mm.calibrate(wrapped, x)
+    mm.set_mode(wrapped, "selected")
+    out = wrapped(x).numpy()
+    step = quantizers["fc_oq"].selected_step
+    np.testing.assert_allclose(out / step, np.round(out / step), atol=1e-4)  # on its grid
+    assert_partition(wrapped)
+    reloaded = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(wrapped))
+    reloaded.set_weights(wrapped.get_weights())
+    mm.set_mode(reloaded, "selected")
+    np.testing.assert_array_equal(reloaded(x).numpy(), out)
+
+
+def test_output_bits_must_be_a_valid_bit_width():
+    with pytest.raises(ValueError, match="output_bits"):
+        mm.QuantConfig(output_bits=1)
