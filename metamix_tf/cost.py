@@ -98,6 +98,39 @@ class CostModel:
                 f"Received: target_gbops={target}")
         return float(target)
 
+    def fit_to_target(self, bits: dict, target: float, scores: dict) -> dict:
+        """``bits`` lowered one layer at a time until they cost at most ``target`` GBOPs.
+
+        Each step lowers the searchable layer whose next lower candidate gives up the least
+        preference per GBOP saved, ``(scores[l][now] - scores[l][lower]) / saved_l``, with
+        ``scores`` a layer's per-candidate preferences (its alphas). Bits within the target
+        come back unchanged. Returns a new dict.
+        """
+        self.check_target(target)
+        bits = dict(bits)
+        by_name = {c.name: c for c in self.layers}
+        missing = sorted(c.name for c in self.layers if c.searchable and c.name not in scores)
+        if missing:
+            raise ValueError(f"`scores` has no entry for searchable layers {missing}. "
+                             f"Received: scores keys={sorted(scores)}")
+        while self.gbops(bits) > target * (1 + 1e-9):
+            best, best_ratio = None, math.inf
+            for name, now in bits.items():
+                c = by_name[name]
+                lower = [b for b in c.candidate_bits if b < now]
+                if not c.searchable or not lower:
+                    continue
+                i, j = c.candidate_bits.index(now), c.candidate_bits.index(max(lower))
+                saved = c.macs * (now - max(lower)) * c.w_bits / 1e9
+                ratio = (float(scores[name][i]) - float(scores[name][j])) / saved
+                if ratio < best_ratio:
+                    best, best_ratio = (name, max(lower)), ratio
+            if best is None:  # unreachable after check_target; kept as a guard
+                raise ValueError(f"Cannot lower the bits below {self.gbops(bits):.4f} GBOPs "
+                                 f"to reach the target. Received: target_gbops={target}")
+            bits[best[0]] = best[1]
+        return bits
+
     def expected_gbops(self) -> tf.Tensor:
         """Differentiable GBOPs of the current alphas (straight-through argmax)."""
         total = tf.constant(0.0)

@@ -346,9 +346,18 @@ def _pretrain(ctx: RunContext) -> dict:
             "wall_time_s": result.wall_time_s, "epochs": p.epochs, "history": result.history}
 
 
-def _searchable_bits(model, bits: int) -> dict:
-    return {layer.name: bits for layer in wrap.quant_layers(model)
+def _searchable_quantizers(model) -> dict:
+    return {layer.name: layer.input_quantizer for layer in wrap.quant_layers(model)
             if layer.input_quantizer is not None and layer.input_quantizer.searchable}
+
+
+def _searchable_bits(model, bits: int) -> dict:
+    return dict.fromkeys(_searchable_quantizers(model), bits)
+
+
+def _alphas(model) -> dict:
+    return {name: keras.ops.convert_to_numpy(q.alpha)
+            for name, q in _searchable_quantizers(model).items()}
 
 
 def _nearest_uniform(cost: CostModel, candidates, target: float) -> int:
@@ -430,7 +439,12 @@ def _search(ctx: RunContext) -> dict:
     def select(epoch):
         if s.searcher == "none" or (s.searcher == "metamix" and epoch < warmup):
             return wrap.select_bits(model, _searchable_bits(model, uniform))
-        return wrap.select_bits(model)
+        bits = wrap.select_bits(model)
+        if s.enforce_target:
+            fitted = cost.fit_to_target(bits, target, _alphas(model))
+            if fitted != bits:
+                bits = wrap.select_bits(model, fitted)
+        return bits
 
     def epoch_info(epoch):
         bits = wrap.get_bits(model)
@@ -464,6 +478,8 @@ def _search(ctx: RunContext) -> dict:
         log_dir=ctx.path("logs", "search"), before_eval=select, epoch_info=epoch_info,
         on_epoch_end=_hook(ctx, "search"), on_fresh_start=on_fresh_start, verbose=ctx.verbose)
 
+    argmax_bits = {} if s.searcher == "none" else {
+        layer: q.argmax_bits for layer, q in _searchable_quantizers(model).items()}
     bits = select(s.epochs)
     metrics = result.last if result.history else trainer.evaluate(strategy, eval_fn,
                                                                   ctx.eval_dataset)
@@ -473,6 +489,8 @@ def _search(ctx: RunContext) -> dict:
         "bits": bits,
         "gbops": report["gbops"],
         "target_gbops": target,
+        "argmax_gbops": cost.gbops({**bits, **argmax_bits}),
+        "lowered_to_target": sorted(k for k, b in argmax_bits.items() if bits[k] != b),
         "avg_activation_bits": report["avg_activation_bits"],
         "mac_weighted_activation_bits": report["mac_weighted_activation_bits"],
         "candidate_bits": list(quant.candidate_bits),

@@ -206,3 +206,30 @@ def test_report_and_format_report():
     assert "avg activation bits 5.00" in lines[-1]
     # explicit bits override the selected ones
     assert cost.report({"conv1": 8, "dw": 8, "pw": 8, "fc": 8})["avg_activation_bits"] == 8.0
+
+
+def test_fit_to_target_lowers_the_least_preferred_bits_per_gbop():
+    cost = CostModel(_small())
+    bits = {"conv1": 8, "dw": 8, "pw": 8, "fc": 8}
+    # dw is strongly preferred at 8 bits, pw barely: pw goes down first, dw only if needed
+    scores = {"dw": np.array([0.0, 0.0, 5.0]), "pw": np.array([0.0, 0.0, 0.1])}
+    assert cost.fit_to_target(bits, cost.gbops(bits), scores) == bits  # already within
+    pw_at_4 = {**bits, "pw": 4}
+    fitted = cost.fit_to_target(bits, cost.gbops(pw_at_4), scores)
+    assert fitted == pw_at_4
+    assert bits["pw"] == 8  # the argument is not changed
+    low, _ = cost.bounds()
+    assert cost.fit_to_target(bits, low, scores) == {"conv1": 8, "dw": 2, "pw": 2, "fc": 8}
+    # just below "pw at 2": one more step is needed, and it lowers dw (8 -> 4)
+    target = cost.gbops({**bits, "pw": 2}) * 0.999
+    fitted = cost.fit_to_target(bits, target, scores)
+    assert cost.gbops(fitted) <= target and fitted == {**bits, "pw": 2, "dw": 4}
+
+
+def test_fit_to_target_errors():
+    cost = CostModel(_small())
+    bits = {"conv1": 8, "dw": 8, "pw": 8, "fc": 8}
+    with pytest.raises(ValueError, match="no entry for searchable layers"):
+        cost.fit_to_target(bits, cost.bounds()[0], {"dw": np.zeros(3)})
+    with pytest.raises(ValueError, match="outside what the candidate bits allow"):
+        cost.fit_to_target(bits, cost.bounds()[0] * 0.5, {"dw": np.zeros(3), "pw": np.zeros(3)})
