@@ -95,13 +95,14 @@ def _fit(model, images, labels, steps: int, lr: float):
               verbose=0, shuffle=True)
 
 
-def _train_tiny(seed: int = 0, bits: dict | None = None) -> tuple:
+def _train_tiny(seed: int = 0, bits: dict | None = None, output_bits: int | None = 8) -> tuple:
     keras.utils.set_random_seed(seed)
     train_x, train_y = _data(512, seed)
     test_x, test_y = _data(128, seed + 1)
     float_model = _tiny_float_model()
     _fit(float_model, train_x, train_y, steps=128, lr=5e-3)
-    model = mm.apply(float_model, mm.QuantConfig(candidate_bits=(2, 3, 4, 8)))
+    model = mm.apply(float_model, mm.QuantConfig(candidate_bits=(2, 3, 4, 8),
+                                                 output_bits=output_bits))
     mm.calibrate(model, train_x[:128])
     mm.select_bits(model, bits or BITS)
     mm.enable_weight_quantization(model)
@@ -114,10 +115,10 @@ def _train_tiny(seed: int = 0, bits: dict | None = None) -> tuple:
 _CACHE: dict = {}
 
 
-def _trained():
-    if "model" not in _CACHE:
-        _CACHE["model"] = _train_tiny()
-    return _CACHE["model"]
+def _trained(output_bits: int | None = 8):
+    if output_bits not in _CACHE:
+        _CACHE[output_bits] = _train_tiny(output_bits=output_bits)
+    return _CACHE[output_bits]
 
 
 @pytest.fixture(scope="module")
@@ -230,12 +231,15 @@ def test_plan_places_each_quantizer_on_the_tensor_that_feeds_it(exported):
     assert kinds["image"] == "grid"  # the model input, read by stem only
     assert kinds["stem_relu"] == "grid"  # read by dw through the zero padding
     assert plan.tensors["stem_relu"].fake_quant == "dw_input_quant"
-    assert kinds["project"] == "shared"  # read by expand (quantized) and add (float)
-    assert plan.tensors["project"].k % 2 == 1
+    # output quantizers in the Keras model: project (read by expand and by the add),
+    # head_relu (read by max pool then average pool), logits (the model output)
+    assert kinds["project"] == "quantized" and plan.tensors["project"].k == 1
+    assert plan.tensors["project"].fake_quant == "project_bn_oq"
     assert kinds["add"] == "grid"  # read by head only
-    assert kinds["head_relu"] == "calibrated"  # read by max pool then average pool
+    assert kinds["head_relu"] == "quantized"
     assert kinds["gap"] == "grid"  # read by the logits layer through dropout
-    assert kinds["logits"] == "calibrated"  # the model output
+    assert kinds["logits"] == "quantized"
+    assert not plan.calibrated
     assert "stem" not in plan.tensors  # conv + BN + ReLU6 fused: only the ReLU6 output stored
     assert {n: p.bits for n, p in plan.inputs.items()} == {"stem": 8, "logits": 8, **BITS}
     assert {n: p.signed for n, p in plan.inputs.items()} == SIGNED
@@ -243,6 +247,17 @@ def test_plan_places_each_quantizer_on_the_tensor_that_feeds_it(exported):
     assert plan.inputs["expand"].requantized and not plan.inputs["head"].requantized
     assert plan.weights["project"].batch_norm == "project_bn"
     assert plan.weights["head"].batch_norm is None
+
+
+def test_plan_without_output_quantizers_calibrates_the_float_tensors():
+    model, (train_x, _), _ = _trained(output_bits=None)
+    plan = graph.plan(model, calibration_data=train_x)
+    kinds = {name: t.kind for name, t in plan.tensors.items()}
+    assert kinds["project"] == "shared"  # read by expand (quantized) and add (float)
+    assert plan.tensors["project"].k % 2 == 1
+    assert kinds["head_relu"] == "calibrated" and kinds["logits"] == "calibrated"
+    assert kinds["add"] == "grid" and kinds["gap"] == "grid"
+    assert all(p.exact for p in plan.inputs.values())
 
 
 def test_float_inference_graph_computes_the_keras_model():
@@ -329,8 +344,7 @@ def test_int8_model_computes_its_keras_twin_exactly(exported):
     assert v["grid_check"]["min_match_int8_twin"] >= 0.999
     first = v["grid_check"]["layers"][0]
     assert first["layer"] == "stem" and first["match_keras"] == 1.0
-    assert {c["tensor"] for c in v["int8_tensor_costs"]} == {
-        "project", "project2", "head_relu", "logits"}
+    assert v["int8_tensor_costs"] == []  # output quantizers: no tensor is float in Keras
 
 
 def test_float_models_reproduce_the_keras_model(exported):

@@ -12,8 +12,10 @@ The entries follow the AIMET encodings layout (``bitwidth``, ``dtype``, ``is_sym
   folding (``scale`` per channel, ``offset`` -2^(b-1), integers in ``int_range``); the int8
   TFLite model stores ``integer * int8_multiplier`` at ``scale / int8_multiplier`` (the
   multiplier is 1 unless the export spread the weights over the int8 range).
-* ``int8_only_encodings``: tensors that the Keras model keeps in float and the int8 model
-  stores at 8 bits from calibration (residual adds, pooling inputs, logits).
+* ``int8_only_encodings``: tensors that no quantized layer reads but the int8 model stores
+  (residual adds, pooling inputs, logits): ``kind`` ``"quantized"`` at the grid of the
+  Keras model's output quantizer, or ``"calibrated"`` / ``"shared"`` at 8 bits from
+  calibration when the Keras model keeps them in float.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _activation(plan_input, tensor) -> dict:
         "requantized": plan_input.requantized,
         "exact_in_int8": plan_input.exact,
     }
-    if tensor is not None and tensor.kind != "grid":
+    if tensor is not None and plan_input.requantized:
         entry["requantized_from"] = {"scale": tensor.grid.scale,
                                      "zero_point": tensor.grid.zero_point, "k": tensor.k}
     return entry
@@ -92,10 +94,10 @@ def encodings(export_plan: ExportPlan, bits_info: dict | None = None,
     activations = {name: _activation(p, export_plan.tensors.get(p.source))
                    for name, p in export_plan.inputs.items()}
     int8_only = {}
-    for t in export_plan.calibrated:
+    for t in export_plan.calibrated + export_plan.output_quantized:
         g = t.grid
         int8_only[t.name] = {
-            "bitwidth": 8, "dtype": "int", "is_symmetric": g.zero_point == 0,
+            "bitwidth": g.bits, "dtype": "int", "is_symmetric": g.zero_point == 0,
             "scale": g.scale, "offset": g.qmin, "min": g.min_value, "max": g.max_value,
             "int8_zero_point": g.zero_point, "kind": t.kind, "k": t.k,
             "calibrated_range": list(t.calibrated_range) if t.calibrated_range else None,

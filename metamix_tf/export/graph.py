@@ -15,8 +15,13 @@ range``. Tensors are of three kinds:
 
 * ``"grid"``: read only by quantizers with one and the same grid: int8 scale = step, clamp
   to the b-bit range; exact.
-* ``"calibrated"``: read only by float ops (residual adds, average pooling, the logits): an
-  8-bit range from calibration data (int8 model only; the Keras model keeps these in float).
+* ``"quantized"``: quantized in the Keras model by an output quantizer of its own
+  (``QuantConfig.output_bits``: residual-add inputs, pooling inputs, logits): int8 scale =
+  that quantizer's step; readers with other grids requantize from it, as the Keras model
+  rounds twice; exact.
+* ``"calibrated"``: read only by float ops (residual adds, average pooling, the logits) and
+  not quantized in the Keras model (``output_bits=None``): an 8-bit range from calibration
+  data (int8 model only).
 * ``"shared"``: read by a quantizer and by float ops (a block output that feeds both the
   next block's expand conv and the next residual add), or by quantizers with different
   grids: an int8 grid ``step / k`` with the largest odd ``k`` whose range still covers the
@@ -43,9 +48,11 @@ from metamix_tf.export import grids
 from metamix_tf.export.grids import Grid
 from metamix_tf.export.layers import FOLDED_LAYERS, FakeQuant
 from metamix_tf.layers import QuantLayerMixin
+from metamix_tf.quantizers import ActivationQuantizer
 
 __all__ = [
     "UnsupportedModelError",
+    "EXACT_KINDS",
     "TensorPlan",
     "InputPlan",
     "WeightPlan",
@@ -58,6 +65,8 @@ __all__ = [
 ]
 
 OUTPUT = "<output>"
+# Tensors the int8 model rounds exactly as the Keras model does (module docstring).
+EXACT_KINDS = ("grid", "quantized")
 L = keras.layers
 # Layers that commute with rounding to a grid that holds 0 (selection, zero padding, shape).
 _PASS_THROUGH = (L.ZeroPadding2D, L.Cropping2D, L.MaxPooling2D, L.GlobalMaxPooling2D,
@@ -85,6 +94,7 @@ class _Node:
     kind: str  # "input" | "quant" | "pass" | "op"
     inputs: list
     bn: keras.layers.BatchNormalization | None = None
+    output_quantizer: ActivationQuantizer | None = None
     keras_output: object = None  # the reference model's tensor this node computes
 
 
@@ -93,7 +103,7 @@ class TensorPlan:
     """The int8 grid of one tensor of the inference graph (see the module docstring)."""
 
     name: str  # the node that computes it (the quantized layer for a folded conv + BN)
-    kind: str  # "grid" | "calibrated" | "shared"
+    kind: str  # "grid" | "quantized" | "calibrated" | "shared"
     grid: Grid
     fake_quant: str  # name of its FakeQuant layer in the inference graph
     quant_readers: list
@@ -142,7 +152,13 @@ class ExportPlan:
 
     @property
     def calibrated(self) -> list:
-        return [t for t in self.tensors.values() if t.kind != "grid"]
+        """Tensors whose int8 grid the Keras model does not have (calibrated or shared)."""
+        return [t for t in self.tensors.values() if t.kind not in EXACT_KINDS]
+
+    @property
+    def output_quantized(self) -> list:
+        """Tensors with an output quantizer in the Keras model."""
+        return [t for t in self.tensors.values() if t.kind == "quantized"]
 
 
 # -- reading the Keras graph -----------------------------------------------------------------
@@ -233,6 +249,13 @@ def _read_graph(model) -> tuple[list, list]:
             producer.bn = layer
             producer.keras_output = output
             alias[layer.name] = producer.name
+        elif isinstance(layer, ActivationQuantizer):
+            producer = nodes.get(inputs[0])
+            if producer is None or producer.kind == "pass" or producer.output_quantizer:
+                raise _unsupported(layer, "an output quantizer must directly follow the layer "
+                                   "that computes its tensor (as metamix_tf.apply puts it).")
+            producer.output_quantizer = layer
+            alias[layer.name] = producer.name
         elif isinstance(layer, _IDENTITY) or (
                 isinstance(layer, L.Activation) and _activation_name(layer) == "linear"):
             alias[layer.name] = inputs[0]
@@ -289,8 +312,7 @@ def _stored(node: _Node, readers: dict, by_name: dict) -> bool:
 # -- planning --------------------------------------------------------------------------------
 
 
-def _input_grid(layer) -> Grid:
-    q = layer.input_quantizer
+def _grid(q: ActivationQuantizer) -> Grid:
     return grids.activation_grid(q.selected_bits, q.signed, q.selected_step)
 
 
@@ -396,8 +418,10 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
         raise UnsupportedModelError(
             f"Model '{model.name}' has no quantized layers; wrap it with metamix_tf.apply and "
             f"train it first. Received: model={model.name!r}")
-    input_grids = {n.name: _input_grid(n.layer) for n in quant_nodes}
-    wide = {name: g.bits for name, g in input_grids.items() if not g.fits_int8}
+    input_grids = {n.name: _grid(n.layer.input_quantizer) for n in quant_nodes}
+    output_grids = {n.name: _grid(n.output_quantizer) for n in nodes if n.output_quantizer}
+    wide = {name: g.bits for name, g in {**input_grids, **output_grids}.items()
+            if not g.fits_int8}
     if int8 and wide:
         name, bits = next(iter(wide.items()))
         raise UnsupportedModelError(
@@ -406,13 +430,20 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             f"with candidate bits <= 8. Received: bits={bits}")
 
     stored = [n for n in nodes if _stored(n, readers, by_name)]
+    fused = [n.name for n in nodes if n.output_quantizer and n not in stored]
+    if fused:
+        raise _unsupported(by_name[fused[0]].output_quantizer, "it quantizes a tensor that "
+                           "TFLite fuses into the next op (a conv followed by its ReLU); "
+                           "quantize the ReLU's output instead.")
     structure = {}
     for n in stored:
         eff = _effective_readers(n.name, readers, by_name)
         quant = [r for r in eff if r != OUTPUT and by_name[r].kind == "quant"]
         floats = [r for r in eff if r not in quant]
         distinct = {input_grids[r] for r in quant}
-        if quant and not floats and len(distinct) == 1:
+        if n.output_quantizer is not None:
+            kind = "quantized"
+        elif quant and not floats and len(distinct) == 1:
             kind = "grid"
         elif not quant:
             kind = "calibrated"
@@ -431,6 +462,8 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
         if kind == "grid":
             grid = input_grids[quant[0]]
             fq_name = f"{quant[0]}_input_quant" if len(quant) == 1 else f"{n.name}_quant"
+        elif kind == "quantized":
+            grid, fq_name = output_grids[n.name], n.output_quantizer.name
         elif not int8:
             continue  # float exports keep these tensors in float, as the Keras model does
         elif kind == "calibrated":
@@ -453,8 +486,9 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             source = by_name[source].inputs[0]
         q = n.layer.input_quantizer
         tensor = tensors.get(source)
-        requantized = tensor is None or tensor.kind != "grid"
-        exact = tensor is None or tensor.kind == "grid" or grids.is_exact_requantization(
+        requantized = tensor is None or not (tensor.kind == "grid" or (
+            tensor.kind == "quantized" and tensor.grid == input_grids[n.name]))
+        exact = tensor is None or tensor.kind in EXACT_KINDS or grids.is_exact_requantization(
             tensor.grid, input_grids[n.name])
         inputs[n.name] = InputPlan(
             layer=n.name, bits=q.selected_bits, signed=q.signed, step=q.selected_step,
@@ -530,7 +564,7 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None)
                 layer = type(node.layer).from_config(node.layer.get_config())
             t = layer(xs[0] if len(xs) == 1 else xs)
         tensor = export_plan.tensors.get(node.name)
-        if tensor is not None and (native or tensor.kind == "grid"):
+        if tensor is not None and (native or tensor.kind in EXACT_KINDS):
             t = FakeQuant.from_grid(tensor.grid, native=native, name=tensor.fake_quant)(t)
         new[node.name] = t
     outputs = [new[o] for o in export_plan.outputs]

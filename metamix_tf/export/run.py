@@ -258,6 +258,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         "gbops": (bits_info or {}).get("gbops"),
         "avg_activation_bits": sidecar["avg_activation_bits"],
         "tensors": {"grid": sum(t.kind == "grid" for t in export_plan.tensors.values()),
+                    "quantized": len(export_plan.output_quantized),
                     "shared": sum(t.kind == "shared" for t in export_plan.tensors.values()),
                     "calibrated": sum(t.kind == "calibrated"
                                       for t in export_plan.tensors.values())},
@@ -423,7 +424,8 @@ def format_report(report: dict) -> str:
             worst = ", ".join(f"{c['tensor']} {_pct(c['top1_agreement'])}" for c in costs[:3])
             lines.append(f"Costliest int8-only tensors (agreement when alone): {worst}")
     t = report["tensors"]
-    lines.append(f"int8 tensors: {t['grid']} on learned grids, {t['shared']} shared, "
-                 f"{t['calibrated']} calibrated (float in Keras); inexact quantized inputs: "
+    lines.append(f"int8 tensors: {t['grid']} on learned grids, {t.get('quantized', 0)} on "
+                 f"output quantizers' grids, {t['shared']} shared, {t['calibrated']} calibrated "
+                 "(float in Keras); inexact quantized inputs: "
                  f"{len(report['inexact_inputs'])}")
     return "\n".join(lines)

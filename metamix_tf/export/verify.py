@@ -209,11 +209,11 @@ def tensor_costs(export_plan: ExportPlan, images: np.ndarray, reference: np.ndar
     from metamix_tf.export import graph as graph_lib
 
     rows = []
-    grid_only = {k: t for k, t in export_plan.tensors.items() if t.kind == "grid"}
+    exact = {k: t for k, t in export_plan.tensors.items() if t.kind in graph_lib.EXACT_KINDS}
     for name, t in export_plan.tensors.items():
-        if t.kind == "grid":
+        if t.kind in graph_lib.EXACT_KINDS:
             continue
-        single = dataclasses.replace(export_plan, tensors={**grid_only, name: t})
+        single = dataclasses.replace(export_plan, tensors={**exact, name: t})
         logits = logits_fn(graph_lib.build(single, native=True), images)
         c = compare(reference, logits)
         rows.append({"tensor": name, "kind": t.kind, "top1_agreement": c["top1_agreement"],
