@@ -32,7 +32,7 @@ flags.DEFINE_bool("verify", True, "Run the exported models with the LiteRT inter
 flags.DEFINE_integer("max_eval_examples", 5000, "Evaluation images used for verification.")
 flags.DEFINE_integer("calibration_examples", 1024, "Train images used to calibrate the "
                      "int8 ranges of the tensors the Keras model keeps in float.")
-flags.DEFINE_enum("weight_storage", "bits", ["bits", "spread"],
+flags.DEFINE_enum("weight_storage", "spread", ["bits", "spread"],
                   "int8 weights: 'bits' holds the b-bit integers with the learned per-channel "
                   "steps; 'spread' multiplies them per channel to fill [-127, 127] (same "
                   "weights, finer int32 biases, closer to the Keras model).")

@@ -189,6 +189,10 @@ class FinetuneConfig:
     weight_decay: float = 5e-6
     teacher: str | None = None  # None | "self" | path to a .keras model
     kd_temperature: float = 1.0
+    # After training, move each folded bias onto the int32 grid of an int8 TFLite conv
+    # (metamix_tf.export.graph.snap_biases), so that final.keras computes what the int8
+    # export computes; evaluated after the move.
+    snap_biases: bool = True
 
 
 @dataclass

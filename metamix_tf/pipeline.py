@@ -551,10 +551,31 @@ def _finetune(ctx: RunContext) -> dict:
                                                                   ctx.eval_dataset)
     report = CostModel(model).report()
     wrap.select_bits(model, bits)  # "selected" mode, as the exporter expects
+    snapped = _snap_biases(ctx, model) if f.snap_biases else None
+    if snapped is not None:
+        before = metrics["val_acc"]
+        metrics = trainer.evaluate(strategy, eval_fn, ctx.eval_dataset)
+        snapped.update(val_acc_before=before, val_acc_after=metrics["val_acc"])
+        ctx.say(f"[finetune] biases moved onto the int8 model's int32 grid (at most "
+                f"{snapped['max_shift_units']:.2f} units): val_acc {100 * before:.2f}% -> "
+                f"{100 * metrics['val_acc']:.2f}%")
     _save(model, ctx.path("final.keras"))
     return {"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
+            "bias_snap": snapped,
             "gbops": report["gbops"], "avg_activation_bits": report["avg_activation_bits"],
             "wall_time_s": result.wall_time_s, "epochs": f.epochs, "history": result.history}
+
+
+def _snap_biases(ctx: RunContext, model) -> dict | None:
+    """``export.graph.snap_biases``, or None (and a line saying why) where the model has no
+    int8 export."""
+    from metamix_tf.export import graph as export_graph
+
+    try:
+        return export_graph.snap_biases(model)
+    except export_graph.UnsupportedModelError as error:
+        ctx.say(f"[finetune] biases left as trained (no int8 export): {error}")
+        return None
 
 
 _PHASE_FNS = {"pretrain": _pretrain, "search": _search, "finetune": _finetune}

@@ -60,6 +60,7 @@ __all__ = [
     "WEIGHT_STORAGE",
     "plan",
     "with_int32_biases",
+    "snap_biases",
     "build",
     "image_batches",
 ]
@@ -391,7 +392,7 @@ WEIGHT_STORAGE = ("bits", "spread")
 
 def plan(model: keras.Model, calibration_data=None, int8: bool = True,
          max_calibration_examples: int | None = 1024,
-         weight_storage: str = "bits") -> ExportPlan:
+         weight_storage: str = "spread") -> ExportPlan:
     """Reads a wrapped MetaMix model and decides every tensor's grid (module docstring).
 
     Args:
@@ -402,10 +403,11 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
       int8: plan the int8 model (raises if a quantizer has more than 8 bits); False plans
         only what the float exports need (no calibration).
       max_calibration_examples: images used for calibration at most.
-      weight_storage: ``"bits"``: the int8 weights hold the b-bit integers with the learned
-        per-channel steps (BatchNorm folded); ``"spread"``: the same real weights with the
-        integers multiplied per channel to fill ``[-127, 127]``
-        (:func:`grids.spread_to_int8`), which rounds the int32 biases more finely.
+      weight_storage: ``"spread"`` (default): the int8 weights hold the b-bit integers
+        multiplied per channel to fill ``[-127, 127]`` (:func:`grids.spread_to_int8`; the
+        same real weights, with the multiplier in the encodings), which rounds the int32
+        biases more finely; ``"bits"``: the b-bit integers with the learned per-channel
+        steps (BatchNorm folded).
     """
     if weight_storage not in WEIGHT_STORAGE:
         raise ValueError(f"`weight_storage` must be one of {WEIGHT_STORAGE}. "
@@ -513,6 +515,46 @@ def with_int32_biases(export_plan: ExportPlan) -> ExportPlan:
         folded = dataclasses.replace(w.folded, bias=np.round(w.folded.bias / unit) * unit)
         weights[name] = dataclasses.replace(w, folded=folded)
     return dataclasses.replace(export_plan, weights=weights)
+
+
+def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
+    """Moves every quantized layer's folded bias onto the int32 grid an int8 TFLite conv
+    stores it on (units of ``input_step * weight_scale`` per output channel), in place.
+
+    The shift ``delta_c = round(b_c / u_c) * u_c - b_c`` (at most half a unit) goes into the
+    BatchNorm's ``beta`` when the layer has one, else into the layer's bias, so the Keras
+    model then computes what the int8 model computes (up to float32 rounding). Run it after
+    weight training, then evaluate; the export's bias rounding becomes a no-op. Raises
+    :class:`UnsupportedModelError` where the model has no int8 export. Returns
+    ``{"layers", "skipped", "max_abs_shift", "max_shift_units"}``.
+    """
+    export_plan = plan(model, int8=False, weight_storage=weight_storage)
+    wide = [name for name, p in export_plan.inputs.items() if not p.grid.fits_int8]
+    if wide:
+        raise UnsupportedModelError(
+            f"Layer '{wide[0]}' has a {export_plan.inputs[wide[0]].bits}-bit input: no int8 "
+            f"model, so no int32 bias grid to snap to. Received: layer={wide[0]!r}")
+    twin = with_int32_biases(export_plan)
+    skipped, max_shift, max_units = [], 0.0, 0.0
+    for name, w in export_plan.weights.items():
+        delta = twin.weights[name].folded.bias - w.folded.bias
+        if not np.any(delta):
+            continue
+        layer = model.get_layer(name)
+        bn = model.get_layer(w.batch_norm) if w.batch_norm else None
+        if bn is not None and bn.center:
+            target = bn.beta
+        elif bn is None and layer.use_bias:
+            target = layer.bias
+        else:  # a BatchNorm without beta: no variable adds to the folded bias
+            skipped.append(name)
+            continue
+        target.assign(target + delta.astype(np.float32))
+        unit = export_plan.inputs[name].grid.scale * w.folded.scale
+        max_shift = max(max_shift, float(np.abs(delta).max()))
+        max_units = max(max_units, float(np.abs(delta / unit).max()))
+    return {"layers": len(export_plan.weights) - len(skipped), "skipped": skipped,
+            "max_abs_shift": max_shift, "max_shift_units": max_units}
 
 
 # -- building --------------------------------------------------------------------------------

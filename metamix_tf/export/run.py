@@ -182,7 +182,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
                  eval_labels=None, verify_models: bool = True, bits_info: dict | None = None,
                  max_calibration_examples: int = 1024, grid_check_examples: int = 64,
                  latency_rounds: int = 5, latency_runs: int = 20,
-                 latency_threads: int | None = 1, weight_storage: str = "bits",
+                 latency_threads: int | None = 1, weight_storage: str = "spread",
                  tensor_costs: bool = True, report_extra: dict | None = None,
                  log=print) -> dict:
     """Exports ``model`` (module docstring) and, with ``eval_images``, verifies it.
