@@ -9,7 +9,10 @@ weight-training schedule). Methods: uniform LSQ at A3/A4/A8 (W4), and the joint 
 and MetaMix at the GBOPs of uniform A4W4 and A3W4. Everything runs through
 ``metamix_tf.pipeline.run``; this script only sets the configs, collects the run
 directories' JSON, measures activation stability (``metamix_tf.stability``) and plots.
-Results go to ``docs/results/cifar10_<budget>[_seed<N>].json`` and PNGs beside it.
+Results go to ``docs/results/cifar10_<budget>[_seed<N>].json``, the per-layer stability
+shifts to ``..._stability_per_layer.json``, and PNGs beside them. Rerunning the same command
+reuses finished phases (each run directory has ``<phase>.done``), so it only re-collects and
+re-measures.
 """
 
 from __future__ import annotations
@@ -153,6 +156,34 @@ def plot_bits_pair(reports: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_stability_per_layer(stab: dict, path: str, bits: int = 2) -> None:
+    """Per-layer shift (relative to 8 bits) of the quantizer-input variance and of the
+    recomputed BatchNorm means when every layer is switched to ``bits``, one line per
+    method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(9.0, 5.6), sharex=False)
+    for name, result in stab.items():
+        layers = result["per_layer"][bits]
+        for ax, metric in zip(axes, ("input_var_shift", "bn_mean_shift"), strict=True):
+            values = [e[metric] for e in layers.values() if metric in e and e["depends_on_bits"]]
+            ax.plot(values, marker=".", lw=1, label=name)
+    axes[0].set_ylabel("|log var ratio|\nquantizer input")
+    axes[1].set_ylabel("|mean shift| / std\nBatchNorm (recomputed)")
+    axes[1].set_xlabel("layer (graph order; layers whose input depends on the bits)")
+    axes[0].set_title(f"Statistic shift at {bits} bits vs 8 bits, after bit selection",
+                      fontsize=10)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def format_table(rows: list[dict], float_acc: float) -> str:
     head = ("| method | target GBOPs | GBOPs | avg A bits | top-1 after search | "
             "top-1 after weight training | search s | weight training s |")
@@ -248,8 +279,13 @@ def main(argv):
                     f" | {v['bn_mean_shift']:.4f} | {v['bn_var_shift']:.4f} |")
         result["table_markdown"] = table
         result["stability_markdown"] = "\n".join(stab_lines)
-        for s in result["stability"].values():
-            s.pop("per_layer")  # large; the means and the histogram are what the report uses
+        pair = {k: result["stability"][k] for k in ("metamix_a4", "joint_a4")
+                if k in result["stability"]}
+        if pair:
+            plot_stability_per_layer(pair, stem + "_stability.png")
+        per_layer = {name: s.pop("per_layer") for name, s in result["stability"].items()}
+        with open(stem + "_stability_per_layer.json", "w") as f:
+            json.dump(per_layer, f, indent=1, default=lambda v: np.asarray(v).tolist())
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1, default=lambda v: np.asarray(v).tolist())
         print(table)
