@@ -102,6 +102,14 @@ def test_all_phases_write_the_run_directory(reference):
     weight_quantizers = wrap.weight_quantizers(final)
     assert all(isinstance(q, WeightQuantizer) and q.enabled for q in weight_quantizers)
     assert wrap.get_bits(final) == bits["bits"]
+    assert wrap.output_quantizers(final)  # the logits at least
+    # the search met its GBOPs target (search.enforce_target)
+    assert bits["gbops"] <= bits["target_gbops"] * (1 + 1e-9)
+    assert bits["argmax_gbops"] >= bits["gbops"] - 1e-12
+    # biases moved onto the int8 grid after weight training, then evaluated
+    snap = read_json(model_dir / "summary.json")["phases"]["finetune"]["bias_snap"]
+    assert snap["layers"] == len(bits["bits"]) and 0 < snap["max_shift_units"] <= 0.5 + 1e-6
+    assert snap["val_acc_after"] == summary["final_val_acc"]
     config = config_lib.load([str(model_dir / "config.yaml")])
     assert config.search.searcher == "metamix" and config.pretrain.epochs == 3
 
