@@ -44,6 +44,11 @@ flags.DEFINE_enum("budget", "small", ["smoke", "small", "full"],
 flags.DEFINE_string("work_dir", "runs/cifar10_study", "Where the run directories go.")
 flags.DEFINE_string("results_dir", "docs/results", "Where JSON and PNGs are written.")
 flags.DEFINE_list("methods", None, "Subset of methods to run (default: all).")
+flags.DEFINE_float("alpha_learning_rate", None, "Bit-logit learning rate of both searchers "
+                   "(default: the config's); set for joint and MetaMix alike.")
+flags.DEFINE_string("tag", "", "Suffix of the searchers' run directories and of the result "
+                    "files, for a variant (the float and uniform runs, which have no bit "
+                    "logits, are shared).")
 
 # Budgets. The small one is a stratified subset with short schedules; every method gets the
 # same search and weight-training epochs.
@@ -85,6 +90,8 @@ def base_config(budget: dict, seed: int) -> config_lib.ExperimentConfig:
     config.search.epochs = budget["search_epochs"]
     config.search.warmup_epochs = budget["warmup_epochs"]
     config.finetune.epochs = budget["finetune_epochs"]
+    if FLAGS.alpha_learning_rate is not None:
+        config.search.alpha_learning_rate = FLAGS.alpha_learning_rate
     return config
 
 
@@ -223,7 +230,8 @@ def run_seed(budget_name: str, budget: dict, seed: int) -> dict:
             continue
         cfg = copy.deepcopy(config)
         cfg.model.weights = float_weights
-        cfg.model_dir = os.path.join(work, m["name"])
+        tag = f"_{FLAGS.tag}" if FLAGS.tag and m["searcher"] != "none" else ""
+        cfg.model_dir = os.path.join(work, m["name"] + tag)
         cfg.search.searcher = m["searcher"]
         if m["bits"] is not None:
             cfg.search.uniform_bits = m["bits"]
@@ -253,12 +261,18 @@ def main(argv):
     for seed in budget["seeds"]:
         result = run_seed(FLAGS.budget, budget, seed)
         result.update(budget=FLAGS.budget, budget_settings=budget,
-                      candidate_bits=CANDIDATE_BITS, machine=dict(
+                      candidate_bits=CANDIDATE_BITS,
+                      alpha_learning_rate=base_config(budget, seed).search.alpha_learning_rate,
+                      machine=dict(
                           platform=platform.platform(), processor=platform.processor(),
                           cpu_count=os.cpu_count()),
-                      command="python benchmarks/cifar10_study.py "
-                              f"--data={FLAGS.data} --budget={FLAGS.budget}")
+                      command=" ".join(["python benchmarks/cifar10_study.py",
+                                        f"--data={FLAGS.data}", f"--budget={FLAGS.budget}"]
+                                       + ([f"--alpha_learning_rate={FLAGS.alpha_learning_rate}"]
+                                          if FLAGS.alpha_learning_rate is not None else [])
+                                       + ([f"--tag={FLAGS.tag}"] if FLAGS.tag else [])))
         stem = os.path.join(FLAGS.results_dir, f"cifar10_{FLAGS.budget}"
+                            + (f"_{FLAGS.tag}" if FLAGS.tag else "")
                             + (f"_seed{seed}" if len(budget["seeds"]) > 1 else ""))
         hists = [(f"{name}: {HISTOGRAM_LAYER} input", result["stability"][name]["histogram"])
                  for name in ("metamix_a4", "joint_a4") if name in result["stability"]]
