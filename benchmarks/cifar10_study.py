@@ -46,6 +46,9 @@ flags.DEFINE_string("results_dir", "docs/results", "Where JSON and PNGs are writ
 flags.DEFINE_list("methods", None, "Subset of methods to run (default: all).")
 flags.DEFINE_float("alpha_learning_rate", None, "Bit-logit learning rate of both searchers "
                    "(default: the config's); set for joint and MetaMix alike.")
+flags.DEFINE_bool("snap_biases", False, "Snap the final biases onto the int8 grid "
+                  "(finetune.snap_biases). Off: the study compares bit selection, and the "
+                  "committed small-budget results were made without it.")
 flags.DEFINE_string("tag", "", "Suffix of the searchers' run directories and of the result "
                     "files, for a variant (the float and uniform runs, which have no bit "
                     "logits, are shared).")
@@ -90,6 +93,7 @@ def base_config(budget: dict, seed: int) -> config_lib.ExperimentConfig:
     config.search.epochs = budget["search_epochs"]
     config.search.warmup_epochs = budget["warmup_epochs"]
     config.finetune.epochs = budget["finetune_epochs"]
+    config.finetune.snap_biases = FLAGS.snap_biases
     if FLAGS.alpha_learning_rate is not None:
         config.search.alpha_learning_rate = FLAGS.alpha_learning_rate
     return config
