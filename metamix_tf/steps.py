@@ -163,6 +163,14 @@ def _distributed(strategy: tf.distribute.Strategy, replica_fn: Callable,
     return tf.function(step, reduce_retracing=True, autograph=False)
 
 
+def _task_forward(model, images, labels, teacher_logits, kd_temperature, label_smoothing):
+    """``model(images, training=True)`` and its per-example task loss (cross-entropy, or KD
+    from ``teacher_logits``)."""
+    logits = model(images, training=True)
+    return logits, losses.task_loss(labels, logits, teacher_logits, kd_temperature,
+                                    label_smoothing)
+
+
 def train_step(strategy, model, optimizer, variables: Sequence, *,
                configure: Callable | None = None, teacher=None, kd_temperature: float = 1.0,
                label_smoothing: float = 0.0, jit_compile: bool = False) -> Callable:
@@ -178,9 +186,8 @@ def train_step(strategy, model, optimizer, variables: Sequence, *,
         n = _global_count(labels)
         teacher_logits = _teacher_logits(teacher, images)
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            per_example = losses.task_loss(labels, logits, teacher_logits, kd_temperature,
-                                           label_smoothing)
+            logits, per_example = _task_forward(model, images, labels, teacher_logits,
+                                                kd_temperature, label_smoothing)
             loss = losses.scale_loss(per_example, n)
         apply_gradients(optimizer, tape.gradient(loss, variables), variables)
         return {"loss_sum": tf.reduce_sum(per_example), "correct": _correct(labels, logits),
@@ -214,9 +221,8 @@ def meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: S
     def grad_pass(images, labels, teacher_logits, *accumulated):
         n = _global_count(labels)
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            per_example = losses.task_loss(labels, logits, teacher_logits, kd_temperature,
-                                           label_smoothing)
+            logits, per_example = _task_forward(model, images, labels, teacher_logits,
+                                                kd_temperature, label_smoothing)
             loss = losses.scale_loss(per_example, n) / k
         grads = tape.gradient(loss, variables)
         out = []
@@ -283,9 +289,9 @@ def search_step(strategy, model, optimizer, alphas: Sequence, cost_model, target
         teacher_logits = _teacher_logits(teacher, images)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch([getattr(a, "value", a) for a in alphas])
-            logits = model(images, training=True)  # BN momenta frozen by the context
-            per_example = losses.task_loss(labels, logits, teacher_logits, kd_temperature,
-                                           label_smoothing)
+            # BN momenta frozen by the context
+            logits, per_example = _task_forward(model, images, labels, teacher_logits,
+                                                kd_temperature, label_smoothing)
             gbops = cost_model.expected_gbops()
             penalty = losses.cost_penalty(gbops, target_gbops, cost_weight)
             loss = losses.scale_loss(per_example, n) + losses.scale_replica_term(penalty)
@@ -316,9 +322,8 @@ def joint_step(strategy, model, weight_optimizer, weight_variables: Sequence,
         n = _global_count(labels)
         teacher_logits = _teacher_logits(teacher, images)
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            per_example = losses.task_loss(labels, logits, teacher_logits, kd_temperature,
-                                           label_smoothing)
+            logits, per_example = _task_forward(model, images, labels, teacher_logits,
+                                                kd_temperature, label_smoothing)
             gbops = cost_model.expected_gbops()
             penalty = losses.cost_penalty(gbops, target_gbops, cost_weight)
             loss = losses.scale_loss(per_example, n) + losses.scale_replica_term(penalty)

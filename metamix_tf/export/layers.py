@@ -112,11 +112,22 @@ def _identity_conv(x):
 
 
 class _FoldedMixin:
-    """The per-channel ``kernel_scale`` variable, the integer view and the config."""
+    """The per-channel ``kernel_scale`` variable, the integer view and the config, in front
+    of a stock layer class (``class FoldedX(_FoldedMixin, keras.layers.X)``)."""
 
-    def _init_folded(self, weight_bits: int, native: bool):
+    def __init__(self, *args, weight_bits: int = 8, native: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
         self.weight_bits = int(weight_bits)
         self.native = bool(native)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._build_scale()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(weight_bits=self.weight_bits, native=self.native)
+        return config
 
     @property
     def channels(self) -> int:
@@ -173,10 +184,6 @@ class _FoldedMixin:
             outputs = self.activation(outputs)
         return outputs
 
-    def _folded_config(self, config):
-        config.update(weight_bits=self.weight_bits, native=self.native)
-        return config
-
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class FoldedConv2D(_FoldedMixin, keras.layers.Conv2D):
@@ -184,22 +191,11 @@ class FoldedConv2D(_FoldedMixin, keras.layers.Conv2D):
 
     _channel_start = 3
 
-    def __init__(self, *args, weight_bits: int = 8, native: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_folded(weight_bits, native)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_scale()
-
     def call(self, inputs):
         kernel = self.kernel
         if self.native:
             kernel = _fake_quant_channels(kernel, self._scale_value, self.kernel.shape)
         return self._finish(self.convolution_op(inputs, kernel))
-
-    def get_config(self):
-        return self._folded_config(super().get_config())
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -208,14 +204,6 @@ class FoldedDepthwiseConv2D(_FoldedMixin, keras.layers.DepthwiseConv2D):
     with one scale per output channel ``cin * m`` (TFLite's ``[1, kh, kw, cin * m]``)."""
 
     _channel_start = 2
-
-    def __init__(self, *args, weight_bits: int = 8, native: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_folded(weight_bits, native)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_scale()
 
     def call(self, inputs):
         kernel = self.kernel
@@ -228,9 +216,6 @@ class FoldedDepthwiseConv2D(_FoldedMixin, keras.layers.DepthwiseConv2D):
             dilation_rate=self.dilation_rate, data_format=self.data_format)
         return self._finish(outputs)
 
-    def get_config(self):
-        return self._folded_config(super().get_config())
-
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class FoldedDense(_FoldedMixin, keras.layers.Dense):
@@ -241,14 +226,6 @@ class FoldedDense(_FoldedMixin, keras.layers.Dense):
     """
 
     _channel_start = 1
-
-    def __init__(self, *args, weight_bits: int = 8, native: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_folded(weight_bits, native)
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._build_scale()
 
     def call(self, inputs):
         if not self.native:
@@ -261,9 +238,6 @@ class FoldedDense(_FoldedMixin, keras.layers.Dense):
         x = tf.reshape(inputs, [-1, 1, 1, units_in])
         outputs = tf.nn.conv2d(x, kernel, strides=1, padding="VALID")
         return self._finish(tf.reshape(outputs, [-1, units]))
-
-    def get_config(self):
-        return self._folded_config(super().get_config())
 
 
 # Quantized layer class name -> folded inference class.
