@@ -46,6 +46,8 @@ flags.DEFINE_string("results_dir", "docs/results", "Where JSON and PNGs are writ
 flags.DEFINE_list("methods", None, "Subset of methods to run (default: all).")
 flags.DEFINE_float("alpha_learning_rate", None, "Bit-logit learning rate of both searchers "
                    "(default: the config's); set for joint and MetaMix alike.")
+flags.DEFINE_float("cost_weight", None, "GBOPs penalty weight lambda of both searchers "
+                   "(default: the config's).")
 flags.DEFINE_bool("snap_biases", False, "Snap the final biases onto the int8 grid "
                   "(finetune.snap_biases). Off: the study compares bit selection, and the "
                   "committed small-budget results were made without it.")
@@ -96,6 +98,8 @@ def base_config(budget: dict, seed: int) -> config_lib.ExperimentConfig:
     config.finetune.snap_biases = FLAGS.snap_biases
     if FLAGS.alpha_learning_rate is not None:
         config.search.alpha_learning_rate = FLAGS.alpha_learning_rate
+    if FLAGS.cost_weight is not None:
+        config.search.cost_weight = FLAGS.cost_weight
     return config
 
 
@@ -267,6 +271,7 @@ def main(argv):
         result.update(budget=FLAGS.budget, budget_settings=budget,
                       candidate_bits=CANDIDATE_BITS,
                       alpha_learning_rate=base_config(budget, seed).search.alpha_learning_rate,
+                      cost_weight=base_config(budget, seed).search.cost_weight,
                       machine=dict(
                           platform=platform.platform(), processor=platform.processor(),
                           cpu_count=os.cpu_count()),
@@ -274,6 +279,8 @@ def main(argv):
                                         f"--data={FLAGS.data}", f"--budget={FLAGS.budget}"]
                                        + ([f"--alpha_learning_rate={FLAGS.alpha_learning_rate}"]
                                           if FLAGS.alpha_learning_rate is not None else [])
+                                       + ([f"--cost_weight={FLAGS.cost_weight}"]
+                                          if FLAGS.cost_weight is not None else [])
                                        + ([f"--tag={FLAGS.tag}"] if FLAGS.tag else [])))
         stem = os.path.join(FLAGS.results_dir, f"cifar10_{FLAGS.budget}"
                             + (f"_{FLAGS.tag}" if FLAGS.tag else "")
