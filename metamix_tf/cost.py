@@ -117,14 +117,14 @@ class CostModel:
             best, best_ratio = None, math.inf
             for name, now in bits.items():
                 c = by_name[name]
-                lower = [b for b in c.candidate_bits if b < now]
-                if not c.searchable or not lower:
+                if not c.searchable or now == c.candidate_bits[0]:  # sorted candidates
                     continue
-                i, j = c.candidate_bits.index(now), c.candidate_bits.index(max(lower))
-                saved = c.macs * (now - max(lower)) * c.w_bits / 1e9
-                ratio = (float(scores[name][i]) - float(scores[name][j])) / saved
+                i = c.candidate_bits.index(now)
+                lower = c.candidate_bits[i - 1]
+                saved = c.macs * (now - lower) * c.w_bits / 1e9
+                ratio = (float(scores[name][i]) - float(scores[name][i - 1])) / saved
                 if ratio < best_ratio:
-                    best, best_ratio = (name, max(lower)), ratio
+                    best, best_ratio = (name, lower), ratio
             if best is None:  # unreachable after check_target; kept as a guard
                 raise ValueError(f"Cannot lower the bits below {self.gbops(bits):.4f} GBOPs "
                                  f"to reach the target. Received: target_gbops={target}")

@@ -50,6 +50,7 @@ from metamix_tf import data as data_lib
 from metamix_tf import distribute, models, steps, trainer, wrap
 from metamix_tf.config import ExperimentConfig
 from metamix_tf.cost import CostModel
+from metamix_tf.export import graph as export_graph
 
 __all__ = [
     "PHASES",
@@ -569,8 +570,6 @@ def _finetune(ctx: RunContext) -> dict:
 def _snap_biases(ctx: RunContext, model) -> dict | None:
     """``export.graph.snap_biases``, or None (and a line saying why) where the model has no
     int8 export."""
-    from metamix_tf.export import graph as export_graph
-
     try:
         return export_graph.snap_biases(model)
     except export_graph.UnsupportedModelError as error:

@@ -501,6 +501,14 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
                       inputs=inputs, weights=weights, int8=int8)
 
 
+def _bias_unit(export_plan: ExportPlan, name: str) -> np.ndarray:
+    """Per output channel of layer ``name``: the unit of its int32 bias in an int8 TFLite
+    conv, ``input_scale * weight_scale`` (in float32, as the converter computes it)."""
+    w = export_plan.weights[name]
+    return (np.float32(export_plan.inputs[name].grid.scale)
+            * w.folded.scale.astype(np.float32)).astype(np.float64)
+
+
 def with_int32_biases(export_plan: ExportPlan) -> ExportPlan:
     """A copy of ``export_plan`` whose biases are rounded as an int8 TFLite conv stores them:
     int32 multiples of ``input_scale * weight_scale`` per output channel.
@@ -510,8 +518,7 @@ def with_int32_biases(export_plan: ExportPlan) -> ExportPlan:
     """
     weights = {}
     for name, w in export_plan.weights.items():
-        unit = (np.float32(export_plan.inputs[name].grid.scale)
-                * w.folded.scale.astype(np.float32)).astype(np.float64)
+        unit = _bias_unit(export_plan, name)
         folded = dataclasses.replace(w.folded, bias=np.round(w.folded.bias / unit) * unit)
         weights[name] = dataclasses.replace(w, folded=folded)
     return dataclasses.replace(export_plan, weights=weights)
@@ -550,9 +557,8 @@ def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
             skipped.append(name)
             continue
         target.assign(target + delta.astype(np.float32))
-        unit = export_plan.inputs[name].grid.scale * w.folded.scale
         max_shift = max(max_shift, float(np.abs(delta).max()))
-        max_units = max(max_units, float(np.abs(delta / unit).max()))
+        max_units = max(max_units, float(np.abs(delta / _bias_unit(export_plan, name)).max()))
     return {"layers": len(export_plan.weights) - len(skipped), "skipped": skipped,
             "max_abs_shift": max_shift, "max_shift_units": max_units}
 

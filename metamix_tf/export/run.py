@@ -257,11 +257,8 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         "bits": {n: p.bits for n, p in export_plan.inputs.items()},
         "gbops": (bits_info or {}).get("gbops"),
         "avg_activation_bits": sidecar["avg_activation_bits"],
-        "tensors": {"grid": sum(t.kind == "grid" for t in export_plan.tensors.values()),
-                    "quantized": len(export_plan.output_quantized),
-                    "shared": sum(t.kind == "shared" for t in export_plan.tensors.values()),
-                    "calibrated": sum(t.kind == "calibrated"
-                                      for t in export_plan.tensors.values())},
+        "tensors": {kind: sum(t.kind == kind for t in export_plan.tensors.values())
+                    for kind in ("grid", "quantized", "shared", "calibrated")},
         "inexact_inputs": [n for n, p in export_plan.inputs.items() if not p.exact],
     }
     if verify_models and eval_images is not None:

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from metamix_tf.export import graph as graph_lib
 from metamix_tf.export import tflite
 from metamix_tf.export.graph import ExportPlan
 
@@ -155,13 +156,10 @@ def reference_quantized_inputs(model: keras.Model, images: np.ndarray,
 def graph_quantized_inputs(inference_graph: keras.Model, export_plan: ExportPlan,
                            images: np.ndarray) -> dict:
     """``{layer: integers}``: each quantized layer's input in a Keras inference graph."""
-    names = list(export_plan.inputs)
-    probe = keras.Model(inference_graph.inputs,
-                        [inference_graph.get_layer(n).input for n in names])
-    outs = probe(tf.convert_to_tensor(images), training=False)
+    outs = _input_probe(inference_graph, export_plan)(tf.convert_to_tensor(images),
+                                                      training=False)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
-    return {n: np.round(keras.ops.convert_to_numpy(o) / export_plan.inputs[n].step).astype(
-        np.int64) for n, o in zip(names, outs, strict=True)}
+    return _integers(export_plan, [keras.ops.convert_to_numpy(o) for o in outs])
 
 
 def tflite_quantized_inputs(inference_graph: keras.Model, export_plan: ExportPlan,
@@ -172,11 +170,8 @@ def tflite_quantized_inputs(inference_graph: keras.Model, export_plan: ExportPla
     A delegate keeps no intermediate tensors, so this converts a probe copy of the int8
     graph (``inference_graph``, the converter-native one) whose outputs are those inputs.
     """
-    names = list(export_plan.inputs)
-    probe = keras.Model(inference_graph.inputs,
-                        [inference_graph.get_layer(n).input for n in names])
     saved = os.path.join(workdir, "probe_saved_model")
-    probe.export(saved, verbose=False)
+    _input_probe(inference_graph, export_plan).export(saved, verbose=False)
     path = os.path.join(workdir, "probe_int8.tflite")
     with open(path, "wb") as f:
         f.write(tflite.convert(saved, "int8"))
@@ -184,8 +179,20 @@ def tflite_quantized_inputs(inference_graph: keras.Model, export_plan: ExportPla
     (input_name,) = runner.get_input_details()
     outputs = runner(**{input_name: np.ascontiguousarray(images, np.float32)})
     # Keras' SavedModel names the outputs output_<i>, in the probe's order
-    return {n: np.round(outputs[f"output_{i}"] / export_plan.inputs[n].step).astype(np.int64)
-            for i, n in enumerate(names)}
+    return _integers(export_plan, [outputs[f"output_{i}"]
+                                   for i in range(len(export_plan.inputs))])
+
+
+def _input_probe(inference_graph: keras.Model, export_plan: ExportPlan) -> keras.Model:
+    """``inference_graph`` with the quantized layers' inputs as outputs (plan order)."""
+    return keras.Model(inference_graph.inputs,
+                       [inference_graph.get_layer(n).input for n in export_plan.inputs])
+
+
+def _integers(export_plan: ExportPlan, values: list) -> dict:
+    """``{layer: round(value / step)}`` for the probe's outputs, in plan order."""
+    return {n: np.round(np.asarray(v) / p.step).astype(np.int64)
+            for (n, p), v in zip(export_plan.inputs.items(), values, strict=True)}
 
 
 def match(reference: dict, values: dict) -> dict:
@@ -206,8 +213,6 @@ def tensor_costs(export_plan: ExportPlan, images: np.ndarray, reference: np.ndar
     it alone is stored at its int8 grid (the others stay float): a list of ``{"tensor",
     "kind", "top1_agreement", "mean_abs_logit_diff"}``, costliest first. ``logits_fn``
     maps a Keras model and images to logits."""
-    from metamix_tf.export import graph as graph_lib
-
     rows = []
     exact = {k: t for k, t in export_plan.tensors.items() if t.kind in graph_lib.EXACT_KINDS}
     for name, t in export_plan.tensors.items():
