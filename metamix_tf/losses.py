@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from metamix_tf.ops import quant_dtype
+
 __all__ = [
     "cross_entropy",
     "distillation",
@@ -24,16 +26,17 @@ def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float =
     """Softmax cross-entropy per example, ``-sum_c y_c log softmax(z)_c`` with
     ``y = (1 - e) onehot + e / C``.
 
-    Gradient in the logits: ``softmax(z) - y``.
+    Gradient in the logits: ``softmax(z) - y``. Computed in float32 (float64 for float64
+    logits).
     """
-    logits = tf.cast(logits, tf.float32)
+    logits = tf.cast(logits, quant_dtype(logits.dtype))
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     if not label_smoothing:
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     num_classes = tf.shape(logits)[-1]
-    targets = tf.one_hot(labels, num_classes)
+    targets = tf.one_hot(labels, num_classes, dtype=logits.dtype)
     targets = targets * (1.0 - label_smoothing) + label_smoothing / tf.cast(num_classes,
-                                                                           tf.float32)
+                                                                           logits.dtype)
     return tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
 
 
@@ -47,8 +50,9 @@ def distillation(teacher_logits: tf.Tensor, logits: tf.Tensor,
     """
     if temperature <= 0:
         raise ValueError(f"`temperature` must be > 0. Received: temperature={temperature}")
-    t = tf.stop_gradient(tf.cast(teacher_logits, tf.float32)) / temperature
-    z = tf.cast(logits, tf.float32) / temperature
+    dtype = quant_dtype(logits.dtype)
+    t = tf.stop_gradient(tf.cast(teacher_logits, dtype)) / temperature
+    z = tf.cast(logits, dtype) / temperature
     p_teacher = tf.nn.softmax(t)
     kl = tf.reduce_sum(p_teacher * (tf.nn.log_softmax(t) - tf.nn.log_softmax(z)), axis=-1)
     return kl * (temperature**2)

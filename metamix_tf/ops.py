@@ -28,6 +28,7 @@ import os
 import tensorflow as tf
 
 __all__ = [
+    "quant_dtype",
     "quant_range",
     "lsq_grad_scale",
     "scale_gradient",
@@ -37,6 +38,12 @@ __all__ = [
     "straight_through",
     "expected_bits",
 ]
+
+
+def quant_dtype(dtype) -> tf.DType:
+    """The dtype quantizers compute in: float64 for float64 tensors, float32 otherwise
+    (half-precision inputs are quantized in float32 and cast back)."""
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
 
 
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -120,6 +127,12 @@ def _quantize_backward(dy, x, step, qn, qp):
     return tf.where(inside, dy, zero), dy * (tf.round(c) - tf.where(inside, v, zero))
 
 
+def _as(x: tf.Tensor, value) -> tf.Tensor:
+    """``value`` as a tensor of ``x``'s dtype (numbers, arrays and tensors alike)."""
+    value = tf.convert_to_tensor(value)
+    return value if value.dtype == x.dtype else tf.cast(value, x.dtype)
+
+
 def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor) -> tf.Tensor:
     """LSQ fake quantization ``q = round(clip(x / s, -Qn, Qp)) * s``.
 
@@ -134,9 +147,9 @@ def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor) ->
     Apply the LSQ gradient scale to ``step`` beforehand with :func:`scale_gradient`.
     """
     x = tf.convert_to_tensor(x)
-    step = tf.convert_to_tensor(step, dtype=x.dtype)
-    qn = tf.convert_to_tensor(qn, dtype=x.dtype)
-    qp = tf.convert_to_tensor(qp, dtype=x.dtype)
+    step = _as(x, step)
+    qn = _as(x, qn)
+    qp = _as(x, qp)
     return _lsq_quantize(x, step, qn, qp)
 
 
@@ -200,10 +213,10 @@ def lsq_mixture(x: tf.Tensor, steps: tf.Tensor, probs: tf.Tensor, qns, qps) -> t
     (e.g. the bit search, which steps the alphas alone) skips the work of the others.
     """
     x = tf.convert_to_tensor(x)
-    steps = tf.convert_to_tensor(steps, dtype=x.dtype)
-    probs = tf.convert_to_tensor(probs, dtype=x.dtype)
-    qns = tf.convert_to_tensor(qns, dtype=x.dtype)
-    qps = tf.convert_to_tensor(qps, dtype=x.dtype)
+    steps = _as(x, steps)
+    probs = _as(x, probs)
+    qns = _as(x, qns)
+    qps = _as(x, qps)
     return _lsq_mixture(x, steps, probs, qns, qps)
 
 
@@ -250,6 +263,7 @@ def expected_bits(alpha: tf.Tensor, bits: tf.Tensor, temperature: float = 1.0) -
     ``sum(softmax(alpha / T) * bits)``.
     """
     bits = tf.cast(bits, tf.float32)
+    alpha = tf.cast(alpha, tf.float32)  # GBOPs are float32 whatever the model's dtype
     probs = tf.nn.softmax(alpha / temperature)
     soft = tf.reduce_sum(probs * bits)
     hard = tf.gather(bits, tf.argmax(alpha))

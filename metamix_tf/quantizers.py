@@ -109,16 +109,17 @@ class ActivationQuantizer(keras.layers.Layer):
             aggregation="mean")
 
     def _grad_scales(self, x) -> tf.Tensor:
-        """Per-branch LSQ gradient scales, as constants when the shape is known."""
+        """Per-branch LSQ gradient scales (in ``x``'s dtype), as constants when the shape is
+        known."""
         if self.grad_scale == "none":
-            return tf.ones([self.num_branches])
+            return tf.ones([self.num_branches], x.dtype)
         dims = x.shape[1:] if self.grad_scale == "per_sample" else x.shape
         if dims.is_fully_defined():
             n = float(np.prod(dims.as_list()))
-            return tf.constant(1.0 / np.sqrt(n * self._qp.astype(np.float64)), tf.float32)
+            return tf.constant(1.0 / np.sqrt(n * self._qp.astype(np.float64)), x.dtype)
         shape = tf.shape(x)
         n = tf.reduce_prod(shape[1:]) if self.grad_scale == "per_sample" else tf.size(x)
-        return ops.lsq_grad_scale(n, self._qp)
+        return tf.cast(ops.lsq_grad_scale(n, self._qp), x.dtype)
 
     def probabilities(self) -> tf.Tensor:
         """``softmax(alpha / T)``, the branch probabilities of the mixture."""
@@ -128,15 +129,16 @@ class ActivationQuantizer(keras.layers.Layer):
         mode = self._mode
         if mode == "float":
             return inputs
-        x = tf.cast(inputs, tf.float32)
+        x = tf.cast(inputs, ops.quant_dtype(inputs.dtype))
         if mode == "calibrate":
             self.step_size.assign(tf.stack(
                 [ops.lsq_init_step(x, qp) for qp in self._qp]))
             self.initialized.assign(1.0)
             return inputs
-        steps = ops.scale_gradient(tf.convert_to_tensor(self.step_size), self._grad_scales(x))
+        steps = ops.scale_gradient(tf.cast(self.step_size, x.dtype), self._grad_scales(x))
         if mode == "mixture" and self.searchable:
-            y = ops.lsq_mixture(x, steps, self.probabilities(), self._qn, self._qp)
+            y = ops.lsq_mixture(x, steps, tf.cast(self.probabilities(), x.dtype), self._qn,
+                                self._qp)
         else:
             if mode == "uniform":
                 index = self.uniform_index
@@ -227,9 +229,11 @@ class WeightQuantizer(keras.layers.Layer):
     def call(self, kernel):
         if not self.enabled:
             return kernel
-        g = tf.constant(1.0 / np.sqrt(float(self._per_channel) * self.qp), tf.float32)
-        step = ops.scale_gradient(tf.convert_to_tensor(self.step_size), g)
-        return ops.lsq_quantize(kernel, step, float(self.qn), float(self.qp))
+        dtype = ops.quant_dtype(kernel.dtype)
+        g = tf.constant(1.0 / np.sqrt(float(self._per_channel) * self.qp), dtype)
+        step = ops.scale_gradient(tf.cast(self.step_size, dtype), g)
+        return tf.cast(ops.lsq_quantize(tf.cast(kernel, dtype), step, float(self.qn),
+                                        float(self.qp)), kernel.dtype)
 
     def get_config(self):
         config = super().get_config()

@@ -198,17 +198,37 @@ def _run_all_steps(strategy, float_model, batches):
     return outputs, snapshot(all_state(model)), [v.path for v in all_state(model)]
 
 
-def test_two_cpu_strategy_match_one_device_on_the_same_global_batch(two_cpu_strategy):
+@pytest.fixture
+def float64():
+    """Keras' default float type set to float64 for one test."""
+    previous = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(previous)
+
+
+def test_two_cpu_strategy_match_one_device_on_the_same_global_batch(two_cpu_strategy,
+                                                                   float64):
     """The same three global batches of 16 on one device and split over two replicas.
 
-    Tolerance: rtol 1e-4 / atol 1e-5 on every variable and step output. The two runs differ
-    only in float summation order: the replicas' gradient all-reduce, and synchronized
-    BatchNorm's E[x^2] - E[x]^2 variance against ``tf.nn.moments`` on one device. SGD keeps
-    such differences proportional (Adam's first step, ``g / |g|``, would turn the sign noise
-    of a near-zero gradient into a full learning-rate step).
+    The two runs differ only in float summation order: the replicas' gradient all-reduce,
+    synchronized BatchNorm's E[x^2] - E[x]^2 variance against ``tf.nn.moments``, and
+    batch-size-dependent kernel blocking. In float32 such a difference (~1e-7 relative)
+    moves a value across an LSQ rounding boundary about once per run (~2e6 rounding
+    decisions, each within 1e-7 of a boundary with probability ~|x/s| * 1e-7), and one flip
+    changes a step-size gradient by a whole ``dy * g`` term: whether the test passed then
+    depended on the CPU. In float64 the differences are ~1e-16 relative, a flip is ~1e-9
+    likely per run, and everything the runs compute (step outputs, weights, step sizes,
+    bit logits, BatchNorm statistics) must agree to rtol 1e-9. SGD keeps differences
+    proportional (Adam's first step, ``g / |g|``, would turn the sign noise of a near-zero
+    gradient into a full learning-rate step).
     """
     images, labels = random_batch(48, seed=3)
+    images = tf.cast(images, tf.float64)
     float_model = tiny_net()
+    assert float_model.weights[0].dtype == "float64"
     weights = float_model.get_weights()
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     out_one, state_one, names = _run_all_steps(one, float_model, (images, labels))
@@ -218,9 +238,9 @@ def test_two_cpu_strategy_match_one_device_on_the_same_global_batch(two_cpu_stra
     for a, b in zip(out_one, out_two, strict=True):
         assert a.keys() == b.keys()
         for key in a:
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-9, atol=1e-12, err_msg=key)
     for a, b, name in zip(state_one, state_two, names, strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
 def test_losses_scale_with_the_global_batch():
