@@ -47,6 +47,8 @@ flags.DEFINE_integer("seed", None, "Seed of the run and of the data order.")
 flags.DEFINE_multi_string("set", [], "Dotted override, e.g. --set search.cost_weight=8 "
                           "(value parsed as YAML).")
 flags.DEFINE_bool("quiet", False, "Only errors and the final line.")
+flags.DEFINE_bool("overwrite", False, "Redo the phases whose results in --model_dir were made "
+                  "with other settings, and the phases after them (default: refuse).")
 
 
 def _parse(raw: str):
@@ -114,7 +116,8 @@ def main(argv):
         elif config.model_dir == config_lib.ExperimentConfig().model_dir:
             config.model_dir = pipeline.default_model_dir(config.model.name,
                                                           config.data.dataset)
-        summary = pipeline.run(config, FLAGS.phase, verbose=not FLAGS.quiet)
+        summary = pipeline.run(config, FLAGS.phase, verbose=not FLAGS.quiet,
+                               overwrite=FLAGS.overwrite)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
