@@ -38,7 +38,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import time
 import types
 import typing
@@ -51,6 +50,7 @@ import tensorflow as tf
 from metamix_tf import config as config_lib
 from metamix_tf import data as data_lib
 from metamix_tf import distribute, models, run_state, steps, trainer, wrap
+from metamix_tf.cli import default_model_dir
 from metamix_tf.config import ExperimentConfig
 from metamix_tf.cost import CostModel
 from metamix_tf.export import graph as export_graph
@@ -90,14 +90,6 @@ class RunContext:
     def say(self, message: str) -> None:
         if self.verbose:
             print(message, flush=True)
-
-
-def default_model_dir(model: str, dataset: str) -> str:
-    """``runs/<model>-<dataset slug>`` (``folder:/a/b/cifar10`` -> ``cifar10``)."""
-    name = dataset.split(":", 1)[1] if dataset.startswith("folder:") else dataset
-    name = os.path.basename(os.path.normpath(name)) or "data"
-    slug = re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_") or "data"
-    return os.path.join("runs", f"{model}-{slug}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +207,11 @@ def _build_float(config, input_shape, num_classes, model_fn=None, weights=None):
 def _load(path: str, what: str, hint: str) -> keras.Model:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} not found: {path}; {hint}.")
-    return keras.saving.load_model(path, compile=False)
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # a truncated or foreign file: zip, h5 and Keras errors alike
+        raise ValueError(f"{what} {path} is not a readable Keras model "
+                         f"({type(error).__name__}); {hint}. Received: path={path!r}") from None
 
 
 def _save(model, path: str) -> None:
