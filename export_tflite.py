@@ -14,11 +14,12 @@ compiler), ``<model>_inference.keras`` and ``saved_model/`` (the inference graph
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
+
+from metamix_tf import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Run directory (default: the latest run under "
@@ -43,7 +44,9 @@ flags.DEFINE_integer("latency_rounds", 5, "Interleaved latency rounds (each mode
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        cli.error_exit(argv[0], ValueError(f"Unexpected arguments; flags take --name=value. "
+                                           f"Received: args={argv[1:]}"))
     logging.set_verbosity(logging.WARNING)  # keep the converter's and SavedModel's chatter out
     from metamix_tf.export import run as export_run
 
@@ -54,13 +57,13 @@ def main(argv):
             max_calibration_examples=FLAGS.calibration_examples, run_root=FLAGS.run_root,
             latency_threads=FLAGS.latency_threads, latency_rounds=FLAGS.latency_rounds,
             weight_storage=FLAGS.weight_storage, tensor_costs=FLAGS.tensor_costs)
-    except (export_run.RunError, ValueError, FileNotFoundError,
-            export_run.tflite.ConversionError) as e:
-        print(f"export_tflite.py: error: {e}", file=sys.stderr)
-        return 1
+    except export_run.tflite.ConversionError as e:
+        cli.error_exit(argv[0], e, code=1)
+    except (export_run.RunError, ValueError, FileNotFoundError) as e:
+        cli.error_exit(argv[0], e)
     print(export_run.format_report(report))
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser)

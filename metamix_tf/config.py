@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,11 @@ class QuantConfig:
     grad_scale: str = "per_sample"
 
     def __post_init__(self):
-        if self.candidate_bits is None or len(tuple(self.candidate_bits)) == 0:
+        if isinstance(self.candidate_bits, (str, bytes)) or not isinstance(
+                self.candidate_bits, Sequence):
+            raise ValueError("`candidate_bits` must be a list of bit-widths, e.g. [2, 4, 8]. "
+                             f"Received: candidate_bits={self.candidate_bits!r}")
+        if len(tuple(self.candidate_bits)) == 0:
             raise ValueError("`candidate_bits` must list at least one bit-width. "
                              f"Received: candidate_bits={self.candidate_bits!r}")
         bits = [validate_bits("candidate_bits", b) for b in self.candidate_bits]
@@ -216,6 +221,51 @@ def _field_types(cls) -> dict:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _expected(hint) -> str | None:
+    """What ``hint`` admits, in words (None: anything)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        words = [_expected(a) for a in args if a is not type(None)]
+        return " or ".join(w for w in words if w) + (" or null" if type(None) in args else "")
+    if origin is not None and issubclass(origin, Sequence):
+        return f"a list of {_expected(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    return _KINDS.get(hint)
+
+
+def _fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is not None and issubclass(origin, Sequence):
+        return (isinstance(value, (list, tuple))
+                and all(_fits(v, args[0]) for v in value) if args else True)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _check_type(key: str, value, hint) -> None:
+    """Raises ``ValueError`` naming ``key`` and what it takes unless ``value`` fits ``hint``."""
+    if _fits(value, hint):
+        return
+    hint_text = ""
+    if isinstance(value, str) and "number" in (_expected(hint) or ""):
+        hint_text = " (in YAML write 5.0e-4, not 5e-4, which YAML reads as a string)"
+    raise ValueError(f"Config key '{key}' must be {_expected(hint)}{hint_text}. "
+                     f"Received: {key}={value!r}")
+
+
 def from_dict(cls, values: dict, prefix: str = ""):
     """Builds dataclass ``cls`` from defaults updated by ``values``; unknown keys raise."""
     values = dict(values or {})
@@ -232,6 +282,8 @@ def from_dict(cls, values: dict, prefix: str = ""):
                 raise ValueError(f"Config key '{prefix}{name}' must be a mapping. "
                                  f"Received: {prefix}{name}={value!r}")
             value = from_dict(kind, value, prefix=f"{prefix}{name}.")
+        else:
+            _check_type(f"{prefix}{name}", value, kind)
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -261,9 +313,18 @@ def load(paths: Sequence[str] = (), overrides: dict | None = None) -> Experiment
                 loaded = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise FileNotFoundError(f"Config file not found: {path}. Pass an existing YAML "
-                                    "file, e.g. --config=configs/demo_mnist.yaml") from None
+                                    "file, e.g. --config=configs/demo_mnist.yaml. "
+                                    f"Received: config={path!r}") from None
+        except (yaml.YAMLError, UnicodeDecodeError, IsADirectoryError) as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise ValueError(f"Config file {path} is not valid YAML ({problem}{where}); it "
+                             "must hold a mapping like 'search: {target_avg_bits: 3.5}'. "
+                             f"Received: config={path!r}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"Config file {path} must hold a mapping at the top level.")
+            raise ValueError(f"Config file {path} must hold a mapping at the top level, like "
+                             f"'search: {{target_avg_bits: 3.5}}'. Received: config={path!r}")
         values = merge(values, loaded)
     values = merge(values, overrides or {})
     return from_dict(ExperimentConfig, values)

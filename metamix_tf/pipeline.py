@@ -21,6 +21,9 @@
   weight training with quantized weights. ``wall_time_s`` per phase sums its epochs
   (tracing included) over every process that ran them;
 * ``<phase>.done``: the phase's results; ``"all"`` skips phases that have one;
+* ``<phase>.settings.json``: the settings the phase was run with (``metamix_tf.run_state``:
+  a rerun with other settings refuses, or with ``overwrite=True`` redoes the changed phases
+  and those after them);
 * ``logs/<phase>/``: TensorBoard scalars.
 
 Searchers (``config.search.searcher``): ``"metamix"`` (per iteration a bit-meta step then a
@@ -35,7 +38,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import time
 import types
 import typing
@@ -47,7 +49,8 @@ import tensorflow as tf
 
 from metamix_tf import config as config_lib
 from metamix_tf import data as data_lib
-from metamix_tf import distribute, models, steps, trainer, wrap
+from metamix_tf import distribute, models, run_state, steps, trainer, wrap
+from metamix_tf.cli import default_model_dir
 from metamix_tf.config import ExperimentConfig
 from metamix_tf.cost import CostModel
 from metamix_tf.export import graph as export_graph
@@ -87,14 +90,6 @@ class RunContext:
     def say(self, message: str) -> None:
         if self.verbose:
             print(message, flush=True)
-
-
-def default_model_dir(model: str, dataset: str) -> str:
-    """``runs/<model>-<dataset slug>`` (``folder:/a/b/cifar10`` -> ``cifar10``)."""
-    name = dataset.split(":", 1)[1] if dataset.startswith("folder:") else dataset
-    name = os.path.basename(os.path.normpath(name)) or "data"
-    slug = re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_") or "data"
-    return os.path.join("runs", f"{model}-{slug}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +207,11 @@ def _build_float(config, input_shape, num_classes, model_fn=None, weights=None):
 def _load(path: str, what: str, hint: str) -> keras.Model:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} not found: {path}; {hint}.")
-    return keras.saving.load_model(path, compile=False)
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # a truncated or foreign file: zip, h5 and Keras errors alike
+        raise ValueError(f"{what} {path} is not a readable Keras model "
+                         f"({type(error).__name__}); {hint}. Received: path={path!r}") from None
 
 
 def _save(model, path: str) -> None:
@@ -672,7 +671,8 @@ def _check_target_early(config: ExperimentConfig, model_fn, image_shape, num_cla
 
 def run(config: ExperimentConfig, phase: str = _ALL, *,
         strategy: tf.distribute.Strategy | None = None, model_fn: Callable | None = None,
-        verbose: bool = True, on_epoch_end: Callable | None = None) -> dict:
+        verbose: bool = True, on_epoch_end: Callable | None = None,
+        overwrite: bool = False) -> dict:
     """Runs ``phase`` (or all phases in order, skipping finished ones) in
     ``config.model_dir``; returns the summary (also written to ``summary.json``).
 
@@ -683,8 +683,11 @@ def run(config: ExperimentConfig, phase: str = _ALL, *,
       model_fn: ``(input_shape, num_classes) -> keras.Model`` to use instead of
         ``models.build(config.model.name, ...)`` (tests use a tiny network).
       on_epoch_end: ``(phase, epoch, record) -> None`` after each epoch's checkpoint.
+      overwrite: redo the phases whose results were made with other settings (and those
+        after them) instead of refusing (:func:`metamix_tf.run_state.stale_phases`).
     """
     _check(config, phase, model_fn)
+    stale = run_state.stale_phases(config, overwrite=overwrite)
     strategy = strategy or distribute.get_strategy()
     jit = distribute.has_gpu() if config.jit_compile is None else bool(config.jit_compile)
     keras.utils.set_random_seed(config.seed)
@@ -692,10 +695,11 @@ def run(config: ExperimentConfig, phase: str = _ALL, *,
     preprocess = None if model_fn is not None else models.preprocess_input(m.name)
     data = data_lib.load(config.data, image_size=m.input_size, preprocess=preprocess)
     steps_per_epoch = data.train_size // config.data.batch_size
-    if phase in (_ALL, "search") and not os.path.exists(
-            os.path.join(config.model_dir, "search.done")):
+    if phase in (_ALL, "search") and ("search" in stale or not os.path.exists(
+            os.path.join(config.model_dir, "search.done"))):
         _check_target_early(config, model_fn, data.image_shape, data.num_classes)
     os.makedirs(config.model_dir, exist_ok=True)
+    run_state.clear(config.model_dir, stale)
     config_lib.save(config, os.path.join(config.model_dir, "config.yaml"))
     ctx = RunContext(
         config=config, strategy=strategy, data=data, model_dir=config.model_dir,
@@ -717,6 +721,7 @@ def run(config: ExperimentConfig, phase: str = _ALL, *,
             ctx.say(f"[{name}] already done ({_done_path(ctx, name)}); skipped")
             continue
         began = time.time()
+        run_state.record(config, name, ctx.model_dir)
         result = _PHASE_FNS[name](ctx)
         result["phase_seconds_this_process"] = round(time.time() - began, 2)
         _write_json(_done_path(ctx, name), result)

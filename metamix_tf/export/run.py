@@ -114,7 +114,12 @@ def load_run(model_dir: str) -> Run:
                        f"--phase=all). Received: model_dir={model_dir!r}")
     import metamix_tf.export.layers  # noqa: F401  (registers the export layers)
 
-    model = keras.saving.load_model(final, compile=False)
+    try:
+        model = keras.saving.load_model(final, compile=False)
+    except Exception as error:  # a truncated or foreign file: zip, h5 and Keras errors alike
+        raise RunError(f"{final} is not a readable Keras model ({type(error).__name__}); rerun "
+                       f"`python train.py --phase=finetune --model_dir={model_dir}`. "
+                       f"Received: model_dir={model_dir!r}") from None
     searched = dict(bits_info.get("bits") or {})
     actual = wrap.get_bits(model)
     unknown = sorted(set(searched) - set(actual))
