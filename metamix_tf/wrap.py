@@ -281,10 +281,20 @@ def unsupported_layers(model) -> list[str]:
                 and not isinstance(layer, (QuantLayerMixin, ActivationQuantizer) + _NORMALIZATION))]
 
 
+def _reset_compiled(model) -> None:
+    """Drops the model's compiled ``fit`` / ``evaluate`` / ``predict`` functions: they were
+    traced at the old modes, and Keras rebuilds them on the next call."""
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
+
+
 def set_mode(model, mode: str) -> None:
-    """Puts every activation quantizer in ``mode`` (see :data:`quantizers.MODES`)."""
+    """Puts every activation quantizer in ``mode`` (see :data:`quantizers.MODES`); the
+    next ``fit`` / ``evaluate`` / ``predict`` runs in it."""
     for q in activation_quantizers(model):
         q.mode = mode
+    _reset_compiled(model)
 
 
 def set_uniform(model, bits: int) -> None:
@@ -296,6 +306,7 @@ def set_uniform(model, bits: int) -> None:
     for q in activation_quantizers(model):
         q.mode = "uniform"
         q.uniform_index = q.index_of(bits) if q.searchable else 0
+    _reset_compiled(model)
 
 
 def select_bits(model, bits: dict | None = None) -> dict:
@@ -318,6 +329,7 @@ def select_bits(model, bits: dict | None = None) -> dict:
         selected[layer.name] = q.select(bits.get(layer.name))
     for q in output_quantizers(model):  # one branch each
         q.mode = "selected"
+    _reset_compiled(model)
     return selected
 
 
@@ -338,6 +350,7 @@ def enable_weight_quantization(model, enabled: bool = True, initialize: bool = T
         if enabled and initialize and not wq.enabled:
             wq.initialize(layer.kernel)
         wq.enabled = enabled
+    _reset_compiled(model)
 
 
 def calibrate(model, images) -> None:
