@@ -8,8 +8,8 @@ from metamix_tf import ops
 from metamix_tf.api import FinetuneResult, SearchResult, export_tflite, finetune, search
 from metamix_tf.config import ExperimentConfig, QuantConfig
 from metamix_tf.cost import CostModel, layer_macs
-from metamix_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D
 from metamix_tf.flatten import flatten
+from metamix_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D
 from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
 from metamix_tf.searchers import Joint, MetaMix, Searcher, Uniform
 from metamix_tf.wrap import (
