@@ -507,9 +507,56 @@ def _check_target_early(config: ExperimentConfig, model_fn, image_shape, num_cla
     resolve_target(config, CostModel(model))
 
 
-def run(config: ExperimentConfig, phase: str = _ALL, *,
-        strategy: tf.distribute.Strategy | None = None, model_fn: Callable | None = None,
-        verbose: bool = True, on_epoch_end: Callable | None = None) -> dict:
+def _model_fn(model: keras.Model) -> Callable:
+    """``model_fn`` for a user's float model: a copy with its weights (built under the
+    run's strategy scope), checked against the data's classes."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
+
+    def build(input_shape, num_classes):
+        if model.output_shape[-1] != num_classes:
+            raise ValueError(f"`model` has {model.output_shape[-1]} outputs but the data has "
+                             f"{num_classes} classes. Received: model={model.name!r}")
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        return copy
+
+    return build
+
+
+def _user_datasets(datasets, config: ExperimentConfig, model) -> data_lib.Datasets:
+    """``datasets``: a :class:`metamix_tf.data.Datasets`, or ``(train, eval)`` in the forms
+    :func:`metamix_tf.search` takes (batched with ``config.data``'s batch sizes)."""
+    if isinstance(datasets, data_lib.Datasets):
+        return datasets
+    if not isinstance(datasets, (tuple, list)) or len(datasets) != 2:
+        raise ValueError("`datasets` must be a metamix_tf.data.Datasets or a (train, eval) "
+                         f"pair. Received: datasets={type(datasets).__name__}")
+    d = config.data
+    train = api.as_dataset(datasets[0], "datasets[0]", batch_size=d.batch_size, shuffle=True,
+                           seed=d.seed)
+    evaluation = api.as_dataset(datasets[1], "datasets[1]", batch_size=d.eval_batch_size,
+                                shuffle=False)
+    train_batches, eval_batches = int(train.cardinality()), int(evaluation.cardinality())
+    if train_batches <= 0 or eval_batches <= 0:
+        raise ValueError("`datasets` must have a known, finite length. Received: "
+                         f"cardinality={train_batches}, {eval_batches}")
+    labels = 1 + max(int(tf.reduce_max(y)) for _, y in evaluation.concatenate(train))
+    classes = labels if model is None else int(model.output_shape[-1])
+    if labels > classes:
+        raise ValueError(f"`datasets` has labels up to {labels - 1} but `model` has {classes} "
+                         f"outputs. Received: max label={labels - 1}")
+    return data_lib.Datasets(
+        train=train, eval=evaluation, num_classes=classes,
+        train_size=train_batches * d.batch_size, eval_size=eval_batches * d.eval_batch_size,
+        image_shape=tuple(int(n) for n in train.element_spec[0].shape[1:]),
+        class_names=[str(i) for i in range(classes)], name="user data")
+
+
+def run(config: ExperimentConfig, phase: str = _ALL, *, model: keras.Model | None = None,
+        datasets=None, strategy: tf.distribute.Strategy | None = None,
+        model_fn: Callable | None = None, verbose: bool = True,
+        on_epoch_end: Callable | None = None) -> dict:
     """Runs ``phase`` (or all phases in order, skipping finished ones) in
     ``config.model_dir``; returns the summary (also written to ``summary.json``).
 
@@ -517,17 +564,32 @@ def run(config: ExperimentConfig, phase: str = _ALL, *,
       config: the resolved experiment config.
       phase: ``"pretrain"``, ``"search"``, ``"finetune"`` or ``"all"``.
       strategy: default :func:`metamix_tf.distribute.get_strategy`.
-      model_fn: ``(input_shape, num_classes) -> keras.Model`` to use instead of
-        ``models.build(config.model.name, ...)`` (tests use a tiny network).
+      model: a user's float Keras model (nested backbones allowed) to use instead of
+        ``models.build(config.model.name, ...)``; trained by the pretrain phase from its
+        current weights (``pretrain.epochs=0`` keeps them). ``config.model.name`` then only
+        names the run.
+      datasets: a :class:`metamix_tf.data.Datasets` or a ``(train, eval)`` pair of
+        ``tf.data`` datasets of ``(images, labels)`` batches or ``(x, y)`` arrays, used
+        instead of ``config.data.dataset`` (no preprocessing is added).
+      model_fn: ``(input_shape, num_classes) -> keras.Model``, the same as ``model`` for a
+        model that is built on demand (tests use a tiny network).
       on_epoch_end: ``(phase, epoch, record) -> None`` after each epoch's checkpoint.
     """
+    if model is not None:
+        if model_fn is not None:
+            raise ValueError("Give `model` or `model_fn`, not both. "
+                             f"Received: model={model.name!r}, model_fn={model_fn!r}")
+        model_fn = _model_fn(model)
     _check(config, phase, model_fn)
     strategy = strategy or distribute.get_strategy()
     jit = distribute.has_gpu() if config.jit_compile is None else bool(config.jit_compile)
     keras.utils.set_random_seed(config.seed)
     m = config.model
-    preprocess = None if model_fn is not None else models.preprocess_input(m.name)
-    data = data_lib.load(config.data, image_size=m.input_size, preprocess=preprocess)
+    if datasets is not None:
+        data = _user_datasets(datasets, config, model)
+    else:
+        preprocess = None if model_fn is not None else models.preprocess_input(m.name)
+        data = data_lib.load(config.data, image_size=m.input_size, preprocess=preprocess)
     steps_per_epoch = data.train_size // config.data.batch_size
     if phase in (_ALL, "search") and not os.path.exists(
             os.path.join(config.model_dir, "search.done")):
