@@ -5,10 +5,13 @@ Quantization", AAAI 2024 (arXiv 2311.06798).
 """
 
 from metamix_tf import ops
+from metamix_tf.api import FinetuneResult, SearchResult, export_tflite, finetune, search
 from metamix_tf.config import ExperimentConfig, QuantConfig
 from metamix_tf.cost import CostModel, layer_macs
+from metamix_tf.flatten import flatten
 from metamix_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D
 from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
+from metamix_tf.searchers import Joint, MetaMix, Searcher, Uniform
 from metamix_tf.wrap import (
     activation_quantizers,
     apply,
@@ -30,20 +33,30 @@ __all__ = [
     "ActivationQuantizer",
     "CostModel",
     "ExperimentConfig",
+    "FinetuneResult",
+    "Joint",
+    "MetaMix",
     "QuantConfig",
     "QuantConv2D",
     "QuantDense",
     "QuantDepthwiseConv2D",
+    "SearchResult",
+    "Searcher",
+    "Uniform",
     "WeightQuantizer",
     "activation_quantizers",
     "output_quantizers",
     "apply",
     "calibrate",
     "enable_weight_quantization",
+    "export_tflite",
+    "finetune",
+    "flatten",
     "get_bits",
     "layer_macs",
     "ops",
     "quant_layers",
+    "search",
     "select_bits",
     "set_mode",
     "set_uniform",

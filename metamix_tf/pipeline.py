@@ -47,13 +47,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from metamix_tf import api, distribute, models, run_state, searchers, steps, trainer, wrap
 from metamix_tf import config as config_lib
 from metamix_tf import data as data_lib
-from metamix_tf import distribute, models, run_state, steps, trainer, wrap
 from metamix_tf.cli import default_model_dir
 from metamix_tf.config import ExperimentConfig
 from metamix_tf.cost import CostModel
-from metamix_tf.export import graph as export_graph
 
 __all__ = [
     "PHASES",
@@ -346,167 +345,51 @@ def _pretrain(ctx: RunContext) -> dict:
             "wall_time_s": result.wall_time_s, "epochs": p.epochs, "history": result.history}
 
 
-def _searchable_quantizers(model) -> dict:
-    return {layer.name: layer.input_quantizer for layer in wrap.quant_layers(model)
-            if layer.input_quantizer is not None and layer.input_quantizer.searchable}
+def _loop(ctx: RunContext, phase: str) -> api.Loop:
+    """The run's loop for ``phase``: its iterator slots, checkpoints and logs."""
+    return api.Loop(strategy=ctx.strategy, iterators=ctx.iterators,
+                    steps_per_epoch=ctx.steps_per_epoch, eval_dataset=ctx.eval_dataset,
+                    slot_offset=_slot_offsets(ctx.config)[phase],
+                    checkpoint_dir=ctx.path("ckpt", phase), log_dir=ctx.path("logs", phase),
+                    jit_compile=ctx.jit_compile, verbose=ctx.verbose,
+                    on_epoch_end=_hook(ctx, phase))
 
 
-def _searchable_bits(model, bits: int) -> dict:
-    return dict.fromkeys(_searchable_quantizers(model), bits)
-
-
-def _alphas(model) -> dict:
-    return {name: keras.ops.convert_to_numpy(q.alpha)
-            for name, q in _searchable_quantizers(model).items()}
-
-
-def _nearest_uniform(cost: CostModel, candidates, target: float) -> int:
-    """The candidate bit-width whose uniform GBOPs is closest to ``target``."""
-    return min(candidates, key=lambda b: abs(cost.uniform_gbops(b) - target))
-
-
-def _bits_line(bits: dict) -> str:
-    return " ".join(str(b) for b in bits.values())
+def _searcher(config: ExperimentConfig) -> searchers.Searcher:
+    s = config.search
+    name = "uniform" if s.searcher == "none" else s.searcher
+    return searchers.get_searcher(name, warmup_epochs=s.warmup_epochs,
+                                  uniform_bits=s.uniform_bits)
 
 
 def _search(ctx: RunContext) -> dict:
     config, strategy = ctx.config, ctx.strategy
     s = config.search
-    quant = _quant_config(config)
     float_model = _load(ctx.path("float.keras"), "Float model",
                         "run --phase=pretrain first, or pass --weights")
     with strategy.scope():
-        model = wrap.apply(float_model, quant)
-        distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
-        groups = wrap.variable_groups(model)
-        weight_vars = groups.weights_and_steps
-        total = s.epochs * ctx.steps_per_epoch
-        weight_opt = trainer.make_optimizer(
-            trainer.cosine_schedule(s.learning_rate, total), weight_vars,
-            weight_decay=s.weight_decay, no_decay=groups.steps + _no_decay(groups.weights))
-        alpha_opt = trainer.make_optimizer(
-            s.alpha_learning_rate, groups.alphas, weight_decay=s.alpha_weight_decay,
-            beta_1=s.alpha_beta_1, beta_2=s.alpha_beta_2) if groups.alphas else None
+        model = wrap.apply(float_model, _quant_config(config))
         teacher = _teacher(ctx, s.teacher)
     del float_model
-    cost = CostModel(model)
-    if s.searcher == "none":  # no search: the "target" is what the uniform bits cost
-        target = cost.uniform_gbops(float(s.uniform_bits))
-    else:
-        target = resolve_target(config, cost)
-    kd = dict(teacher=teacher, kd_temperature=s.kd_temperature, jit_compile=ctx.jit_compile)
-    warmup = s.warmup_epochs
-    if s.searcher == "metamix" and warmup >= s.epochs:
-        warmup = s.epochs - 1
-        ctx.say(f"[search] warm-up shortened to {warmup} epoch(s) to leave one bit-search "
-                f"epoch (search.epochs={s.epochs})")
-    uniform = s.uniform_bits if s.searcher == "none" else _nearest_uniform(
-        cost, quant.candidate_bits, target)
-
-    if s.searcher == "metamix":
-        meta = steps.meta_step(strategy, model, weight_opt, weight_vars, quant.candidate_bits,
-                               **kd)
-        if groups.alphas:
-            search = steps.search_step(strategy, model, alpha_opt, groups.alphas, cost, target,
-                                       s.cost_weight, **kd)
-        else:
-            search = None
-
-        def both(images, labels):
-            out = meta(images, labels)
-            out.update({f"search_{k}": v for k, v in search(images, labels).items()})
-            return out
-
-        def epoch_step(epoch):
-            return meta if epoch < warmup or search is None else both
-    elif s.searcher == "joint":
-        if groups.alphas:
-            joint = steps.joint_step(strategy, model, weight_opt, weight_vars, alpha_opt,
-                                     groups.alphas, cost, target, s.cost_weight, **kd)
-        else:
-            joint = steps.train_step(strategy, model, weight_opt, weight_vars,
-                                     configure=lambda: wrap.set_mode(model, "mixture"), **kd)
-
-        def epoch_step(epoch):
-            return joint
-    else:
-        lsq = steps.train_step(strategy, model, weight_opt, weight_vars,
-                               configure=lambda: wrap.set_uniform(model, s.uniform_bits), **kd)
-
-        def epoch_step(epoch):
-            return lsq
-
-    def select(epoch):
-        if s.searcher == "none" or (s.searcher == "metamix" and epoch < warmup):
-            return wrap.select_bits(model, _searchable_bits(model, uniform))
-        bits = wrap.select_bits(model)
-        if s.enforce_target:
-            fitted = cost.fit_to_target(bits, target, _alphas(model))
-            if fitted != bits:
-                bits = wrap.select_bits(model, fitted)
-        return bits
-
-    def epoch_info(epoch):
-        bits = wrap.get_bits(model)
-        report = cost.report(bits)
-        return {"sel_gbops": report["gbops"], "avg_bits": report["avg_activation_bits"],
-                "bits": bits}
-
-    eval_fn = steps.eval_step(strategy, model, configure=lambda: wrap.set_mode(model, "selected"),
-                              jit_compile=ctx.jit_compile)
-    calibrate = steps.calibrate_step(strategy, model)
-
-    def on_fresh_start(iterator):
-        images, labels = next(iterator)
-        calibrate(images, labels)
-
-    objects = dict(model=model, optimizer=weight_opt)
-    if alpha_opt is not None:
-        objects["alpha_optimizer"] = alpha_opt
-    checkpoint, directory = _phase_checkpoint(ctx, "search", **objects)
-    low, high = cost.bounds()
-    ctx.say(f"[search] searcher={s.searcher}, {s.epochs} epoch(s) "
-            f"({warmup if s.searcher == 'metamix' else 0} warm-up) x {ctx.steps_per_epoch} "
-            f"steps, candidates {quant.candidate_bits}, target {target:.4f} GBOPs "
-            f"(range {low:.4f}..{high:.4f}; uniform {uniform}-bit = "
-            f"{cost.uniform_gbops(uniform):.4f}), lambda {s.cost_weight}")
-    result = trainer.run_epochs(
-        phase="search", strategy=strategy, iterators=ctx.iterators,
-        slot_offset=_slot_offsets(config)["search"], epochs=s.epochs,
-        steps_per_epoch=ctx.steps_per_epoch, epoch_step=epoch_step, eval_fn=eval_fn,
-        eval_dataset=ctx.eval_dataset, checkpoint=checkpoint, checkpoint_dir=directory,
-        log_dir=ctx.path("logs", "search"), before_eval=select, epoch_info=epoch_info,
-        on_epoch_end=_hook(ctx, "search"), on_fresh_start=on_fresh_start, verbose=ctx.verbose)
-
-    argmax_bits = {} if s.searcher == "none" else {
-        layer: q.argmax_bits for layer, q in _searchable_quantizers(model).items()}
-    bits = select(s.epochs)
-    metrics = result.last if result.history else trainer.evaluate(strategy, eval_fn,
-                                                                  ctx.eval_dataset)
-    report = cost.report(bits)
-    record = {
-        "searcher": s.searcher,
-        "bits": bits,
-        "gbops": report["gbops"],
-        "target_gbops": target,
-        "argmax_gbops": cost.gbops({**bits, **argmax_bits}),
-        "lowered_to_target": sorted(k for k, b in argmax_bits.items() if bits[k] != b),
-        "avg_activation_bits": report["avg_activation_bits"],
-        "mac_weighted_activation_bits": report["mac_weighted_activation_bits"],
-        "candidate_bits": list(quant.candidate_bits),
-        "report": report,
-    }
+    searched = s.searcher != "none"
+    result = api.run_search(
+        model, _loop(ctx, "search"), _searcher(config), epochs=s.epochs, options=s,
+        target_gbops=s.target_gbops if searched else None,
+        target_avg_bits=s.target_avg_bits if searched and s.target_gbops is None else None,
+        teacher=teacher)
+    record = {**result.record(), "searcher": s.searcher}
     _write_json(ctx.path("bits.json"), record)
+    report = result.report
     plot_bits(report, ctx.path("bits.png"),
               title=f"{config.model.name} {s.searcher}: {report['gbops']:.4f} GBOPs "
-                    f"(target {target:.4f}), avg {report['avg_activation_bits']:.2f} bits")
-    ctx.say(cost.format_report(bits))
-    wrap.set_mode(model, "selected")
+                    f"(target {result.target_gbops:.4f}), "
+                    f"avg {report['avg_activation_bits']:.2f} bits")
+    ctx.say(CostModel(model).format_report(result.bits))
     _save(model, ctx.path("search.keras"))
-    return {"searcher": s.searcher, "val_acc": metrics["val_acc"],
-            "val_loss": metrics["val_loss"], "gbops": report["gbops"], "target_gbops": target,
-            "avg_activation_bits": report["avg_activation_bits"],
-            "mac_weighted_activation_bits": report["mac_weighted_activation_bits"],
+    return {"searcher": s.searcher, "val_acc": result.val_acc, "val_loss": result.val_loss,
+            "gbops": result.gbops, "target_gbops": result.target_gbops,
+            "avg_activation_bits": result.avg_activation_bits,
+            "mac_weighted_activation_bits": result.mac_weighted_activation_bits,
             "wall_time_s": result.wall_time_s, "epochs": s.epochs, "history": result.history}
 
 
@@ -520,60 +403,14 @@ def _finetune(ctx: RunContext) -> dict:
     bits = _read_json(bits_path)["bits"]
     with strategy.scope():
         model = _load(ctx.path("search.keras"), "Searched model", "run --phase=search first")
-        wrap.select_bits(model, bits)
-        wrap.enable_weight_quantization(model, True)
-        distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
-        groups = wrap.variable_groups(model)
-        variables = groups.weights_and_steps
-        optimizer = trainer.make_optimizer(
-            trainer.cosine_schedule(f.learning_rate, f.epochs * ctx.steps_per_epoch),
-            variables, weight_decay=f.weight_decay,
-            no_decay=groups.steps + _no_decay(groups.weights))
         teacher = _teacher(ctx, f.teacher)
-
-    selected = steps.fixed_bits(model, bits)  # the selected bits, as static branches
-    step = steps.train_step(strategy, model, optimizer, variables, configure=selected,
-                            teacher=teacher, kd_temperature=f.kd_temperature,
-                            jit_compile=ctx.jit_compile)
-    eval_fn = steps.eval_step(strategy, model, configure=selected, jit_compile=ctx.jit_compile)
-    checkpoint, directory = _phase_checkpoint(ctx, "finetune", model=model, optimizer=optimizer)
-    ctx.say(f"[finetune] weight training at the selected bits with "
-            f"{config.quant.weight_bits}-bit weights: {f.epochs} epoch(s) x "
-            f"{ctx.steps_per_epoch} steps" + (f", KD from {f.teacher}" if f.teacher else ""))
-    result = trainer.run_epochs(
-        phase="finetune", strategy=strategy, iterators=ctx.iterators,
-        slot_offset=_slot_offsets(config)["finetune"], epochs=f.epochs,
-        steps_per_epoch=ctx.steps_per_epoch, epoch_step=lambda epoch: step, eval_fn=eval_fn,
-        eval_dataset=ctx.eval_dataset, checkpoint=checkpoint, checkpoint_dir=directory,
-        log_dir=ctx.path("logs", "finetune"), on_epoch_end=_hook(ctx, "finetune"),
-        verbose=ctx.verbose)
-    metrics = result.last if result.history else trainer.evaluate(strategy, eval_fn,
-                                                                  ctx.eval_dataset)
-    report = CostModel(model).report()
-    wrap.select_bits(model, bits)  # "selected" mode, as the exporter expects
-    snapped = _snap_biases(ctx, model) if f.snap_biases else None
-    if snapped is not None:
-        before = metrics["val_acc"]
-        metrics = trainer.evaluate(strategy, eval_fn, ctx.eval_dataset)
-        snapped.update(val_acc_before=before, val_acc_after=metrics["val_acc"])
-        ctx.say(f"[finetune] biases moved onto the int8 model's int32 grid (at most "
-                f"{snapped['max_shift_units']:.2f} units): val_acc {100 * before:.2f}% -> "
-                f"{100 * metrics['val_acc']:.2f}%")
+    result = api.run_finetune(model, _loop(ctx, "finetune"), epochs=f.epochs, options=f,
+                              bits=bits, teacher=teacher)
     _save(model, ctx.path("final.keras"))
-    return {"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
-            "bias_snap": snapped,
-            "gbops": report["gbops"], "avg_activation_bits": report["avg_activation_bits"],
+    return {"val_acc": result.val_acc, "val_loss": result.val_loss,
+            "bias_snap": result.bias_snap, "gbops": result.gbops,
+            "avg_activation_bits": result.avg_activation_bits,
             "wall_time_s": result.wall_time_s, "epochs": f.epochs, "history": result.history}
-
-
-def _snap_biases(ctx: RunContext, model) -> dict | None:
-    """``export.graph.snap_biases``, or None (and a line saying why) where the model has no
-    int8 export."""
-    try:
-        return export_graph.snap_biases(model)
-    except export_graph.UnsupportedModelError as error:
-        ctx.say(f"[finetune] biases left as trained (no int8 export): {error}")
-        return None
 
 
 _PHASE_FNS = {"pretrain": _pretrain, "search": _search, "finetune": _finetune}
@@ -669,10 +506,56 @@ def _check_target_early(config: ExperimentConfig, model_fn, image_shape, num_cla
     resolve_target(config, CostModel(model))
 
 
-def run(config: ExperimentConfig, phase: str = _ALL, *,
-        strategy: tf.distribute.Strategy | None = None, model_fn: Callable | None = None,
-        verbose: bool = True, on_epoch_end: Callable | None = None,
-        overwrite: bool = False) -> dict:
+def _model_fn(model: keras.Model) -> Callable:
+    """``model_fn`` for a user's float model: a copy with its weights (built under the
+    run's strategy scope), checked against the data's classes."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
+
+    def build(input_shape, num_classes):
+        if model.output_shape[-1] != num_classes:
+            raise ValueError(f"`model` has {model.output_shape[-1]} outputs but the data has "
+                             f"{num_classes} classes. Received: model={model.name!r}")
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        return copy
+
+    return build
+
+
+def _user_datasets(datasets, config: ExperimentConfig, model) -> data_lib.Datasets:
+    """``datasets``: a :class:`metamix_tf.data.Datasets`, or ``(train, eval)`` in the forms
+    :func:`metamix_tf.search` takes (batched with ``config.data``'s batch sizes)."""
+    if isinstance(datasets, data_lib.Datasets):
+        return datasets
+    if not isinstance(datasets, (tuple, list)) or len(datasets) != 2:
+        raise ValueError("`datasets` must be a metamix_tf.data.Datasets or a (train, eval) "
+                         f"pair. Received: datasets={type(datasets).__name__}")
+    d = config.data
+    train = api.as_dataset(datasets[0], "datasets[0]", batch_size=d.batch_size, shuffle=True,
+                           seed=d.seed)
+    evaluation = api.as_dataset(datasets[1], "datasets[1]", batch_size=d.eval_batch_size,
+                                shuffle=False)
+    train_batches, eval_batches = int(train.cardinality()), int(evaluation.cardinality())
+    if train_batches <= 0 or eval_batches <= 0:
+        raise ValueError("`datasets` must have a known, finite length. Received: "
+                         f"cardinality={train_batches}, {eval_batches}")
+    labels = 1 + max(int(tf.reduce_max(y)) for _, y in evaluation.concatenate(train))
+    classes = labels if model is None else int(model.output_shape[-1])
+    if labels > classes:
+        raise ValueError(f"`datasets` has labels up to {labels - 1} but `model` has {classes} "
+                         f"outputs. Received: max label={labels - 1}")
+    return data_lib.Datasets(
+        train=train, eval=evaluation, num_classes=classes,
+        train_size=train_batches * d.batch_size, eval_size=eval_batches * d.eval_batch_size,
+        image_shape=tuple(int(n) for n in train.element_spec[0].shape[1:]),
+        class_names=[str(i) for i in range(classes)], name="user data")
+
+
+def run(config: ExperimentConfig, phase: str = _ALL, *, model: keras.Model | None = None,
+        datasets=None, strategy: tf.distribute.Strategy | None = None,
+        model_fn: Callable | None = None, verbose: bool = True,
+        on_epoch_end: Callable | None = None, overwrite: bool = False) -> dict:
     """Runs ``phase`` (or all phases in order, skipping finished ones) in
     ``config.model_dir``; returns the summary (also written to ``summary.json``).
 
@@ -680,20 +563,35 @@ def run(config: ExperimentConfig, phase: str = _ALL, *,
       config: the resolved experiment config.
       phase: ``"pretrain"``, ``"search"``, ``"finetune"`` or ``"all"``.
       strategy: default :func:`metamix_tf.distribute.get_strategy`.
-      model_fn: ``(input_shape, num_classes) -> keras.Model`` to use instead of
-        ``models.build(config.model.name, ...)`` (tests use a tiny network).
+      model: a user's float Keras model (nested backbones allowed) to use instead of
+        ``models.build(config.model.name, ...)``; trained by the pretrain phase from its
+        current weights (``pretrain.epochs=0`` keeps them). ``config.model.name`` then only
+        names the run.
+      datasets: a :class:`metamix_tf.data.Datasets` or a ``(train, eval)`` pair of
+        ``tf.data`` datasets of ``(images, labels)`` batches or ``(x, y)`` arrays, used
+        instead of ``config.data.dataset`` (no preprocessing is added).
+      model_fn: ``(input_shape, num_classes) -> keras.Model``, the same as ``model`` for a
+        model that is built on demand (tests use a tiny network).
       on_epoch_end: ``(phase, epoch, record) -> None`` after each epoch's checkpoint.
       overwrite: redo the phases whose results were made with other settings (and those
         after them) instead of refusing (:func:`metamix_tf.run_state.stale_phases`).
     """
+    if model is not None:
+        if model_fn is not None:
+            raise ValueError("Give `model` or `model_fn`, not both. "
+                             f"Received: model={model.name!r}, model_fn={model_fn!r}")
+        model_fn = _model_fn(model)
     _check(config, phase, model_fn)
     stale = run_state.stale_phases(config, overwrite=overwrite)
     strategy = strategy or distribute.get_strategy()
     jit = distribute.has_gpu() if config.jit_compile is None else bool(config.jit_compile)
     keras.utils.set_random_seed(config.seed)
     m = config.model
-    preprocess = None if model_fn is not None else models.preprocess_input(m.name)
-    data = data_lib.load(config.data, image_size=m.input_size, preprocess=preprocess)
+    if datasets is not None:
+        data = _user_datasets(datasets, config, model)
+    else:
+        preprocess = None if model_fn is not None else models.preprocess_input(m.name)
+        data = data_lib.load(config.data, image_size=m.input_size, preprocess=preprocess)
     steps_per_epoch = data.train_size // config.data.batch_size
     if phase in (_ALL, "search") and ("search" in stale or not os.path.exists(
             os.path.join(config.model_dir, "search.done"))):

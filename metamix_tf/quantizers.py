@@ -12,6 +12,14 @@ step function is traced, so each training phase traces its function once):
   hand), with that branch's own learned step size. Changing the bits does not retrace.
 * ``"calibrate"``: identity that also sets every branch's step size to the LSQ initial
   value ``2 * mean|x| / sqrt(Qp)`` from this batch (averaged over replicas).
+
+Keras' ``trainable`` flag of each variable follows the mode, so that ``compile`` + ``fit``
+trains only what the mode uses: the bit logits in ``"mixture"`` mode (searchable quantizers
+only), the step sizes in ``"uniform"``, ``"mixture"`` and ``"selected"`` mode, a weight
+quantizer's steps while it is enabled. The flag is Keras' own: the underlying
+``tf.Variable`` keeps the trainability it was created with, so ``tf.GradientTape`` watches
+these variables as before and the custom step functions do not depend on the mode at call
+time.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from metamix_tf.config import validate_bits
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "MODES"]
 
 MODES = ("float", "uniform", "mixture", "selected", "calibrate")
+_STEP_MODES = ("uniform", "mixture", "selected")  # modes that use the learned step sizes
 GRAD_SCALES = ("per_sample", "per_batch", "none")
 
 
@@ -82,6 +91,14 @@ class ActivationQuantizer(keras.layers.Layer):
         if value not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}. Received: mode={value!r}")
         self._mode = value
+        self._sync_trainable()
+
+    def _sync_trainable(self) -> None:
+        """Keras' ``trainable`` flags follow the mode (see the module docstring)."""
+        if not hasattr(self, "alpha"):  # not built yet; build() calls this again
+            return
+        self.alpha.trainable = self.searchable and self._mode == "mixture"
+        self.step_size.trainable = self._mode in _STEP_MODES
 
     @property
     def num_branches(self) -> int:
@@ -107,6 +124,7 @@ class ActivationQuantizer(keras.layers.Layer):
         self.initialized = self.add_weight(
             name="initialized", shape=(), trainable=False, initializer="zeros",
             aggregation="mean")
+        self._sync_trainable()
 
     def _grad_scales(self, x) -> tf.Tensor:
         """Per-branch LSQ gradient scales (in ``x``'s dtype), as constants when the shape is
@@ -211,7 +229,7 @@ class WeightQuantizer(keras.layers.Layer):
             raise ValueError("`channel_axes` must be 1 or 2. "
                              f"Received: channel_axes={channel_axes}")
         self.channel_axes = channel_axes
-        self.enabled = bool(enabled)
+        self._enabled = bool(enabled)
         self.qn, self.qp = ops.quant_range(self.bits, signed=True)
 
     def build(self, kernel_shape):
@@ -221,6 +239,18 @@ class WeightQuantizer(keras.layers.Layer):
             name="step_size", shape=kernel_shape[-self.channel_axes:], initializer="ones",
             trainable=True)
         self._per_channel = int(np.prod([kernel_shape[a] for a in self._reduce_axes]))
+        self.step_size.trainable = self._enabled
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the kernel is quantized; the step sizes are Keras-trainable only then."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool):
+        self._enabled = bool(value)
+        if hasattr(self, "step_size"):
+            self.step_size.trainable = self._enabled
 
     def initialize(self, kernel) -> None:
         """Sets each channel's step to ``2 * mean|w_c| / sqrt(Qp)`` (call it eagerly)."""

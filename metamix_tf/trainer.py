@@ -149,11 +149,12 @@ def _format(value) -> str:
 def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: EpochIterators,
                slot_offset: int, epochs: int, steps_per_epoch: int,
                epoch_step: Callable[[int], Callable], eval_fn: Callable, eval_dataset,
-               checkpoint: tf.train.Checkpoint, checkpoint_dir: str,
+               checkpoint: tf.train.Checkpoint, checkpoint_dir: str | None,
                log_dir: str | None = None, before_epoch: Callable | None = None,
                before_eval: Callable | None = None, epoch_info: Callable | None = None,
                on_epoch_end: Callable | None = None, on_fresh_start: Callable | None = None,
-               verbose: bool = True, max_to_keep: int = 2) -> PhaseResult:
+               should_stop: Callable | None = None, verbose: bool = True,
+               max_to_keep: int = 2) -> PhaseResult:
     """Trains one phase for ``epochs`` epochs, resuming from its latest checkpoint.
 
     Args:
@@ -166,11 +167,14 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
       eval_fn: an :func:`metamix_tf.steps.eval_step` function; ``before_eval(epoch)`` runs
         first (e.g. to select the argmax bits).
       checkpoint: a ``tf.train.Checkpoint`` of everything trained; this function adds the
-        ``epoch`` counter and ``wall_time`` to it.
+        ``epoch`` counter and ``wall_time`` to it. ``checkpoint_dir=None``: no checkpoints,
+        no history file and no resume (the library API without a run directory).
+      eval_dataset: ``None`` skips the evaluation (no ``val_*`` metrics).
       epoch_info: ``epoch -> dict`` of extra values for the epoch line and history (GBOPs,
         bits per layer).
       on_epoch_end: ``(epoch, record) -> None``, after the checkpoint is written (tests
         use it to interrupt a run).
+      should_stop: ``() -> bool``, asked after each epoch (Keras' ``EarlyStopping``).
     """
     if tf.distribute.has_strategy():
         raise ValueError("Call run_epochs outside `strategy.scope()` (its counters are plain "
@@ -179,10 +183,12 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
     wall_var = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_time")
     checkpoint.epoch = epoch_var
     checkpoint.wall_time = wall_var
-    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=max_to_keep)
-    history_path = os.path.join(checkpoint_dir, "history.json")
+    manager = None if checkpoint_dir is None else tf.train.CheckpointManager(
+        checkpoint, checkpoint_dir, max_to_keep=max_to_keep)
+    history_path = None if checkpoint_dir is None else os.path.join(checkpoint_dir,
+                                                                     "history.json")
     start, history = 0, []
-    if manager.latest_checkpoint:
+    if manager is not None and manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         start = int(epoch_var.numpy())
         if os.path.exists(history_path):
@@ -214,7 +220,7 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
             bad = [key for key, value in out.items() if "loss" in key and not math.isfinite(value)]
             if bad:
                 bar.close()
-                kept = manager.latest_checkpoint or "none yet"
+                kept = (manager and manager.latest_checkpoint) or "none yet"
                 raise NonFiniteLossError(
                     f"Non-finite loss in phase '{phase}' at epoch {epoch + 1}, step {index + 1} "
                     f"({', '.join(f'{k}={out[k]}' for k in bad)}); stopped. The last good "
@@ -229,18 +235,20 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
         metrics = _epoch_metrics(totals, last)
         if before_eval is not None:
             before_eval(epoch)
-        metrics.update(evaluate(strategy, eval_fn, eval_dataset))
+        if eval_dataset is not None:
+            metrics.update(evaluate(strategy, eval_fn, eval_dataset))
         if epoch_info is not None:
             metrics.update(epoch_info(epoch))
         elapsed = time.time() - began
         wall_var.assign_add(elapsed)
         record = {"epoch": epoch + 1, **metrics, "time_s": round(elapsed, 2)}
         history.append(record)
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        with open(history_path, "w") as f:  # before the checkpoint; resume truncates it
-            json.dump(history, f, indent=1)
         epoch_var.assign(epoch + 1)
-        manager.save(checkpoint_number=epoch + 1)
+        if manager is not None:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            with open(history_path, "w") as f:  # before the checkpoint; resume truncates it
+                json.dump(history, f, indent=1)
+            manager.save(checkpoint_number=epoch + 1)
         if writer is not None:
             with writer.as_default(step=epoch + 1):
                 for key, value in metrics.items():
@@ -253,6 +261,9 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
         _say(verbose, _epoch_line(phase, epoch, epochs, record))
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
+        if should_stop is not None and should_stop():
+            _say(verbose, f"[{phase}] stopped after epoch {epoch + 1} (a callback asked)")
+            break
     if writer is not None:
         writer.close()
     return PhaseResult(phase=phase, epochs=epochs, history=history,

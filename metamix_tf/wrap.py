@@ -4,11 +4,13 @@ on every quantizer of a wrapped model at once (modes, bits, variable groups)."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable
 
 import keras
 
 from metamix_tf.config import QuantConfig
+from metamix_tf.flatten import flatten, is_graph_model
 from metamix_tf.layers import QUANT_LAYERS, QuantLayerMixin
 from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
 
@@ -136,12 +138,6 @@ def _stored_outputs(model) -> list[str]:
             and stores(layer.name)]
 
 
-def _is_functional(model) -> bool:
-    return isinstance(model, keras.Sequential) or (
-        isinstance(model, keras.Model) and getattr(model, "_is_graph_network", False)
-        or type(model).__name__ == "Functional")
-
-
 def _check_names(argument: str, names: Iterable[str], model) -> None:
     known = {layer.name for layer in model.layers}
     missing = sorted(set(names) - known)
@@ -158,8 +154,10 @@ def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
     ReLU-like activation) and a per-channel weight quantizer on its kernel. The first and
     last quantized layers get ``config.first_last_bits`` for both. All quantizers start in
     ``"float"`` mode with weight quantization off, so the copy computes exactly what the
-    original does. Other weighted layers (e.g. ``SeparableConv2D``) stay float and are
-    listed by :func:`unsupported_layers`.
+    original does. Nested functional / ``Sequential`` models are inlined first
+    (:func:`metamix_tf.flatten.flatten`), so a backbone called as one layer is wrapped layer
+    by layer. Other weighted layers (e.g. ``SeparableConv2D``) stay float, are listed by
+    :func:`unsupported_layers` and in a warning.
 
     With ``config.output_bits``, every tensor that an integer model stores but no quantized
     layer reads (see :func:`output_quantizers`) gets a one-branch quantizer of that width,
@@ -171,11 +169,12 @@ def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
         raise ValueError(f"`config` must be a metamix_tf.QuantConfig. Received: config={config!r}")
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
-    if not _is_functional(model):
+    if not is_graph_model(model):
         raise ValueError(
             "`model` must be a Keras functional or Sequential model (a subclassed model has "
             "no graph to traverse; rebuild it with the functional API). "
             f"Received: model={type(model).__name__}")
+    model = flatten(model)  # nested functional / Sequential models become one graph
     if isinstance(model, keras.Sequential):
         # one input and one output: pass the tensors, not 1-lists, so that calling the
         # wrapped model with a tensor matches its input structure
@@ -230,6 +229,10 @@ def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
             new_vars = [v for v in new.weights if not _is_quantizer_variable(new, v)]
             for var, value in zip(new_vars, weights, strict=True):
                 var.assign(value)
+    float_layers = unsupported_layers(wrapped)
+    if float_layers:
+        warnings.warn(f"metamix_tf.apply: {len(float_layers)} weighted layer(s) have no "
+                      f"quantized form and stay float: {float_layers}", stacklevel=2)
     return wrapped
 
 
@@ -278,10 +281,20 @@ def unsupported_layers(model) -> list[str]:
                 and not isinstance(layer, (QuantLayerMixin, ActivationQuantizer) + _NORMALIZATION))]
 
 
+def _reset_compiled(model) -> None:
+    """Drops the model's compiled ``fit`` / ``evaluate`` / ``predict`` functions: they were
+    traced at the old modes, and Keras rebuilds them on the next call."""
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
+
+
 def set_mode(model, mode: str) -> None:
-    """Puts every activation quantizer in ``mode`` (see :data:`quantizers.MODES`)."""
+    """Puts every activation quantizer in ``mode`` (see :data:`quantizers.MODES`); the
+    next ``fit`` / ``evaluate`` / ``predict`` runs in it."""
     for q in activation_quantizers(model):
         q.mode = mode
+    _reset_compiled(model)
 
 
 def set_uniform(model, bits: int) -> None:
@@ -293,6 +306,7 @@ def set_uniform(model, bits: int) -> None:
     for q in activation_quantizers(model):
         q.mode = "uniform"
         q.uniform_index = q.index_of(bits) if q.searchable else 0
+    _reset_compiled(model)
 
 
 def select_bits(model, bits: dict | None = None) -> dict:
@@ -315,6 +329,7 @@ def select_bits(model, bits: dict | None = None) -> dict:
         selected[layer.name] = q.select(bits.get(layer.name))
     for q in output_quantizers(model):  # one branch each
         q.mode = "selected"
+    _reset_compiled(model)
     return selected
 
 
@@ -335,6 +350,7 @@ def enable_weight_quantization(model, enabled: bool = True, initialize: bool = T
         if enabled and initialize and not wq.enabled:
             wq.initialize(layer.kernel)
         wq.enabled = enabled
+    _reset_compiled(model)
 
 
 def calibrate(model, images) -> None:

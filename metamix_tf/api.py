@@ -1,0 +1,580 @@
+"""The library entry points: :func:`search`, :func:`finetune` and :func:`export_tflite` on
+a user's own wrapped model and data.
+
+    qmodel = metamix_tf.apply(model)
+    result = metamix_tf.search(qmodel, (x, y), target_avg_bits=4, epochs=2)
+    metamix_tf.finetune(qmodel, (x, y), epochs=3)
+    metamix_tf.export_tflite(qmodel, "out", representative_data=x[:256])
+
+``train_data`` / ``validation_data``: a ``tf.data.Dataset`` of ``(images, labels)`` batches
+(integer labels), or an ``(x, y)`` tuple of arrays (batched by the ``batch_size`` setting,
+shuffled each epoch). Each phase runs the project's own loop (:mod:`metamix_tf.trainer`)
+on ``tf.distribute`` (``strategy=None``: the current strategy; build and wrap the model
+under ``strategy.scope()``). The pipeline's search and weight-training phases run the same
+functions (:func:`run_search`, :func:`run_finetune`) with its run directory's loop.
+
+Keras callbacks get ``on_train_begin``, ``on_epoch_begin``, ``on_epoch_end(epoch, logs)``
+(the epoch's scalars: ``loss``, ``acc``, ``val_loss``, ``val_acc``, GBOPs, ...) and
+``on_train_end``; ``model.stop_training`` (``EarlyStopping``) ends the phase after the
+epoch. Resume is the ``checkpoint_dir`` setting (one checkpoint per epoch, restored on the
+next call); ``BackupAndRestore`` is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from metamix_tf import config as config_lib
+from metamix_tf import distribute, searchers, steps, trainer, wrap
+from metamix_tf.cost import CostModel
+from metamix_tf.export import graph as export_graph
+
+__all__ = [
+    "Loop",
+    "SearchResult",
+    "FinetuneResult",
+    "search",
+    "finetune",
+    "export_tflite",
+    "make_loop",
+    "run_search",
+    "run_finetune",
+]
+
+# Settings of the loop itself (the others are SearchConfig / FinetuneConfig fields).
+_LOOP_SETTINGS = {"batch_size": 32, "steps_per_epoch": None, "shuffle_seed": 0,
+                  "jit_compile": False, "verbose": True, "checkpoint_dir": None,
+                  "log_dir": None, "eval_batch_size": 256}
+# SearchConfig / FinetuneConfig fields that are arguments of search() / finetune().
+_ARGUMENTS = {"searcher", "epochs", "warmup_epochs", "target_gbops", "target_avg_bits",
+              "teacher"}
+
+
+@dataclasses.dataclass
+class Loop:
+    """Where a phase's batches come from and where its epochs are recorded."""
+
+    strategy: tf.distribute.Strategy
+    iterators: trainer.EpochIterators
+    steps_per_epoch: int
+    eval_dataset: object = None  # a distributed dataset, or None
+    slot_offset: int = 0
+    checkpoint_dir: str | None = None
+    log_dir: str | None = None
+    jit_compile: bool = False
+    verbose: bool = True
+    on_epoch_end: object = None  # (epoch, record) -> None
+
+    def say(self, message: str) -> None:
+        if self.verbose:
+            print(message, flush=True)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """What :func:`search` found. ``bits``: layer name -> activation bits."""
+
+    searcher: str
+    bits: dict
+    gbops: float
+    target_gbops: float
+    avg_activation_bits: float
+    mac_weighted_activation_bits: float
+    argmax_gbops: float
+    lowered_to_target: list
+    candidate_bits: list
+    report: dict
+    history: list
+    val_acc: float | None
+    val_loss: float | None
+    wall_time_s: float
+    epochs: int
+
+    def record(self) -> dict:
+        """The pipeline's ``bits.json`` content."""
+        return {"searcher": self.searcher, "bits": self.bits, "gbops": self.gbops,
+                "target_gbops": self.target_gbops, "argmax_gbops": self.argmax_gbops,
+                "lowered_to_target": self.lowered_to_target,
+                "avg_activation_bits": self.avg_activation_bits,
+                "mac_weighted_activation_bits": self.mac_weighted_activation_bits,
+                "candidate_bits": self.candidate_bits, "report": self.report}
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What :func:`finetune` left: metrics after training (and after the bias snap)."""
+
+    bits: dict
+    gbops: float
+    avg_activation_bits: float
+    history: list
+    val_acc: float | None
+    val_loss: float | None
+    bias_snap: dict | None
+    wall_time_s: float
+    epochs: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and data
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, keras.Model) or not wrap.quant_layers(model):
+        raise ValueError("`qmodel` must be a model wrapped by metamix_tf.apply. "
+                         f"Received: qmodel={type(model).__name__}")
+    inputs, outputs = len(model.inputs or []), len(model.outputs or [])
+    if inputs != 1 or outputs != 1:
+        raise ValueError("`qmodel` must have one input and one output (images -> logits). "
+                         f"Received: inputs={inputs}, outputs={outputs}")
+
+
+def _split_settings(settings: dict, section) -> tuple:
+    """``settings`` -> (the phase config with them, the loop settings); unknown keys are
+    errors."""
+    fields = {f.name for f in dataclasses.fields(section)} - _ARGUMENTS
+    unknown = sorted(set(settings) - fields - set(_LOOP_SETTINGS))
+    if unknown:
+        raise ValueError(f"Unknown setting(s) {unknown}; known: "
+                         f"{sorted(fields | set(_LOOP_SETTINGS))}. "
+                         f"Received: {unknown[0]}={settings[unknown[0]]!r}")
+    phase = dataclasses.replace(section(), **{k: v for k, v in settings.items() if k in fields})
+    loop = {**_LOOP_SETTINGS, **{k: v for k, v in settings.items() if k in _LOOP_SETTINGS}}
+    return phase, loop
+
+
+def as_dataset(data, name: str, *, batch_size: int, shuffle: bool, seed: int = 0):
+    """A ``tf.data.Dataset`` of ``(images, labels)`` batches from a dataset or ``(x, y)``."""
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        ok = (isinstance(spec, tuple) and len(spec) == 2
+              and all(isinstance(s, tf.TensorSpec) for s in spec)
+              and spec[0].shape.rank == 4 and spec[1].shape.rank == 1
+              and (spec[1].dtype.is_integer))
+        if not ok:
+            raise ValueError(f"`{name}` must yield (images, labels) batches: images "
+                             "[batch, height, width, channels], integer labels [batch]. "
+                             f"Received: element_spec={spec}")
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = np.asarray(data[0], np.float32), np.asarray(data[1])
+        if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or not np.issubdtype(
+                y.dtype, np.integer):
+            raise ValueError(f"`{name}` as (x, y) needs images [n, height, width, channels] "
+                             f"and n integer labels. Received: x.shape={x.shape}, "
+                             f"y.shape={y.shape}, y.dtype={y.dtype}")
+        dataset = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
+        if shuffle:
+            dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        return dataset.batch(batch_size)
+    raise ValueError(f"`{name}` must be a tf.data.Dataset of (images, labels) batches or an "
+                     f"(x, y) tuple of arrays. Received: {name}={type(data).__name__}")
+
+
+def make_loop(train_data, validation_data=None, *, strategy=None, batch_size: int = 32,
+              eval_batch_size: int = 256, steps_per_epoch: int | None = None,
+              shuffle_seed: int = 0, jit_compile: bool = False, verbose: bool = True,
+              checkpoint_dir: str | None = None, log_dir: str | None = None) -> Loop:
+    """A :class:`Loop` on user data (see the module docstring for the data forms)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    train = as_dataset(train_data, "train_data", batch_size=batch_size, shuffle=True,
+                       seed=shuffle_seed)
+    if steps_per_epoch is None:
+        cardinality = int(train.cardinality())
+        if cardinality <= 0:  # infinite or unknown
+            raise ValueError("`train_data` has no known length; give the steps_per_epoch "
+                             f"setting. Received: cardinality={cardinality}")
+        steps_per_epoch = cardinality
+    evaluation = None
+    if validation_data is not None:
+        evaluation = strategy.experimental_distribute_dataset(as_dataset(
+            validation_data, "validation_data", batch_size=eval_batch_size, shuffle=False))
+    return Loop(strategy=strategy, iterators=trainer.EpochIterators(strategy, train),
+                steps_per_epoch=int(steps_per_epoch), eval_dataset=evaluation,
+                checkpoint_dir=checkpoint_dir, log_dir=log_dir, jit_compile=bool(jit_compile),
+                verbose=bool(verbose))
+
+
+def _callback_list(callbacks, model):
+    callbacks = list(callbacks or [])
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.BackupAndRestore):
+            raise ValueError("BackupAndRestore is for Keras' fit; the MetaMix phases resume "
+                             "from the checkpoint_dir setting. Received: "
+                             "callbacks=[BackupAndRestore]")
+    return keras.callbacks.CallbackList(callbacks, model=model) if callbacks else None
+
+
+def _scalars(record: dict) -> dict:
+    logs = {k: float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
+    if "acc" in logs:  # Keras' names, so that callbacks monitor what fit would log
+        logs["accuracy"] = logs["acc"]
+    if "val_acc" in logs:
+        logs["val_accuracy"] = logs["val_acc"]
+    return logs
+
+
+def _run_phase(loop: Loop, model, callbacks, **kwargs) -> trainer.PhaseResult:
+    """``trainer.run_epochs`` with the loop's data and the callbacks' hooks."""
+    cbs = _callback_list(callbacks, model)
+    hook = loop.on_epoch_end
+
+    def on_epoch_end(epoch, record):
+        if hook is not None:
+            hook(epoch, record)
+        if cbs is not None:
+            cbs.on_epoch_end(epoch, _scalars(record))
+
+    model.stop_training = False
+    if cbs is not None:
+        cbs.on_train_begin()
+    result = trainer.run_epochs(
+        strategy=loop.strategy, iterators=loop.iterators, slot_offset=loop.slot_offset,
+        steps_per_epoch=loop.steps_per_epoch, eval_dataset=loop.eval_dataset,
+        checkpoint_dir=loop.checkpoint_dir, log_dir=loop.log_dir, verbose=loop.verbose,
+        before_epoch=None if cbs is None else cbs.on_epoch_begin,
+        on_epoch_end=on_epoch_end, should_stop=lambda: bool(model.stop_training), **kwargs)
+    if cbs is not None:
+        cbs.on_train_end(_scalars(result.last))
+    return result
+
+
+def _no_decay(variables) -> list:
+    return [v for v in variables if len(v.shape) <= 1]
+
+
+def _teacher_kwargs(teacher, model, loop: Loop, kd_temperature: float) -> dict:
+    if teacher is not None and not isinstance(teacher, keras.Model):
+        raise ValueError("`teacher` must be a keras.Model (logits) or None. "
+                         f"Received: teacher={type(teacher).__name__}")
+    if teacher is not None and teacher.output_shape[-1] != model.output_shape[-1]:
+        raise ValueError(f"The teacher has {teacher.output_shape[-1]} outputs, the model "
+                         f"{model.output_shape[-1]}. Received: teacher={teacher.name!r}")
+    return dict(teacher=teacher, kd_temperature=kd_temperature, jit_compile=loop.jit_compile)
+
+
+def _requested_target(cost: CostModel, candidates, target_gbops, target_avg_bits):
+    if target_gbops is not None:
+        if not target_gbops > 0:
+            raise ValueError(f"`target_gbops` must be > 0. Received: target_gbops={target_gbops}")
+        return cost.check_target(float(target_gbops))
+    if target_avg_bits is None:
+        return None
+    low, high = min(candidates), max(candidates)
+    if not low <= target_avg_bits <= high:
+        raise ValueError(f"The average activation bit-width target {target_avg_bits} is outside "
+                         f"the candidate bits [{low}, {high}]. "
+                         f"Received: target_avg_bits={target_avg_bits}")
+    return cost.check_target(cost.uniform_gbops(float(target_avg_bits)))
+
+
+def _searchable(model) -> dict:
+    return {layer.name: layer.input_quantizer for layer in wrap.quant_layers(model)
+            if layer.input_quantizer is not None and layer.input_quantizer.searchable}
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+# ---------------------------------------------------------------------------------------------
+
+
+def search(qmodel, train_data, *, target_gbops: float | None = None,
+           target_avg_bits: float | None = None, searcher="metamix", epochs: int = 2,
+           warmup_epochs: int = 1, validation_data=None, loss=None, teacher=None,
+           callbacks=None, strategy=None, **settings) -> SearchResult:
+    """Searches the activation bits of ``qmodel`` (from :func:`metamix_tf.apply`).
+
+    Calibrates the step sizes on the first batch, runs ``epochs`` epochs of ``searcher``
+    (``"metamix"``, ``"joint"``, ``"uniform"`` or a :class:`metamix_tf.searchers.Searcher`)
+    and leaves ``qmodel`` in ``"selected"`` mode at the found bits (weights trained by the
+    search, weight quantization off).
+
+    Args:
+      target_gbops / target_avg_bits: the GBOPs budget, given once: in GBOPs, or as the
+        GBOPs of every searchable layer at that average bit-width. ``"uniform"`` takes none.
+      loss: only the default (sparse categorical cross-entropy on logits, or KD from
+        ``teacher``) is implemented; anything else is refused.
+      settings: :class:`metamix_tf.config.SearchConfig` fields (``learning_rate``,
+        ``alpha_learning_rate``, ``cost_weight``, ``uniform_bits``, ...) and loop settings
+        (``batch_size``, ``steps_per_epoch``, ``checkpoint_dir``, ``log_dir``,
+        ``verbose``, ``jit_compile``, ``shuffle_seed``, ``eval_batch_size``).
+    Returns a :class:`SearchResult` (``.bits``, ``.gbops``, ``.history``, ...).
+    """
+    _check_model(qmodel)
+    _check_loss(loss)
+    options, loop_settings = _split_settings(settings, config_lib.SearchConfig)
+    chosen = searchers.get_searcher(searcher, warmup_epochs=warmup_epochs,
+                                    uniform_bits=options.uniform_bits)
+    given = [(name, value) for name, value in (("target_gbops", target_gbops),
+                                               ("target_avg_bits", target_avg_bits))
+             if value is not None]
+    if isinstance(chosen, searchers.Uniform):
+        if given:
+            raise ValueError("The 'uniform' searcher has no GBOPs target (its cost is that of "
+                             f"uniform_bits). Received: {given[0][0]}={given[0][1]}")
+    elif len(given) != 1:
+        raise ValueError("Give the GBOPs target once: target_gbops or target_avg_bits. "
+                         f"Received: target_gbops={target_gbops}, "
+                         f"target_avg_bits={target_avg_bits}")
+    loop = make_loop(train_data, validation_data, strategy=strategy, **loop_settings)
+    return run_search(qmodel, loop, chosen, epochs=epochs, options=options,
+                      target_gbops=target_gbops, target_avg_bits=target_avg_bits,
+                      teacher=teacher, callbacks=callbacks)
+
+
+def _check_loss(loss) -> None:
+    if loss is not None:
+        raise ValueError("Only the default loss (cross-entropy on logits, or KD with "
+                         f"`teacher`) is implemented. Received: loss={loss!r}")
+
+
+def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
+               options: config_lib.SearchConfig, target_gbops=None, target_avg_bits=None,
+               teacher=None, callbacks=None) -> SearchResult:
+    """The search on a prepared :class:`Loop` (what :func:`search` and the pipeline run)."""
+    if not isinstance(epochs, int) or epochs < (0 if isinstance(searcher, searchers.Uniform)
+                                                else 1):
+        raise ValueError(f"The '{searcher.name}' searcher needs `epochs` >= 1 to learn the bit "
+                         f"logits. Received: epochs={epochs!r}")
+    strategy = loop.strategy
+    with strategy.scope():
+        distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
+        groups = wrap.variable_groups(model)
+        weight_vars = groups.weights_and_steps
+        weight_opt = trainer.make_optimizer(
+            trainer.cosine_schedule(options.learning_rate, epochs * loop.steps_per_epoch),
+            weight_vars, weight_decay=options.weight_decay,
+            no_decay=groups.steps + _no_decay(groups.weights))
+        alpha_opt = trainer.make_optimizer(
+            options.alpha_learning_rate, groups.alphas,
+            weight_decay=options.alpha_weight_decay, beta_1=options.alpha_beta_1,
+            beta_2=options.alpha_beta_2) if groups.alphas else None
+    cost = CostModel(model)
+    candidates = tuple(sorted({b for q in _searchable(model).values()
+                               for b in q.candidate_bits}))
+    target = searcher.target(cost, _requested_target(cost, candidates or (0,), target_gbops,
+                                                     target_avg_bits))
+    if isinstance(searcher, searchers.MetaMix):
+        shortened = searcher.fit_warmup(epochs)
+        if shortened is not None:
+            loop.say(f"[search] warm-up shortened to {shortened} epoch(s) to leave one "
+                     f"bit-search epoch (epochs={epochs})")
+    uniform = searcher.uniform_bits(cost, candidates, target)
+    setup = searchers.SearchSetup(
+        strategy=strategy, model=model, groups=groups, cost=cost, target=target,
+        candidate_bits=candidates, uniform_bits=uniform, weight_optimizer=weight_opt,
+        alpha_optimizer=alpha_opt, cost_weight=options.cost_weight,
+        step_kwargs=_teacher_kwargs(teacher, model, loop, options.kd_temperature))
+    epoch_step = searcher.make_epoch_step(setup)
+
+    def select(epoch):
+        if not searcher.searched(epoch):
+            return wrap.select_bits(model, dict.fromkeys(_searchable(model), uniform))
+        bits = wrap.select_bits(model)
+        if options.enforce_target:
+            alphas = {name: keras.ops.convert_to_numpy(q.alpha)
+                      for name, q in _searchable(model).items()}
+            fitted = cost.fit_to_target(bits, target, alphas)
+            if fitted != bits:
+                bits = wrap.select_bits(model, fitted)
+        return bits
+
+    def epoch_info(epoch):
+        bits = wrap.get_bits(model)
+        report = cost.report(bits)
+        return {"sel_gbops": report["gbops"], "avg_bits": report["avg_activation_bits"],
+                "bits": bits}
+
+    eval_fn = steps.eval_step(strategy, model, configure=lambda: wrap.set_mode(model, "selected"),
+                              jit_compile=loop.jit_compile)
+    calibrate = steps.calibrate_step(strategy, model)
+
+    def on_fresh_start(iterator):
+        images, labels = next(iterator)
+        calibrate(images, labels)
+
+    objects = dict(model=model, optimizer=weight_opt)
+    if alpha_opt is not None:
+        objects["alpha_optimizer"] = alpha_opt
+    low, high = cost.bounds()
+    loop.say(f"[search] searcher={searcher.describe()}, {epochs} epoch(s) x "
+             f"{loop.steps_per_epoch} steps, candidates {candidates}, target {target:.4f} "
+             f"GBOPs (range {low:.4f}..{high:.4f}; uniform {uniform}-bit = "
+             f"{cost.uniform_gbops(uniform):.4f}), lambda {options.cost_weight}")
+    result = _run_phase(
+        loop, model, callbacks, phase="search", epochs=epochs, epoch_step=epoch_step,
+        eval_fn=eval_fn, checkpoint=tf.train.Checkpoint(**objects), before_eval=select,
+        epoch_info=epoch_info, on_fresh_start=on_fresh_start)
+
+    argmax_bits = {layer: q.argmax_bits for layer, q in _searchable(model).items()} \
+        if searcher.searched(epochs) else {}
+    bits = select(epochs)
+    metrics = result.last if result.history else (
+        trainer.evaluate(strategy, eval_fn, loop.eval_dataset) if loop.eval_dataset else {})
+    report = cost.report(bits)
+    wrap.set_mode(model, "selected")
+    return SearchResult(
+        searcher=searcher.name, bits=bits, gbops=report["gbops"], target_gbops=target,
+        avg_activation_bits=report["avg_activation_bits"],
+        mac_weighted_activation_bits=report["mac_weighted_activation_bits"],
+        argmax_gbops=cost.gbops({**bits, **argmax_bits}),
+        lowered_to_target=sorted(k for k, b in argmax_bits.items() if bits[k] != b),
+        candidate_bits=list(candidates), report=report, history=result.history,
+        val_acc=metrics.get("val_acc"), val_loss=metrics.get("val_loss"),
+        wall_time_s=result.wall_time_s, epochs=epochs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight training
+# ---------------------------------------------------------------------------------------------
+
+
+def finetune(qmodel, train_data, *, epochs: int, validation_data=None, loss=None,
+             teacher=None, callbacks=None, strategy=None, **settings) -> FinetuneResult:
+    """Weight training of ``qmodel`` at its selected bits with quantized weights.
+
+    Turns weight quantization on (LSQ steps initialised from the kernels), trains weights,
+    BatchNorm and step sizes for ``epochs`` epochs, then (setting ``snap_biases``, default
+    on) moves each folded bias onto the int8 export's int32 grid. ``qmodel`` ends in
+    ``"selected"`` mode, ready for :func:`export_tflite`.
+
+    Args: as :func:`search`; settings are :class:`metamix_tf.config.FinetuneConfig` fields
+    (``learning_rate``, ``weight_decay``, ``kd_temperature``, ``snap_biases``) and the loop
+    settings.
+    """
+    _check_model(qmodel)
+    _check_loss(loss)
+    options, loop_settings = _split_settings(settings, config_lib.FinetuneConfig)
+    loop = make_loop(train_data, validation_data, strategy=strategy, **loop_settings)
+    return run_finetune(qmodel, loop, epochs=epochs, options=options, teacher=teacher,
+                        callbacks=callbacks)
+
+
+def run_finetune(model, loop: Loop, *, epochs: int, options: config_lib.FinetuneConfig,
+                 bits: dict | None = None, teacher=None, callbacks=None) -> FinetuneResult:
+    """Weight training on a prepared :class:`Loop` (what :func:`finetune` and the pipeline
+    run); ``bits`` default to the model's selected bits."""
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"`epochs` must be an integer >= 0. Received: epochs={epochs!r}")
+    strategy = loop.strategy
+    bits = dict(wrap.get_bits(model) if bits is None else bits)
+    with strategy.scope():
+        wrap.select_bits(model, bits)
+        wrap.enable_weight_quantization(model, True)
+        distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
+        groups = wrap.variable_groups(model)
+        variables = groups.weights_and_steps
+        optimizer = trainer.make_optimizer(
+            trainer.cosine_schedule(options.learning_rate, epochs * loop.steps_per_epoch),
+            variables, weight_decay=options.weight_decay,
+            no_decay=groups.steps + _no_decay(groups.weights))
+    kwargs = _teacher_kwargs(teacher, model, loop, options.kd_temperature)
+    selected = steps.fixed_bits(model, bits)  # the selected bits, as static branches
+    step = steps.train_step(strategy, model, optimizer, variables, configure=selected,
+                            **kwargs)
+    eval_fn = steps.eval_step(strategy, model, configure=selected,
+                              jit_compile=loop.jit_compile)
+    weight_bits = sorted({wq.bits for wq in wrap.weight_quantizers(model)})
+    loop.say(f"[finetune] weight training at the selected bits with {weight_bits}-bit "
+             f"weights: {epochs} epoch(s) x {loop.steps_per_epoch} steps"
+             + (f", KD from {teacher.name}" if teacher is not None else ""))
+    result = _run_phase(
+        loop, model, callbacks, phase="finetune", epochs=epochs,
+        epoch_step=lambda epoch: step, eval_fn=eval_fn,
+        checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer))
+
+    def evaluate():
+        return trainer.evaluate(strategy, eval_fn, loop.eval_dataset) if loop.eval_dataset \
+            else {}
+
+    metrics = result.last if result.history else evaluate()
+    report = CostModel(model).report()
+    wrap.select_bits(model, bits)  # "selected" mode, as the exporter expects
+    snapped = _snap_biases(loop, model) if options.snap_biases else None
+    if snapped is not None:
+        before = metrics.get("val_acc")
+        metrics = evaluate()
+        snapped.update(val_acc_before=before, val_acc_after=metrics.get("val_acc"))
+        if before is not None:
+            loop.say(f"[finetune] biases moved onto the int8 model's int32 grid (at most "
+                     f"{snapped['max_shift_units']:.2f} units): val_acc {100 * before:.2f}% "
+                     f"-> {100 * metrics['val_acc']:.2f}%")
+    return FinetuneResult(
+        bits=bits, gbops=report["gbops"], avg_activation_bits=report["avg_activation_bits"],
+        history=result.history, val_acc=metrics.get("val_acc"),
+        val_loss=metrics.get("val_loss"), bias_snap=snapped, wall_time_s=result.wall_time_s,
+        epochs=epochs)
+
+
+def _snap_biases(loop: Loop, model) -> dict | None:
+    """``export.graph.snap_biases``, or None (and a line saying why) where the model has no
+    int8 export."""
+    try:
+        return export_graph.snap_biases(model)
+    except export_graph.UnsupportedModelError as error:
+        loop.say(f"[finetune] biases left as trained (no int8 export): {error}")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def _images_and_labels(data, name: str, limit: int | None = None) -> tuple:
+    if isinstance(data, np.ndarray) or (not isinstance(data, (tuple, list, tf.data.Dataset))
+                                        and hasattr(data, "shape")):
+        x = np.asarray(data, np.float32)
+        if x.ndim != 4:
+            raise ValueError(f"`{name}` images must be [n, height, width, channels]. "
+                             f"Received: {name}.shape={x.shape}")
+        return x[:limit], None
+    dataset = as_dataset(data, name, batch_size=256, shuffle=False)
+    images, labels, count = [], [], 0
+    for x, y in dataset:
+        images.append(x.numpy())
+        labels.append(y.numpy())
+        count += len(images[-1])
+        if limit is not None and count >= limit:
+            break
+    return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
+
+
+def export_tflite(qmodel, output_dir: str, *, representative_data, eval_data=None,
+                  formats=("int8", "float16", "float32"), **options) -> dict:
+    """Writes ``qmodel`` (after :func:`finetune`) as TFLite files with their encodings and
+    returns the export report (also ``output_dir/export_report.json``).
+
+    Args:
+      representative_data: images (an array) or ``(x, y)`` / a dataset as for
+        :func:`search`; the int8 ranges of the tensors the model keeps in float.
+      eval_data: ``(x, y)`` or a dataset; with it, each file is run by LiteRT and compared
+        with the Keras model (accuracy, agreement, grid checks, latency).
+      options: :func:`metamix_tf.export.run.export_model` keywords (``name``,
+        ``weight_storage``, ``latency_runs``, ...).
+    """
+    from metamix_tf.export import run as export_run
+
+    _check_model(qmodel)
+    representative, _ = _images_and_labels(representative_data, "representative_data",
+                                           limit=options.pop("max_calibration_examples", 1024))
+    images = labels = None
+    if eval_data is not None:
+        images, labels = _images_and_labels(eval_data, "eval_data")
+    os.makedirs(output_dir, exist_ok=True)
+    bits = wrap.get_bits(qmodel)
+    report = CostModel(qmodel).report(bits)
+    bits_info = {"bits": bits, "gbops": report["gbops"],
+                 "avg_activation_bits": report["avg_activation_bits"]}
+    options.setdefault("log", lambda message: None)
+    return export_run.export_model(qmodel, output_dir, formats,
+                                   calibration_data=representative, eval_images=images,
+                                   eval_labels=labels, verify_models=images is not None,
+                                   bits_info=bits_info, **options)

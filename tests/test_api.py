@@ -1,0 +1,148 @@
+"""metamix_tf.search / finetune / export_tflite on a user's model and arrays or datasets:
+results, callbacks and bad input."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import metamix_tf as mm
+
+L = keras.layers
+QUIET = dict(batch_size=16, verbose=False)
+
+
+def _float_model(outputs=1):
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c1")(inp)
+    x = L.ReLU()(x)
+    x = L.Conv2D(8, 3, padding="same", name="c2")(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(8, 3, padding="same", name="c3")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    heads = [L.Dense(4, name=f"fc{i}")(x) for i in range(outputs)]
+    return keras.Model(inp, heads[0] if outputs == 1 else heads)
+
+
+def _qmodel(outputs=1):
+    return mm.apply(_float_model(outputs), mm.QuantConfig(candidate_bits=(2, 4, 8)))
+
+
+def _data(n=48):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (n, 8, 8, 3)).astype(np.float32)
+    return x, (x[:, :, :, 0].mean(axis=(1, 2)) > 0).astype(np.int32) * 3
+
+
+def test_search_then_finetune_on_arrays():
+    qmodel, (x, y) = _qmodel(), _data()
+    result = mm.search(qmodel, (x, y), target_avg_bits=4, epochs=2, warmup_epochs=1,
+                       validation_data=(x, y), **QUIET)
+    assert set(result.bits) == {"c1", "c2", "c3", "fc0"}
+    assert result.bits["c1"] == 8 and result.bits["fc0"] == 8  # first / last fixed
+    assert result.gbops <= result.target_gbops * (1 + 1e-9)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert {"loss", "acc", "val_loss", "val_acc", "search_loss", "sel_gbops"} <= set(
+        result.history[-1])
+    assert mm.get_bits(qmodel) == result.bits
+    assert all(q.mode == "selected" for q in mm.activation_quantizers(qmodel))
+    tuned = mm.finetune(qmodel, (x, y), epochs=1, validation_data=(x, y), **QUIET)
+    assert tuned.bits == result.bits and len(tuned.history) == 1
+    assert all(wq.enabled for wq in mm.weight_quantizers(qmodel))
+    assert tuned.val_acc is not None
+
+
+def test_uniform_searcher_on_a_dataset_selects_its_bits():
+    qmodel, (x, y) = _qmodel(), _data()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    result = mm.search(qmodel, dataset, searcher="uniform", epochs=1, uniform_bits=2,
+                       verbose=False)
+    assert result.bits == {"c1": 8, "c2": 2, "c3": 2, "fc0": 8}
+    assert result.val_acc is None  # no validation data
+
+
+class _Recorder(keras.callbacks.Callback):
+    def __init__(self, stop_after=None):
+        super().__init__()
+        self.logs, self.calls, self.stop_after = [], [], stop_after
+
+    def on_train_begin(self, logs=None):
+        self.calls.append("begin")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.logs.append(dict(logs))
+        if self.stop_after is not None and epoch + 1 >= self.stop_after:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        self.calls.append("end")
+
+
+def test_callbacks_get_epoch_logs_and_can_stop(tmp_path):
+    qmodel, (x, y) = _qmodel(), _data()
+    recorder = _Recorder(stop_after=1)
+    csv = keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))
+    result = mm.finetune(qmodel, (x, y), epochs=3, validation_data=(x, y),
+                         callbacks=[recorder, csv], **QUIET)
+    assert len(result.history) == 1 and recorder.calls == ["begin", "end"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(recorder.logs[0])
+    assert all(isinstance(v, float) for v in recorder.logs[0].values())
+    lines = (tmp_path / "log.csv").read_text().splitlines()
+    assert len(lines) == 2 and "val_loss" in lines[0]
+
+
+def test_checkpoint_dir_resumes(tmp_path):
+    (x, y) = _data()
+    first = _qmodel()
+    mm.finetune(first, (x, y), epochs=1, checkpoint_dir=str(tmp_path), **QUIET)
+    second = _qmodel()
+    result = mm.finetune(second, (x, y), epochs=1, checkpoint_dir=str(tmp_path), **QUIET)
+    assert len(result.history) == 1  # restored the finished epoch, trained none
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_export_tflite_writes_int8_and_verifies(tmp_path):
+    qmodel, (x, y) = _qmodel(), _data()
+    mm.search(qmodel, (x, y), target_avg_bits=4, epochs=1, warmup_epochs=0, **QUIET)
+    mm.finetune(qmodel, (x, y), epochs=1, **QUIET)
+    report = mm.export_tflite(qmodel, str(tmp_path), representative_data=x,
+                              eval_data=(x, y), formats=("int8",), latency_runs=1,
+                              latency_rounds=1, tensor_costs=False)
+    assert (tmp_path / "model_int8.tflite").exists()
+    assert report["bits"] and "verification" in report
+
+
+BAD_SEARCH = [
+    (dict(target_gbops=0.001, target_avg_bits=4), "target once.*Received: target_gbops="),
+    (dict(), "target once.*Received: target_gbops=None, target_avg_bits=None"),
+    (dict(target_avg_bits=4, searcher="random"), "Received: searcher='random'"),
+    (dict(searcher="uniform", target_avg_bits=4), "Received: target_avg_bits=4"),
+    (dict(target_avg_bits=4, learning_rte=1e-3), "Received: learning_rte=0.001"),
+    (dict(target_avg_bits=4, loss="mse"), "Received: loss='mse'"),
+    (dict(target_avg_bits=9), "outside the candidate bits.*Received: target_avg_bits=9"),
+    (dict(target_avg_bits=4, teacher="float.keras"), "Received: teacher=str"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_SEARCH)
+def test_bad_search_arguments_are_one_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mm.search(_qmodel(), _data(), epochs=1, **QUIET, **kwargs)
+
+
+def test_bad_data_and_models_are_one_clear_error():
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"\(images, labels\) batches.*Received: element_spec"):
+        mm.finetune(_qmodel(), tf.data.Dataset.from_tensor_slices(x).batch(8), epochs=1)
+    with pytest.raises(ValueError, match="integer labels.*Received: x.shape"):
+        mm.finetune(_qmodel(), (x, y.astype(np.float32)), epochs=1)
+    with pytest.raises(ValueError, match="Received: train_data=dict"):
+        mm.finetune(_qmodel(), {"x": x}, epochs=1)
+    with pytest.raises(ValueError, match="Received: inputs=1, outputs=2"):
+        mm.finetune(_qmodel(outputs=2), (x, y), epochs=1)
+    with pytest.raises(ValueError, match="Received: qmodel=Functional"):
+        mm.finetune(_float_model(), (x, y), epochs=1)
+    with pytest.raises(ValueError, match="BackupAndRestore"):
+        mm.finetune(_qmodel(), (x, y), epochs=1, verbose=False,
+                    callbacks=[keras.callbacks.BackupAndRestore("/tmp/unused")])
