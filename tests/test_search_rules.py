@@ -156,3 +156,21 @@ def test_set_initial_alphas_on_a_wrapped_model():
                   if layer.input_quantizer is not None and layer.input_quantizer.searchable]
     assert len(searchable) == count
     assert {q.argmax_bits for q in searchable} == {4}
+
+
+def test_coupled_l2_once_under_mirrored_strategy(two_cpu_strategy):
+    """Two replicas: the L2 term is added once, to the replica-summed gradient."""
+    with two_cpu_strategy.scope():
+        v = keras.Variable(np.array([1.0, -2.0], np.float32))
+        opt = trainer.make_optimizer(0.1, [v], l2=0.1, kind="sgd", momentum=0.0,
+                                     nesterov=False)
+
+    @tf.function
+    def step():
+        def replica_fn():
+            opt.apply_gradients([(tf.constant([0.25, 0.25]), v)])  # summed: 0.5
+        two_cpu_strategy.run(replica_fn)
+
+    step()
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(v),
+                               [1 - 0.1 * (0.5 + 0.1), -2 - 0.1 * (0.5 - 0.2)], rtol=1e-6)
