@@ -145,8 +145,18 @@ class PretrainConfig:
 
     epochs: int = 10
     learning_rate: float = 6e-3
-    weight_decay: float = 1e-5
+    weight_decay: float = 1e-5  # decoupled (AdamW style)
     label_smoothing: float = 0.0
+    optimizer: str = "adam"  # "adam" | "sgd" (momentum, nesterov)
+    momentum: float = 0.9
+    nesterov: bool = True
+    l2: float = 0.0  # coupled L2 added to the gradient (PyTorch-style weight_decay)
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up before the cosine decay
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError("`optimizer` must be 'adam' or 'sgd'. "
+                             f"Received: optimizer={self.optimizer!r}")
 
 
 @dataclass
@@ -169,6 +179,17 @@ class SearchConfig:
     alpha_beta_2: float = 0.999
     alpha_weight_decay: float = 1e-3
     cost_weight: float = 4.0  # lambda in  loss + lambda * |GBOPs - target| / target
+    # "relative": lambda * |G - T| / T; "absolute": lambda * |G - T| (the paper's form).
+    cost_normalization: str = "relative"
+    # Coupled L2 on the alphas (PyTorch Adam weight_decay: l2 * alpha added to the
+    # gradient); alpha_weight_decay is Keras' decoupled decay (v -= lr * wd * v).
+    alpha_l2: float = 0.0
+    # "fixed": alpha_learning_rate; "displacement": lr = alpha_displacement / alpha steps.
+    alpha_lr_rule: str = "fixed"
+    alpha_displacement: float = 0.5  # lr x alpha steps of the paper's ImageNet search
+    # Initial logit bias toward the uniform bit-width nearest the target (0: all zero,
+    # argmax ties go to the lowest bits).
+    alpha_init_bias: float = 0.0
     target_gbops: float | None = None
     target_avg_bits: float | None = 3.5
     # After each search epoch, lower the bits the alphas prefer least until the selected
@@ -183,6 +204,12 @@ class SearchConfig:
             raise ValueError("`searcher` must be 'metamix', 'joint' or 'none'. "
                              f"Received: searcher={self.searcher!r}")
         self.uniform_bits = validate_bits("uniform_bits", self.uniform_bits)
+        if self.cost_normalization not in ("relative", "absolute"):
+            raise ValueError("`cost_normalization` must be 'relative' or 'absolute'. "
+                             f"Received: cost_normalization={self.cost_normalization!r}")
+        if self.alpha_lr_rule not in ("fixed", "displacement"):
+            raise ValueError("`alpha_lr_rule` must be 'fixed' or 'displacement'. "
+                             f"Received: alpha_lr_rule={self.alpha_lr_rule!r}")
 
 
 @dataclass

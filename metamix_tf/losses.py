@@ -83,14 +83,22 @@ def scale_replica_term(term: tf.Tensor) -> tf.Tensor:
     return term / float(replicas)
 
 
-def cost_penalty(gbops: tf.Tensor, target: float, weight: float) -> tf.Tensor:
-    """``weight * |gbops - target| / target``, the bit-search cost term.
+def cost_penalty(gbops: tf.Tensor, target: float, weight: float,
+                 normalization: str = "relative") -> tf.Tensor:
+    """The bit-search cost term: ``weight * |gbops - target| / target`` (``"relative"``) or
+    ``weight * |gbops - target|`` (``"absolute"``, the paper's form, lambda = 4 on ImageNet).
 
-    Normalising by the target makes ``weight`` (lambda) independent of the model's scale:
+    The relative form makes ``weight`` (lambda) independent of the model's scale:
     lambda = 4 weighs a 10% miss of the target like a task-loss increase of 0.4, on a 0.1
-    GBOPs MobileNet at 32 px as on a 5 GBOPs one at 224 px. Gradient in ``gbops``:
-    ``weight * sign(gbops - target) / target``.
+    GBOPs MobileNet at 32 px as on a 5 GBOPs one at 224 px; the absolute one scales with the
+    target (at 5.12 GBOPs it is 5.12x the relative one). Gradient in ``gbops``:
+    ``weight * sign(gbops - target)``, divided by ``target`` in the relative form.
     """
     if not target > 0:
         raise ValueError(f"The GBOPs target must be > 0. Received: target={target}")
-    return weight * tf.abs(gbops - target) / target
+    if normalization == "relative":
+        return weight * tf.abs(gbops - target) / target
+    if normalization == "absolute":
+        return weight * tf.abs(gbops - target)
+    raise ValueError("`normalization` must be 'relative' or 'absolute'. "
+                     f"Received: normalization={normalization!r}")

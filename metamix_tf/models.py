@@ -28,10 +28,13 @@ __all__ = [
     "build",
     "preprocess_input",
     "resnet18",
+    "resnet20",
     "set_bn_momentum",
 ]
 
-MODEL_NAMES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet50")
+MODEL_NAMES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet20",
+               "resnet50")
+_OWN = ("resnet18", "resnet20")  # built here, no ImageNet weights
 
 # Looked up at call time so tests can stand in for the ImageNet download.
 _KERAS_APPS = {
@@ -41,7 +44,7 @@ _KERAS_APPS = {
     "resnet50": keras.applications.ResNet50,
 }
 _MOBILENET_V3 = ("mobilenet_v3_small", "mobilenet_v3_large")
-# The layer that maps features to classes: a Dense for MobileNetV2 / ResNet50 and our ResNet-18,
+# The layer that maps features to classes: a Dense for MobileNetV2 / ResNet50 and our ResNets,
 # a 1x1 Conv2D (followed by Flatten and a linear Activation named "predictions") in MobileNetV3.
 _CLASSIFIER = {"mobilenet_v3_small": "logits", "mobilenet_v3_large": "logits"}
 _KERAS_MIN_SIDE = 32  # keras.applications refuse smaller inputs
@@ -227,6 +230,43 @@ def resnet18(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
 
 
 # ---------------------------------------------------------------------------------------------
+# ResNet-20 (CIFAR)
+# ---------------------------------------------------------------------------------------------
+
+
+def resnet20(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
+             dropout: float = 0.0, bn_momentum: float = 0.9,
+             name: str = "resnet20") -> keras.Model:
+    """The CIFAR ResNet-20 (He et al., 2016, section 4.2) as a flat functional model returning
+    logits.
+
+    A 3x3 conv (16 filters, stride 1), then 3 stages of 3 BasicBlocks at widths 16-32-64,
+    strides 1-2-2 on the first conv of each stage, global average pooling, optional dropout,
+    Dense ``"predictions"``. Where the shape changes (2 places) the shortcut is a 1x1 conv + BN
+    projection (the paper's option B; its CIFAR nets use option A, zero-padded identity, which
+    has no conv to quantize): 21 Conv2D and 1 Dense, 272,474 trainable parameters at 10
+    classes (option A: 270K). Layer names and BN settings as in :func:`resnet18`
+    (``stage{1-3}_block{1-3}_...``).
+    """
+    input_shape = _check_input_shape(input_shape)
+    num_classes = _check_num_classes(num_classes)
+    dropout = _check_fraction("dropout", dropout)
+    bn_momentum = _check_fraction("bn_momentum", bn_momentum)
+    inputs = keras.Input(shape=input_shape, name="input")
+    x = _conv_bn(inputs, 16, 3, 1, "stem", "", bn_momentum)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    for stage, (filters, strides) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
+        for block in (1, 2, 3):
+            x = _basic_block(x, filters, strides if block == 1 else 1,
+                             f"stage{stage}_block{block}", bn_momentum)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, name="predictions")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+# ---------------------------------------------------------------------------------------------
 # build
 # ---------------------------------------------------------------------------------------------
 
@@ -366,12 +406,13 @@ def build(name: str, input_shape: Sequence[int] = (32, 32, 3), num_classes: int 
     Args:
         name: ``"mobilenet_v2"``, ``"mobilenet_v3_small"``, ``"mobilenet_v3_large"``
             (``keras.applications``, MobileNetV3 non-minimalistic without its internal
-            Rescaling), ``"resnet18"`` (:func:`resnet18`) or ``"resnet50"``.
+            Rescaling), ``"resnet18"`` (:func:`resnet18`), ``"resnet20"`` (:func:`resnet20`,
+            CIFAR) or ``"resnet50"``.
         input_shape: ``(height, width, channels)``; ``keras.applications`` models need
             height and width >= 32 (at 32x32 their last feature map is 1x1).
         num_classes: size of the logits, >= 2.
         weights: ``None`` (random), ``"imagenet"`` (Keras' weights, downloaded by
-            ``keras.applications``; needs 3 channels; not for ``resnet18``; the classifier
+            ``keras.applications``; needs 3 channels; not for the ResNet-18/20; the classifier
             is kept only when ``num_classes == 1000``), or the path of a ``.keras`` /
             ``.weights.h5`` file saved from a model built with the same arguments.
         bn_momentum: when not ``None``, the momentum of every BatchNormalization layer
@@ -379,7 +420,7 @@ def build(name: str, input_shape: Sequence[int] = (32, 32, 3), num_classes: int 
         dropout: rate of a Dropout before the classifier. 0 keeps each model's default:
             none, except MobileNetV3's built-in ``dropout_rate=0.2``.
 
-    The layers are the same for every ``weights`` value. MobileNetV2, ResNet50 and ResNet-18
+    The layers are the same for every ``weights`` value. MobileNetV2, ResNet50 and ResNet-18/20
     end in a Dense named ``"predictions"``; MobileNetV3 keeps Keras' head, a 1x1 Conv2D
     ``"logits"`` on the pooled 1x1 map, then Flatten and a linear Activation ``"predictions"``.
     The ``"imagenet"`` path cannot be exercised offline.
@@ -394,8 +435,8 @@ def build(name: str, input_shape: Sequence[int] = (32, 32, 3), num_classes: int 
                          f"'.weights.h5' file. Received: weights={weights!r}")
     weights = None if weights is None else os.fspath(weights)
     if weights == "imagenet":
-        if name == "resnet18":
-            raise ValueError("There are no ImageNet weights for resnet18; use weights=None or a "
+        if name in _OWN:
+            raise ValueError(f"There are no ImageNet weights for {name}; use weights=None or a "
                              f"file path. Received: weights={weights!r}")
         if input_shape[-1] != 3:
             raise ValueError("ImageNet weights need 3 input channels. "
@@ -405,6 +446,8 @@ def build(name: str, input_shape: Sequence[int] = (32, 32, 3), num_classes: int 
 
     if name == "resnet18":
         model = resnet18(input_shape, num_classes, dropout=dropout, name=name)
+    elif name == "resnet20":
+        model = resnet20(input_shape, num_classes, dropout=dropout, name=name)
     else:
         if min(input_shape[:2]) < _KERAS_MIN_SIDE:
             raise ValueError(f"{name} needs input height and width >= {_KERAS_MIN_SIDE}. "

@@ -147,6 +147,41 @@ def test_resnet18_convs_read_relu_outputs():
             assert isinstance(layer._outbound_nodes[0].operation, keras.layers.ReLU)
 
 
+def test_resnet20_layer_counts_params_and_shapes():
+    model = _built("resnet20")
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    # 1 stem + 18 block convs + 2 projection shortcuts (stages 2 and 3), 16-32-64 filters.
+    assert len(convs) == 21
+    assert sorted(c.name for c in convs if "shortcut" in c.name) == [
+        "stage2_block1_shortcut_conv", "stage3_block1_shortcut_conv"]
+    assert {c.filters for c in convs} == {16, 32, 64}
+    assert len(dense) == 1 and dense[0].name == "predictions"
+    assert all(not c.use_bias for c in convs)
+    stem = model.get_layer("stem_conv")
+    assert stem.kernel_size == (3, 3) and stem.strides == (1, 1) and stem.filters == 16
+    assert tuple(model.get_layer("stage1_block3_relu2").output.shape[1:]) == (32, 32, 16)
+    assert tuple(model.get_layer("stage2_block3_relu2").output.shape[1:]) == (16, 16, 32)
+    assert tuple(model.get_layer("stage3_block3_relu2").output.shape[1:]) == (8, 8, 64)
+    # He et al.'s 0.27M: 270,410 with option A shortcuts + 2 projections (512 + 2,048
+    # weights) and their BN (64 + 128 parameters) = 272,474 (BN moving stats excluded).
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert trainable == 272_474
+    for layer in convs[1:]:
+        assert isinstance(_producer(layer.input), keras.layers.ReLU), layer.name
+
+
+def test_resnet20_quantizes_every_conv_and_dense():
+    from metamix_tf import wrap
+    from metamix_tf.config import QuantConfig
+
+    model = wrap.apply(_built("resnet20"), QuantConfig())
+    assert len(wrap.quant_layers(model)) == 22
+    assert _logits(model, _images()).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"no ImageNet weights for resnet20"):
+        models.build("resnet20", weights="imagenet")
+
+
 @pytest.mark.parametrize("side,stem", [(64, "cifar"), (65, "imagenet")])
 def test_resnet18_stem_depends_on_input_size(side, stem):
     model = models.resnet18(input_shape=(side, side, 3), num_classes=5)

@@ -1,0 +1,115 @@
+"""Float training of a zoo model with the pretrain settings of a config, SGD included.
+
+    unzip -q ../shared/data/cifar10-jpeg.zip -d /tmp/cifar10
+    python benchmarks/train_float.py --config=configs/cifar10_resnet20.yaml \\
+        --dataset=folder:/tmp/cifar10 --model_dir=runs/float_cifar10_resnet20 \\
+        --out=weights/cifar10_resnet20
+
+What ``train.py --phase=pretrain`` does (same data pipeline, steps, epoch loop, per-epoch
+checkpoints; the same command resumes), with the optimizer the ``pretrain`` section asks for
+(``optimizer: sgd``, ``momentum``, ``nesterov``, coupled ``l2``, ``warmup_epochs``), which
+``pipeline._pretrain`` does not pass on yet. Evaluates on the whole eval split every epoch
+and writes ``<out>.weights.h5`` (load with ``models.build(name, weights=...)`` or
+``--weights``) and ``<out>.json`` (accuracy, epochs, wall time, command, config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from metamix_tf import config as config_lib  # noqa: E402
+from metamix_tf import data as data_lib  # noqa: E402
+from metamix_tf import models, steps, trainer  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("config", [], "YAML config file(s), applied in order.")
+flags.DEFINE_string("dataset", None, "Overrides data.dataset, e.g. folder:/tmp/cifar10.")
+flags.DEFINE_string("model_dir", "runs/float", "Checkpoints and history (resume from here).")
+flags.DEFINE_string("out", None, "Path prefix of the .weights.h5 and .json written at the end.")
+flags.DEFINE_integer("epochs", None, "Overrides pretrain.epochs.")
+flags.DEFINE_integer("max_train_examples", None, "A stratified subset (smoke checks).")
+flags.DEFINE_integer("max_eval_examples", None, "A stratified eval subset (smoke checks only).")
+
+
+def _no_decay(variables) -> list:
+    return [v for v in variables if len(v.shape) <= 1]
+
+
+def main(argv):
+    del argv
+    config = config_lib.load(FLAGS.config)
+    if FLAGS.dataset:
+        config.data.dataset = FLAGS.dataset
+    if FLAGS.epochs is not None:
+        config.pretrain.epochs = FLAGS.epochs
+    config.data.max_train_examples = FLAGS.max_train_examples
+    config.data.max_eval_examples = FLAGS.max_eval_examples
+    p, m = config.pretrain, config.model
+    keras.utils.set_random_seed(config.seed)
+    strategy = tf.distribute.get_strategy()
+    data = data_lib.load(config.data, image_size=m.input_size,
+                         preprocess=models.preprocess_input(m.name))
+    steps_per_epoch = data.train_size // config.data.batch_size
+    os.makedirs(FLAGS.model_dir, exist_ok=True)
+    config_lib.save(config, os.path.join(FLAGS.model_dir, "config.yaml"))
+    print(f"{m.name} on {data.name}: {data.train_size} train / {data.eval_size} eval images, "
+          f"{p.epochs} epochs x {steps_per_epoch} steps, {p.optimizer} lr {p.learning_rate}",
+          flush=True)
+    model = models.build(m.name, data.image_shape, data.num_classes,
+                         bn_momentum=m.bn_momentum, dropout=m.dropout)
+    variables = list(model.trainable_variables)
+    total = p.epochs * steps_per_epoch
+    schedule = trainer.cosine_schedule(p.learning_rate, total,
+                                       round(p.warmup_epochs * steps_per_epoch))
+    optimizer = trainer.make_optimizer(
+        schedule, variables, weight_decay=p.weight_decay, l2=p.l2, kind=p.optimizer,
+        momentum=p.momentum, nesterov=p.nesterov, no_decay=_no_decay(variables))
+    step = steps.train_step(strategy, model, optimizer, variables,
+                            label_smoothing=p.label_smoothing)
+    eval_fn = steps.eval_step(strategy, model)
+    eval_dataset = strategy.experimental_distribute_dataset(data.eval)
+    result = trainer.run_epochs(
+        phase="pretrain", strategy=strategy,
+        iterators=trainer.EpochIterators(strategy, data.train), slot_offset=0,
+        epochs=p.epochs, steps_per_epoch=steps_per_epoch, epoch_step=lambda epoch: step,
+        eval_fn=eval_fn, eval_dataset=eval_dataset,
+        checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer),
+        checkpoint_dir=os.path.join(FLAGS.model_dir, "ckpt", "pretrain"),
+        log_dir=os.path.join(FLAGS.model_dir, "logs", "pretrain"))
+    metrics = trainer.evaluate(strategy, eval_fn, eval_dataset)
+    print(f"done: {p.epochs} epochs, val_acc {metrics['val_acc']:.4f} on {data.eval_size} "
+          f"images, wall time {result.wall_time_s:.0f} s", flush=True)
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+        model.save_weights(FLAGS.out + ".weights.h5")
+        record = {
+            "model": m.name, "dataset": data.name, "eval_images": data.eval_size,
+            "train_images": data.train_size, "epochs": p.epochs,
+            "val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
+            "wall_time_s": round(result.wall_time_s, 1),
+            "history": [{k: v for k, v in h.items() if not isinstance(v, dict)}
+                        for h in result.history],
+            "command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1],
+                                                         *sys.argv]),
+            "config": config_lib.to_dict(config),
+            "machine": {"platform": platform.platform(), "tensorflow": tf.__version__,
+                        "keras": keras.__version__, "cpu_count": os.cpu_count()},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with open(FLAGS.out + ".json", "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
