@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf import distribute, searchers, steps, trainer, wrap
+from metamix_tf import distribute, search_rules, searchers, steps, trainer, wrap
 from metamix_tf.cost import CostModel
 from metamix_tf.export import graph as export_graph
 
@@ -94,10 +94,12 @@ class SearchResult:
     val_loss: float | None
     wall_time_s: float
     epochs: int
+    settings: dict = dataclasses.field(default_factory=dict)  # the search rules as applied
 
     def record(self) -> dict:
         """The pipeline's ``bits.json`` content."""
         return {"searcher": self.searcher, "bits": self.bits, "gbops": self.gbops,
+                "settings": self.settings,
                 "target_gbops": self.target_gbops, "argmax_gbops": self.argmax_gbops,
                 "lowered_to_target": self.lowered_to_target,
                 "avg_activation_bits": self.avg_activation_bits,
@@ -352,9 +354,11 @@ def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
             trainer.cosine_schedule(options.learning_rate, epochs * loop.steps_per_epoch),
             weight_vars, weight_decay=options.weight_decay,
             no_decay=groups.steps + _no_decay(groups.weights))
+        alpha_lr = _alpha_learning_rate(searcher, options, epochs, loop.steps_per_epoch) \
+            if groups.alphas else None
         alpha_opt = trainer.make_optimizer(
-            options.alpha_learning_rate, groups.alphas,
-            weight_decay=options.alpha_weight_decay, beta_1=options.alpha_beta_1,
+            alpha_lr, groups.alphas, weight_decay=options.alpha_weight_decay,
+            l2=options.alpha_l2, beta_1=options.alpha_beta_1,
             beta_2=options.alpha_beta_2) if groups.alphas else None
     cost = CostModel(model)
     candidates = tuple(sorted({b for q in _searchable(model).values()
@@ -367,10 +371,18 @@ def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
             loop.say(f"[search] warm-up shortened to {shortened} epoch(s) to leave one "
                      f"bit-search epoch (epochs={epochs})")
     uniform = searcher.uniform_bits(cost, candidates, target)
+    # the steps' penalty is relative (w |G - T| / T): the weight that gives the configured form
+    cost_weight = search_rules.relative_cost_weight(options.cost_weight, target,
+                                                    options.cost_normalization)
+    settings = {"cost_normalization": options.cost_normalization,
+                "cost_weight": options.cost_weight, "relative_cost_weight": cost_weight,
+                "alpha_learning_rate": alpha_lr, "alpha_lr_rule": options.alpha_lr_rule,
+                "alpha_l2": options.alpha_l2, "alpha_init_bias": options.alpha_init_bias,
+                "alpha_init_bits": uniform}
     setup = searchers.SearchSetup(
         strategy=strategy, model=model, groups=groups, cost=cost, target=target,
         candidate_bits=candidates, uniform_bits=uniform, weight_optimizer=weight_opt,
-        alpha_optimizer=alpha_opt, cost_weight=options.cost_weight,
+        alpha_optimizer=alpha_opt, cost_weight=cost_weight,
         step_kwargs=_teacher_kwargs(teacher, model, loop, options.kd_temperature))
     epoch_step = searcher.make_epoch_step(setup)
 
@@ -397,6 +409,8 @@ def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
     calibrate = steps.calibrate_step(strategy, model)
 
     def on_fresh_start(iterator):
+        if options.alpha_init_bias and groups.alphas:  # a restored checkpoint has its own
+            search_rules.set_initial_alphas(model, uniform, options.alpha_init_bias)
         images, labels = next(iterator)
         calibrate(images, labels)
 
@@ -407,7 +421,8 @@ def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
     loop.say(f"[search] searcher={searcher.describe()}, {epochs} epoch(s) x "
              f"{loop.steps_per_epoch} steps, candidates {candidates}, target {target:.4f} "
              f"GBOPs (range {low:.4f}..{high:.4f}; uniform {uniform}-bit = "
-             f"{cost.uniform_gbops(uniform):.4f}), lambda {options.cost_weight}")
+             f"{cost.uniform_gbops(uniform):.4f}), lambda {options.cost_weight} "
+             f"({options.cost_normalization}), alpha lr {alpha_lr}")
     result = _run_phase(
         loop, model, callbacks, phase="search", epochs=epochs, epoch_step=epoch_step,
         eval_fn=eval_fn, checkpoint=tf.train.Checkpoint(**objects), before_eval=select,
@@ -428,7 +443,21 @@ def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
         lowered_to_target=sorted(k for k, b in argmax_bits.items() if bits[k] != b),
         candidate_bits=list(candidates), report=report, history=result.history,
         val_acc=metrics.get("val_acc"), val_loss=metrics.get("val_loss"),
-        wall_time_s=result.wall_time_s, epochs=epochs)
+        wall_time_s=result.wall_time_s, epochs=epochs, settings=settings)
+
+
+def _alpha_learning_rate(searcher: searchers.Searcher, options: config_lib.SearchConfig,
+                         epochs: int, steps_per_epoch: int) -> float:
+    """``options.alpha_learning_rate``, or with ``alpha_lr_rule="displacement"`` the lr
+    that moves a logit by ``alpha_displacement`` over this searcher's alpha steps
+    (:mod:`metamix_tf.search_rules`), the same rule for every searcher."""
+    if isinstance(searcher, searchers.Uniform):  # its logits are never stepped
+        return float(options.alpha_learning_rate)
+    warmup = getattr(searcher, "warmup_epochs", 0)
+    kind = "metamix" if isinstance(searcher, searchers.MetaMix) else "joint"
+    steps_count = search_rules.alpha_steps(kind, epochs, warmup, steps_per_epoch)
+    return search_rules.alpha_learning_rate(options.alpha_lr_rule, options.alpha_learning_rate,
+                                            options.alpha_displacement, steps_count)
 
 
 # ---------------------------------------------------------------------------------------------

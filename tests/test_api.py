@@ -146,3 +146,30 @@ def test_bad_data_and_models_are_one_clear_error():
     with pytest.raises(ValueError, match="BackupAndRestore"):
         mm.finetune(_qmodel(), (x, y), epochs=1, verbose=False,
                     callbacks=[keras.callbacks.BackupAndRestore("/tmp/unused")])
+
+
+def test_search_rules_are_applied_and_recorded():
+    """Issue 12's settings reach the searcher: the absolute cost form scales lambda by the
+    target, the displacement rule sets lr x alpha steps, the tie-break picks the start."""
+    qmodel, (x, y) = _qmodel(), _data()
+    first_alphas = {}
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 0:
+                first_alphas.update({q.name: q.alpha.numpy().copy()
+                                     for q in mm.activation_quantizers(qmodel)
+                                     if q.searchable})
+
+    result = mm.search(qmodel, (x, y), target_avg_bits=4, epochs=2, warmup_epochs=1,
+                       cost_normalization="absolute", cost_weight=4.0,
+                       alpha_lr_rule="displacement", alpha_displacement=0.5,
+                       alpha_init_bias=0.01, alpha_l2=1e-3, callbacks=[Spy()], **QUIET)
+    s = result.settings
+    assert s["relative_cost_weight"] == pytest.approx(4.0 * result.target_gbops)
+    steps_per_epoch = 48 // 16
+    assert s["alpha_learning_rate"] == pytest.approx(0.5 / steps_per_epoch)  # 1 search epoch
+    assert s["alpha_init_bits"] == 4 and first_alphas
+    for alpha in first_alphas.values():  # the start is the tie-break, argmax at 4 bits
+        np.testing.assert_array_equal(alpha, np.float32([0.0, 0.01, 0.0]))
+    assert result.record()["settings"] == s
