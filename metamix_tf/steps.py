@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 SUM = tf.distribute.ReduceOp.SUM
+META_PREFIX = "meta"  # meta_step's per-candidate outputs: meta<bits>_loss_sum, ...
 
 
 def _global_count(labels: tf.Tensor) -> tf.Tensor:
@@ -207,6 +208,10 @@ def meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: S
     pass by pass, then one optimizer step; the bit logits get no step. BatchNorm moving
     statistics are updated once per candidate pass.
 
+    Outputs: the averaged ``loss_sum`` / ``correct`` / ``count``, and each candidate's own
+    as ``meta<b>_loss_sum`` / ``meta<b>_correct`` / ``meta<b>_count`` (per epoch:
+    ``record["meta_losses"]``), so a pass that dominates the average shows.
+
     Each candidate's forward and backward is its own ``strategy.run`` (the bits are set
     between them, see :func:`_distributed`), so only one pass's activations are alive at a
     time.
@@ -233,8 +238,7 @@ def meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: S
                 has_grad[index] = True
                 grad = tf.convert_to_tensor(grad)
             out.append(grad + accumulated[index] if accumulated else grad)
-        metrics = {"loss_sum": tf.reduce_sum(per_example) / k,
-                   "correct": _correct(labels, logits) / k}
+        metrics = {"loss_sum": tf.reduce_sum(per_example), "correct": _correct(labels, logits)}
         return out, metrics
 
     def apply(*grads):
@@ -254,10 +258,13 @@ def meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: S
             accumulated, metrics = strategy.run(
                 grad_pass_fn, args=(images, labels, teacher_logits, *accumulated))
             for key, value in _reduce(strategy, metrics).items():
-                totals[key] = totals[key] + value if key in totals else value
+                totals[f"{META_PREFIX}{bits}_{key}"] = value  # this candidate's own
+                totals[key] = totals[key] + value / k if key in totals else value / k
         strategy.run(apply_fn, args=tuple(accumulated))
         count = strategy.run(lambda y: tf.cast(tf.shape(y)[0], tf.float32), args=(labels,))
         totals["count"] = strategy.reduce(SUM, count, axis=None)
+        for bits in candidate_bits:
+            totals[f"{META_PREFIX}{bits}_count"] = totals["count"]
         return totals
 
     step.__name__ = "meta_step"

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -189,6 +190,13 @@ def _epoch_metrics(totals: dict, last: dict) -> dict:
     for key in ("gbops", "search_gbops", "penalty", "search_penalty"):
         if key in last:
             metrics[key] = last[key]
+    # meta_step's per-candidate losses, grouped: {"meta_losses": {"2": ..., "4": ...}}
+    per_bits = {key[len("meta"):-len("_loss")]: metrics.pop(key) for key in list(metrics)
+                if re.fullmatch(r"meta\d+_loss", key)}
+    for key in [k for k in metrics if re.fullmatch(r"meta\d+_acc", k)]:
+        del metrics[key]
+    if per_bits:
+        metrics["meta_losses"] = per_bits
     return metrics
 
 

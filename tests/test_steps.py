@@ -90,6 +90,14 @@ def test_meta_step_changes_weights_and_step_sizes_not_alphas():
     meta = steps.meta_step(strategy, model, weight_opt, groups.weights_and_steps, CANDIDATES)
     out = meta(*batch)
     assert np.isfinite(float(out["loss_sum"])) and float(out["count"]) == 16
+    # each candidate's own loss is reported, and the step's loss is their mean
+    per_bits = [float(out[f"meta{b}_loss_sum"]) for b in CANDIDATES]
+    assert float(out["loss_sum"]) == pytest.approx(np.mean(per_bits), rel=1e-6)
+    assert len(set(per_bits)) == len(CANDIDATES)  # the passes really ran at other bits
+    metrics = trainer._epoch_metrics({k: float(v) for k, v in out.items()}, {})
+    assert set(metrics["meta_losses"]) == {str(b) for b in CANDIDATES}
+    assert metrics["meta_losses"]["2"] == pytest.approx(per_bits[0] / 16)
+    assert not any(k.startswith("meta2") for k in metrics)
     assert not any(changed(alphas, groups.alphas))
     assert all(changed(weights, groups.weights))
     # Every branch of every searchable quantizer gets a step: one pass per candidate.
