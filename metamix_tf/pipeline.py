@@ -687,8 +687,16 @@ def run(config: ExperimentConfig, phase: str = _ALL, *,
         after them) instead of refusing (:func:`metamix_tf.run_state.stale_phases`).
     """
     _check(config, phase, model_fn)
-    stale = run_state.stale_phases(config, overwrite=overwrite)
     strategy = strategy or distribute.get_strategy()
+    # With several workers, only the chief writes config.model_dir; the others a copy.
+    with distribute.worker_dir(strategy, config.model_dir) as model_dir:
+        return _run(dataclasses.replace(config, model_dir=model_dir), phase, strategy,
+                    model_fn, verbose, on_epoch_end, overwrite)
+
+
+def _run(config, phase, strategy, model_fn, verbose, on_epoch_end, overwrite) -> dict:
+    """:func:`run` in the directory this process writes (``config.model_dir``)."""
+    stale = run_state.stale_phases(config, overwrite=overwrite)
     jit = distribute.has_gpu() if config.jit_compile is None else bool(config.jit_compile)
     keras.utils.set_random_seed(config.seed)
     m = config.model
