@@ -4,19 +4,27 @@
 ``MirroredStrategy`` over all local GPUs when there are several, and the default strategy
 (one device: the GPU if there is one, else the CPU) otherwise. Tests pass ``devices=`` to
 mirror over logical CPUs.
+
+With several workers only the chief writes to the run directory: :func:`worker_dir` gives
+every other worker a temporary copy of it to write to, and removes it afterwards (as the
+TensorFlow multi-worker guide prescribes for checkpoints).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 
 import keras
 import tensorflow as tf
 
-__all__ = ["get_strategy", "mirrored_strategy", "describe", "sync_batch_norm", "has_gpu"]
+__all__ = ["get_strategy", "mirrored_strategy", "describe", "sync_batch_norm", "has_gpu",
+           "is_chief", "barrier", "worker_dir"]
 
 
 def has_gpu() -> bool:
@@ -96,3 +104,54 @@ def sync_batch_norm(model, synchronized: bool) -> int:
             layer.synchronized = bool(synchronized)
             count += 1
     return count
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run directory: always, except for the workers of a
+    ``MultiWorkerMirroredStrategy`` other than the chief (task ``chief``, or ``worker`` 0
+    when the cluster has no ``chief``)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    return (task_type == "worker" and task_id == 0
+            and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Returns once every worker has called it (an all-reduce of one number per replica)."""
+    ones = strategy.run(lambda: tf.constant(1.0))
+    strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
+
+
+_NOT_COPIED = ("logs", "export")
+
+
+@contextlib.contextmanager
+def worker_dir(strategy: tf.distribute.Strategy, model_dir: str) -> Iterator[str]:
+    """The directory this process writes a run to: ``model_dir`` for the chief; for another
+    worker a temporary copy of ``model_dir`` (checkpoints, models and bookkeeping, so that
+    it resumes where the chief does), removed on exit.
+
+    With several workers, everyone waits until each worker has taken its copy, so that the
+    chief changes nothing before. ``model_dir`` must be on storage every worker sees.
+    """
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if is_chief(strategy):
+        if multi_worker:
+            barrier(strategy)
+        yield model_dir
+        return
+    work = tempfile.mkdtemp(prefix="metamix_worker_")
+    try:
+        if os.path.isdir(model_dir):
+            shutil.copytree(model_dir, work, dirs_exist_ok=True,
+                            ignore=lambda d, names: [n for n in names
+                                                     if d == model_dir and n in _NOT_COPIED])
+        if multi_worker:
+            barrier(strategy)
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

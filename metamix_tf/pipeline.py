@@ -582,8 +582,16 @@ def run(config: ExperimentConfig, phase: str = _ALL, *, model: keras.Model | Non
                              f"Received: model={model.name!r}, model_fn={model_fn!r}")
         model_fn = _model_fn(model)
     _check(config, phase, model_fn)
-    stale = run_state.stale_phases(config, overwrite=overwrite)
     strategy = strategy or distribute.get_strategy()
+    # With several workers, only the chief writes config.model_dir; the others a copy.
+    with distribute.worker_dir(strategy, config.model_dir) as model_dir:
+        return _run(dataclasses.replace(config, model_dir=model_dir), phase, strategy,
+                    model_fn, verbose, on_epoch_end, overwrite)
+
+
+def _run(config, phase, strategy, model_fn, verbose, on_epoch_end, overwrite) -> dict:
+    """:func:`run` in the directory this process writes (``config.model_dir``)."""
+    stale = run_state.stale_phases(config, overwrite=overwrite)
     jit = distribute.has_gpu() if config.jit_compile is None else bool(config.jit_compile)
     keras.utils.set_random_seed(config.seed)
     m = config.model
