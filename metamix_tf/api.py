@@ -250,14 +250,15 @@ def _no_decay(variables) -> list:
     return [v for v in variables if len(v.shape) <= 1]
 
 
-def _teacher_kwargs(teacher, model, loop: Loop, kd_temperature: float) -> dict:
+def _step_kwargs(teacher, loss, model, loop: Loop, kd_temperature: float) -> dict:
     if teacher is not None and not isinstance(teacher, keras.Model):
         raise ValueError("`teacher` must be a keras.Model (logits) or None. "
                          f"Received: teacher={type(teacher).__name__}")
     if teacher is not None and teacher.output_shape[-1] != model.output_shape[-1]:
         raise ValueError(f"The teacher has {teacher.output_shape[-1]} outputs, the model "
                          f"{model.output_shape[-1]}. Received: teacher={teacher.name!r}")
-    return dict(teacher=teacher, kd_temperature=kd_temperature, jit_compile=loop.jit_compile)
+    return dict(teacher=teacher, kd_temperature=kd_temperature, jit_compile=loop.jit_compile,
+                loss_fn=_loss_fn(loss, teacher))
 
 
 def _requested_target(cost: CostModel, candidates, target_gbops, target_avg_bits):
@@ -299,8 +300,10 @@ def search(qmodel, train_data, *, target_gbops: float | None = None,
     Args:
       target_gbops / target_avg_bits: the GBOPs budget, given once: in GBOPs, or as the
         GBOPs of every searchable layer at that average bit-width. ``"uniform"`` takes none.
-      loss: only the default (sparse categorical cross-entropy on logits, or KD from
-        ``teacher``) is implemented; anything else is refused.
+      loss: a Keras loss (its reduction is dropped) or a callable ``(labels, logits) ->
+        [batch]`` per-example losses; default: sparse categorical cross-entropy on logits,
+        or KD from ``teacher`` (a Keras model giving logits). ``val_loss`` stays the
+        cross-entropy.
       settings: :class:`metamix_tf.config.SearchConfig` fields (``learning_rate``,
         ``alpha_learning_rate``, ``cost_weight``, ``uniform_bits``, ...) and loop settings
         (``batch_size``, ``steps_per_epoch``, ``checkpoint_dir``, ``log_dir``,
@@ -308,7 +311,6 @@ def search(qmodel, train_data, *, target_gbops: float | None = None,
     Returns a :class:`SearchResult` (``.bits``, ``.gbops``, ``.history``, ...).
     """
     _check_model(qmodel)
-    _check_loss(loss)
     options, loop_settings = _split_settings(settings, config_lib.SearchConfig)
     chosen = searchers.get_searcher(searcher, warmup_epochs=warmup_epochs,
                                     uniform_bits=options.uniform_bits)
@@ -326,18 +328,30 @@ def search(qmodel, train_data, *, target_gbops: float | None = None,
     loop = make_loop(train_data, validation_data, strategy=strategy, **loop_settings)
     return run_search(qmodel, loop, chosen, epochs=epochs, options=options,
                       target_gbops=target_gbops, target_avg_bits=target_avg_bits,
-                      teacher=teacher, callbacks=callbacks)
+                      teacher=teacher, loss=loss, callbacks=callbacks)
 
 
-def _check_loss(loss) -> None:
-    if loss is not None:
-        raise ValueError("Only the default loss (cross-entropy on logits, or KD with "
-                         f"`teacher`) is implemented. Received: loss={loss!r}")
+def _loss_fn(loss, teacher):
+    """``loss`` as ``(labels, logits) -> [batch]`` per-example losses (a Keras ``Loss`` is
+    rebuilt without reduction), or None for the default."""
+    if loss is None:
+        return None
+    if teacher is not None:
+        raise ValueError("Give `loss` or `teacher` (the KD loss), not both. "
+                         f"Received: loss={loss!r}, teacher={teacher.name!r}")
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss.__class__.from_config({**loss.get_config(), "reduction": None})
+    if callable(loss):
+        return loss
+    raise ValueError(f"`loss` must be a Keras loss or a callable (labels, logits) -> per-example "
+                     f"losses. Received: loss={loss!r}")
 
 
 def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
                options: config_lib.SearchConfig, target_gbops=None, target_avg_bits=None,
-               teacher=None, callbacks=None) -> SearchResult:
+               teacher=None, loss=None, callbacks=None) -> SearchResult:
     """The search on a prepared :class:`Loop` (what :func:`search` and the pipeline run)."""
     if not isinstance(epochs, int) or epochs < (0 if isinstance(searcher, searchers.Uniform)
                                                 else 1):
@@ -371,7 +385,7 @@ def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
         strategy=strategy, model=model, groups=groups, cost=cost, target=target,
         candidate_bits=candidates, uniform_bits=uniform, weight_optimizer=weight_opt,
         alpha_optimizer=alpha_opt, cost_weight=options.cost_weight,
-        step_kwargs=_teacher_kwargs(teacher, model, loop, options.kd_temperature))
+        step_kwargs=_step_kwargs(teacher, loss, model, loop, options.kd_temperature))
     epoch_step = searcher.make_epoch_step(setup)
 
     def select(epoch):
@@ -450,15 +464,15 @@ def finetune(qmodel, train_data, *, epochs: int, validation_data=None, loss=None
     settings.
     """
     _check_model(qmodel)
-    _check_loss(loss)
     options, loop_settings = _split_settings(settings, config_lib.FinetuneConfig)
     loop = make_loop(train_data, validation_data, strategy=strategy, **loop_settings)
     return run_finetune(qmodel, loop, epochs=epochs, options=options, teacher=teacher,
-                        callbacks=callbacks)
+                        loss=loss, callbacks=callbacks)
 
 
 def run_finetune(model, loop: Loop, *, epochs: int, options: config_lib.FinetuneConfig,
-                 bits: dict | None = None, teacher=None, callbacks=None) -> FinetuneResult:
+                 bits: dict | None = None, teacher=None, loss=None,
+                 callbacks=None) -> FinetuneResult:
     """Weight training on a prepared :class:`Loop` (what :func:`finetune` and the pipeline
     run); ``bits`` default to the model's selected bits."""
     if not isinstance(epochs, int) or epochs < 0:
@@ -475,7 +489,7 @@ def run_finetune(model, loop: Loop, *, epochs: int, options: config_lib.Finetune
             trainer.cosine_schedule(options.learning_rate, epochs * loop.steps_per_epoch),
             variables, weight_decay=options.weight_decay,
             no_decay=groups.steps + _no_decay(groups.weights))
-    kwargs = _teacher_kwargs(teacher, model, loop, options.kd_temperature)
+    kwargs = _step_kwargs(teacher, loss, model, loop, options.kd_temperature)
     selected = steps.fixed_bits(model, bits)  # the selected bits, as static branches
     step = steps.train_step(strategy, model, optimizer, variables, configure=selected,
                             **kwargs)
