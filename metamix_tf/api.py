@@ -6,18 +6,14 @@ a user's own wrapped model and data.
     metamix_tf.finetune(qmodel, (x, y), epochs=3)
     metamix_tf.export_tflite(qmodel, "out", representative_data=x[:256])
 
-``train_data`` / ``validation_data``: a ``tf.data.Dataset`` of ``(images, labels)`` batches
-(integer labels), or an ``(x, y)`` tuple of arrays (batched by the ``batch_size`` setting,
-shuffled each epoch). Each phase runs the project's own loop (:mod:`metamix_tf.trainer`)
-on ``tf.distribute`` (``strategy=None``: the current strategy; build and wrap the model
-under ``strategy.scope()``). The pipeline's search and weight-training phases run the same
-functions (:func:`run_search`, :func:`run_finetune`) with its run directory's loop.
+``train_data`` / ``validation_data`` and ``callbacks``: see :mod:`metamix_tf.loop`. Each
+phase runs the project's own loop (:mod:`metamix_tf.trainer`) on ``tf.distribute``
+(``strategy=None``: the current strategy; build and wrap the model under
+``strategy.scope()``). The pipeline's search and weight-training phases run the same
+functions (:func:`run_search`, :func:`run_finetune`) on its run directory's loop.
 
-Keras callbacks get ``on_train_begin``, ``on_epoch_begin``, ``on_epoch_end(epoch, logs)``
-(the epoch's scalars: ``loss``, ``acc``, ``val_loss``, ``val_acc``, GBOPs, ...) and
-``on_train_end``; ``model.stop_training`` (``EarlyStopping``) ends the phase after the
-epoch. Resume is the ``checkpoint_dir`` setting (one checkpoint per epoch, restored on the
-next call); ``BackupAndRestore`` is refused.
+About 470 lines: the three entry points, their result types and the helpers they share
+(settings, targets, loss, optimizers).
 """
 
 from __future__ import annotations
@@ -31,48 +27,23 @@ import tensorflow as tf
 
 from metamix_tf import config as config_lib
 from metamix_tf import distribute, search_rules, searchers, steps, trainer, wrap
+from metamix_tf import loop as loop_lib
 from metamix_tf.cost import CostModel
 from metamix_tf.export import graph as export_graph
 
 __all__ = [
-    "Loop",
     "SearchResult",
     "FinetuneResult",
     "search",
     "finetune",
     "export_tflite",
-    "make_loop",
     "run_search",
     "run_finetune",
 ]
 
-# Settings of the loop itself (the others are SearchConfig / FinetuneConfig fields).
-_LOOP_SETTINGS = {"batch_size": 32, "steps_per_epoch": None, "shuffle_seed": 0,
-                  "jit_compile": False, "verbose": True, "checkpoint_dir": None,
-                  "log_dir": None, "eval_batch_size": 256}
 # SearchConfig / FinetuneConfig fields that are arguments of search() / finetune().
 _ARGUMENTS = {"searcher", "epochs", "warmup_epochs", "target_gbops", "target_avg_bits",
               "teacher"}
-
-
-@dataclasses.dataclass
-class Loop:
-    """Where a phase's batches come from and where its epochs are recorded."""
-
-    strategy: tf.distribute.Strategy
-    iterators: trainer.EpochIterators
-    steps_per_epoch: int
-    eval_dataset: object = None  # a distributed dataset, or None
-    slot_offset: int = 0
-    checkpoint_dir: str | None = None
-    log_dir: str | None = None
-    jit_compile: bool = False
-    verbose: bool = True
-    on_epoch_end: object = None  # (epoch, record) -> None
-
-    def say(self, message: str) -> None:
-        if self.verbose:
-            print(message, flush=True)
 
 
 @dataclasses.dataclass
@@ -141,125 +112,35 @@ def _split_settings(settings: dict, section) -> tuple:
     """``settings`` -> (the phase config with them, the loop settings); unknown keys are
     errors."""
     fields = {f.name for f in dataclasses.fields(section)} - _ARGUMENTS
-    unknown = sorted(set(settings) - fields - set(_LOOP_SETTINGS))
+    unknown = sorted(set(settings) - fields - set(loop_lib.LOOP_SETTINGS))
     if unknown:
         raise ValueError(f"Unknown setting(s) {unknown}; known: "
-                         f"{sorted(fields | set(_LOOP_SETTINGS))}. "
+                         f"{sorted(fields | set(loop_lib.LOOP_SETTINGS))}. "
                          f"Received: {unknown[0]}={settings[unknown[0]]!r}")
     phase = dataclasses.replace(section(), **{k: v for k, v in settings.items() if k in fields})
-    loop = {**_LOOP_SETTINGS, **{k: v for k, v in settings.items() if k in _LOOP_SETTINGS}}
+    defaults = loop_lib.LOOP_SETTINGS
+    loop = {**defaults, **{k: v for k, v in settings.items() if k in defaults}}
     return phase, loop
 
 
-def as_dataset(data, name: str, *, batch_size: int, shuffle: bool, seed: int = 0):
-    """A ``tf.data.Dataset`` of ``(images, labels)`` batches from a dataset or ``(x, y)``."""
-    if isinstance(data, tf.data.Dataset):
-        spec = data.element_spec
-        ok = (isinstance(spec, tuple) and len(spec) == 2
-              and all(isinstance(s, tf.TensorSpec) for s in spec)
-              and spec[0].shape.rank == 4 and spec[1].shape.rank == 1
-              and (spec[1].dtype.is_integer))
-        if not ok:
-            raise ValueError(f"`{name}` must yield (images, labels) batches: images "
-                             "[batch, height, width, channels], integer labels [batch]. "
-                             f"Received: element_spec={spec}")
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = np.asarray(data[0], np.float32), np.asarray(data[1])
-        if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or not np.issubdtype(
-                y.dtype, np.integer):
-            raise ValueError(f"`{name}` as (x, y) needs images [n, height, width, channels] "
-                             f"and n integer labels. Received: x.shape={x.shape}, "
-                             f"y.shape={y.shape}, y.dtype={y.dtype}")
-        dataset = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
-        if shuffle:
-            dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        return dataset.batch(batch_size)
-    raise ValueError(f"`{name}` must be a tf.data.Dataset of (images, labels) batches or an "
-                     f"(x, y) tuple of arrays. Received: {name}={type(data).__name__}")
+def _weight_optimizer(groups: wrap.VariableGroups, options, total_steps: int):
+    """AdamW on weights and step sizes, cosine-decayed over the phase; no decay on step
+    sizes, biases and BatchNorm parameters."""
+    no_decay = groups.steps + [v for v in groups.weights if len(v.shape) <= 1]
+    return trainer.make_optimizer(
+        trainer.cosine_schedule(options.learning_rate, total_steps), groups.weights_and_steps,
+        weight_decay=options.weight_decay, no_decay=no_decay)
 
 
-def make_loop(train_data, validation_data=None, *, strategy=None, batch_size: int = 32,
-              eval_batch_size: int = 256, steps_per_epoch: int | None = None,
-              shuffle_seed: int = 0, jit_compile: bool = False, verbose: bool = True,
-              checkpoint_dir: str | None = None, log_dir: str | None = None) -> Loop:
-    """A :class:`Loop` on user data (see the module docstring for the data forms)."""
-    strategy = strategy or tf.distribute.get_strategy()
-    train = as_dataset(train_data, "train_data", batch_size=batch_size, shuffle=True,
-                       seed=shuffle_seed)
-    if steps_per_epoch is None:
-        cardinality = int(train.cardinality())
-        if cardinality <= 0:  # infinite or unknown
-            raise ValueError("`train_data` has no known length; give the steps_per_epoch "
-                             f"setting. Received: cardinality={cardinality}")
-        steps_per_epoch = cardinality
-    evaluation = None
-    if validation_data is not None:
-        evaluation = strategy.experimental_distribute_dataset(as_dataset(
-            validation_data, "validation_data", batch_size=eval_batch_size, shuffle=False))
-    return Loop(strategy=strategy, iterators=trainer.EpochIterators(strategy, train),
-                steps_per_epoch=int(steps_per_epoch), eval_dataset=evaluation,
-                checkpoint_dir=checkpoint_dir, log_dir=log_dir, jit_compile=bool(jit_compile),
-                verbose=bool(verbose))
-
-
-def _callback_list(callbacks, model):
-    callbacks = list(callbacks or [])
-    for callback in callbacks:
-        if isinstance(callback, keras.callbacks.BackupAndRestore):
-            raise ValueError("BackupAndRestore is for Keras' fit; the MetaMix phases resume "
-                             "from the checkpoint_dir setting. Received: "
-                             "callbacks=[BackupAndRestore]")
-    return keras.callbacks.CallbackList(callbacks, model=model) if callbacks else None
-
-
-def _scalars(record: dict) -> dict:
-    logs = {k: float(v) for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
-    if "acc" in logs:  # Keras' names, so that callbacks monitor what fit would log
-        logs["accuracy"] = logs["acc"]
-    if "val_acc" in logs:
-        logs["val_accuracy"] = logs["val_acc"]
-    return logs
-
-
-def _run_phase(loop: Loop, model, callbacks, **kwargs) -> trainer.PhaseResult:
-    """``trainer.run_epochs`` with the loop's data and the callbacks' hooks."""
-    cbs = _callback_list(callbacks, model)
-    hook = loop.on_epoch_end
-
-    def on_epoch_end(epoch, record):
-        if hook is not None:
-            hook(epoch, record)
-        if cbs is not None:
-            cbs.on_epoch_end(epoch, _scalars(record))
-
-    model.stop_training = False
-    if cbs is not None:
-        cbs.on_train_begin()
-    result = trainer.run_epochs(
-        strategy=loop.strategy, iterators=loop.iterators, slot_offset=loop.slot_offset,
-        steps_per_epoch=loop.steps_per_epoch, eval_dataset=loop.eval_dataset,
-        checkpoint_dir=loop.checkpoint_dir, log_dir=loop.log_dir, verbose=loop.verbose,
-        before_epoch=None if cbs is None else cbs.on_epoch_begin,
-        on_epoch_end=on_epoch_end, should_stop=lambda: bool(model.stop_training), **kwargs)
-    if cbs is not None:
-        cbs.on_train_end(_scalars(result.last))
-    return result
-
-
-def _no_decay(variables) -> list:
-    return [v for v in variables if len(v.shape) <= 1]
-
-
-def _teacher_kwargs(teacher, model, loop: Loop, kd_temperature: float) -> dict:
+def _step_kwargs(teacher, loss, model, loop: loop_lib.Loop, kd_temperature: float) -> dict:
     if teacher is not None and not isinstance(teacher, keras.Model):
         raise ValueError("`teacher` must be a keras.Model (logits) or None. "
                          f"Received: teacher={type(teacher).__name__}")
     if teacher is not None and teacher.output_shape[-1] != model.output_shape[-1]:
         raise ValueError(f"The teacher has {teacher.output_shape[-1]} outputs, the model "
                          f"{model.output_shape[-1]}. Received: teacher={teacher.name!r}")
-    return dict(teacher=teacher, kd_temperature=kd_temperature, jit_compile=loop.jit_compile)
+    return dict(teacher=teacher, kd_temperature=kd_temperature, jit_compile=loop.jit_compile,
+                loss_fn=_loss_fn(loss, teacher))
 
 
 def _requested_target(cost: CostModel, candidates, target_gbops, target_avg_bits):
@@ -301,8 +182,10 @@ def search(qmodel, train_data, *, target_gbops: float | None = None,
     Args:
       target_gbops / target_avg_bits: the GBOPs budget, given once: in GBOPs, or as the
         GBOPs of every searchable layer at that average bit-width. ``"uniform"`` takes none.
-      loss: only the default (sparse categorical cross-entropy on logits, or KD from
-        ``teacher``) is implemented; anything else is refused.
+      loss: a Keras loss (its reduction is dropped) or a callable ``(labels, logits) ->
+        [batch]`` per-example losses; default: sparse categorical cross-entropy on logits,
+        or KD from ``teacher`` (a Keras model giving logits). ``val_loss`` stays the
+        cross-entropy.
       settings: :class:`metamix_tf.config.SearchConfig` fields (``learning_rate``,
         ``alpha_learning_rate``, ``cost_weight``, ``uniform_bits``, ...) and loop settings
         (``batch_size``, ``steps_per_epoch``, ``checkpoint_dir``, ``log_dir``,
@@ -310,7 +193,6 @@ def search(qmodel, train_data, *, target_gbops: float | None = None,
     Returns a :class:`SearchResult` (``.bits``, ``.gbops``, ``.history``, ...).
     """
     _check_model(qmodel)
-    _check_loss(loss)
     options, loop_settings = _split_settings(settings, config_lib.SearchConfig)
     chosen = searchers.get_searcher(searcher, warmup_epochs=warmup_epochs,
                                     uniform_bits=options.uniform_bits)
@@ -325,21 +207,33 @@ def search(qmodel, train_data, *, target_gbops: float | None = None,
         raise ValueError("Give the GBOPs target once: target_gbops or target_avg_bits. "
                          f"Received: target_gbops={target_gbops}, "
                          f"target_avg_bits={target_avg_bits}")
-    loop = make_loop(train_data, validation_data, strategy=strategy, **loop_settings)
+    loop = loop_lib.make_loop(train_data, validation_data, strategy=strategy, **loop_settings)
     return run_search(qmodel, loop, chosen, epochs=epochs, options=options,
                       target_gbops=target_gbops, target_avg_bits=target_avg_bits,
-                      teacher=teacher, callbacks=callbacks)
+                      teacher=teacher, loss=loss, callbacks=callbacks)
 
 
-def _check_loss(loss) -> None:
-    if loss is not None:
-        raise ValueError("Only the default loss (cross-entropy on logits, or KD with "
-                         f"`teacher`) is implemented. Received: loss={loss!r}")
+def _loss_fn(loss, teacher):
+    """``loss`` as ``(labels, logits) -> [batch]`` per-example losses (a Keras ``Loss`` is
+    rebuilt without reduction), or None for the default."""
+    if loss is None:
+        return None
+    if teacher is not None:
+        raise ValueError("Give `loss` or `teacher` (the KD loss), not both. "
+                         f"Received: loss={loss!r}, teacher={teacher.name!r}")
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss.__class__.from_config({**loss.get_config(), "reduction": None})
+    if callable(loss):
+        return loss
+    raise ValueError(f"`loss` must be a Keras loss or a callable (labels, logits) -> per-example "
+                     f"losses. Received: loss={loss!r}")
 
 
-def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
+def run_search(model, loop: loop_lib.Loop, searcher: searchers.Searcher, *, epochs: int,
                options: config_lib.SearchConfig, target_gbops=None, target_avg_bits=None,
-               teacher=None, callbacks=None) -> SearchResult:
+               teacher=None, loss=None, callbacks=None) -> SearchResult:
     """The search on a prepared :class:`Loop` (what :func:`search` and the pipeline run)."""
     if not isinstance(epochs, int) or epochs < (0 if isinstance(searcher, searchers.Uniform)
                                                 else 1):
@@ -349,11 +243,7 @@ def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
     with strategy.scope():
         distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
         groups = wrap.variable_groups(model)
-        weight_vars = groups.weights_and_steps
-        weight_opt = trainer.make_optimizer(
-            trainer.cosine_schedule(options.learning_rate, epochs * loop.steps_per_epoch),
-            weight_vars, weight_decay=options.weight_decay,
-            no_decay=groups.steps + _no_decay(groups.weights))
+        weight_opt = _weight_optimizer(groups, options, epochs * loop.steps_per_epoch)
         alpha_lr = _alpha_learning_rate(searcher, options, epochs, loop.steps_per_epoch) \
             if groups.alphas else None
         alpha_opt = trainer.make_optimizer(
@@ -383,7 +273,7 @@ def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
         strategy=strategy, model=model, groups=groups, cost=cost, target=target,
         candidate_bits=candidates, uniform_bits=uniform, weight_optimizer=weight_opt,
         alpha_optimizer=alpha_opt, cost_weight=cost_weight,
-        step_kwargs=_teacher_kwargs(teacher, model, loop, options.kd_temperature))
+        step_kwargs=_step_kwargs(teacher, loss, model, loop, options.kd_temperature))
     epoch_step = searcher.make_epoch_step(setup)
 
     def select(epoch):
@@ -423,7 +313,7 @@ def run_search(model, loop: Loop, searcher: searchers.Searcher, *, epochs: int,
              f"GBOPs (range {low:.4f}..{high:.4f}; uniform {uniform}-bit = "
              f"{cost.uniform_gbops(uniform):.4f}), lambda {options.cost_weight} "
              f"({options.cost_normalization}), alpha lr {alpha_lr}")
-    result = _run_phase(
+    result = loop_lib.run_phase(
         loop, model, callbacks, phase="search", epochs=epochs, epoch_step=epoch_step,
         eval_fn=eval_fn, checkpoint=tf.train.Checkpoint(**objects), before_eval=select,
         epoch_info=epoch_info, on_fresh_start=on_fresh_start)
@@ -479,15 +369,15 @@ def finetune(qmodel, train_data, *, epochs: int, validation_data=None, loss=None
     settings.
     """
     _check_model(qmodel)
-    _check_loss(loss)
     options, loop_settings = _split_settings(settings, config_lib.FinetuneConfig)
-    loop = make_loop(train_data, validation_data, strategy=strategy, **loop_settings)
+    loop = loop_lib.make_loop(train_data, validation_data, strategy=strategy, **loop_settings)
     return run_finetune(qmodel, loop, epochs=epochs, options=options, teacher=teacher,
-                        callbacks=callbacks)
+                        loss=loss, callbacks=callbacks)
 
 
-def run_finetune(model, loop: Loop, *, epochs: int, options: config_lib.FinetuneConfig,
-                 bits: dict | None = None, teacher=None, callbacks=None) -> FinetuneResult:
+def run_finetune(model, loop: loop_lib.Loop, *, epochs: int, options: config_lib.FinetuneConfig,
+                 bits: dict | None = None, teacher=None, loss=None,
+                 callbacks=None) -> FinetuneResult:
     """Weight training on a prepared :class:`Loop` (what :func:`finetune` and the pipeline
     run); ``bits`` default to the model's selected bits."""
     if not isinstance(epochs, int) or epochs < 0:
@@ -500,11 +390,8 @@ def run_finetune(model, loop: Loop, *, epochs: int, options: config_lib.Finetune
         distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
         groups = wrap.variable_groups(model)
         variables = groups.weights_and_steps
-        optimizer = trainer.make_optimizer(
-            trainer.cosine_schedule(options.learning_rate, epochs * loop.steps_per_epoch),
-            variables, weight_decay=options.weight_decay,
-            no_decay=groups.steps + _no_decay(groups.weights))
-    kwargs = _teacher_kwargs(teacher, model, loop, options.kd_temperature)
+        optimizer = _weight_optimizer(groups, options, epochs * loop.steps_per_epoch)
+    kwargs = _step_kwargs(teacher, loss, model, loop, options.kd_temperature)
     selected = steps.fixed_bits(model, bits)  # the selected bits, as static branches
     step = steps.train_step(strategy, model, optimizer, variables, configure=selected,
                             **kwargs)
@@ -514,7 +401,7 @@ def run_finetune(model, loop: Loop, *, epochs: int, options: config_lib.Finetune
     loop.say(f"[finetune] weight training at the selected bits with {weight_bits}-bit "
              f"weights: {epochs} epoch(s) x {loop.steps_per_epoch} steps"
              + (f", KD from {teacher.name}" if teacher is not None else ""))
-    result = _run_phase(
+    result = loop_lib.run_phase(
         loop, model, callbacks, phase="finetune", epochs=epochs,
         epoch_step=lambda epoch: step, eval_fn=eval_fn,
         checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer))
@@ -542,7 +429,7 @@ def run_finetune(model, loop: Loop, *, epochs: int, options: config_lib.Finetune
         epochs=epochs)
 
 
-def _snap_biases(loop: Loop, model) -> dict | None:
+def _snap_biases(loop: loop_lib.Loop, model) -> dict | None:
     """``export.graph.snap_biases``, or None (and a line saying why) where the model has no
     int8 export."""
     try:
@@ -565,7 +452,7 @@ def _images_and_labels(data, name: str, limit: int | None = None) -> tuple:
             raise ValueError(f"`{name}` images must be [n, height, width, channels]. "
                              f"Received: {name}.shape={x.shape}")
         return x[:limit], None
-    dataset = as_dataset(data, name, batch_size=256, shuffle=False)
+    dataset = loop_lib.as_dataset(data, name, batch_size=256, shuffle=False)
     images, labels, count = [], [], 0
     for x, y in dataset:
         images.append(x.numpy())

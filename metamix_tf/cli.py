@@ -1,15 +1,22 @@
-"""What the command-line scripts share: settings from flags, and errors as one line.
+"""The command line: settings from flags, errors as one line, and the console entry points.
 
 ``train.py`` resolves its config with :func:`resolve_config` (defaults, ``--config`` files,
 ``--set key.sub=value`` overrides, then the dedicated flags of :func:`flag_overrides`) and
 both scripts parse flags with :func:`flags_parser` and report bad input with
 :func:`error_exit`: one line ``<script>: error: <message>``, exit code 2, no traceback.
+
+Console entry points ``metamix-train`` and ``metamix-export`` (see ``setup.py``) run the
+repository's ``train.py`` and ``export_tflite.py``, so they work from a source checkout
+installed with ``pip install -e .`` (the documented install); from a wheel they say so.
+:func:`config_file` and :func:`shipped_configs` find the configs shipped as package data.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
+import runpy
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +34,10 @@ __all__ = [
     "one_line",
     "error_exit",
     "flags_parser",
+    "train",
+    "export",
+    "config_file",
+    "shipped_configs",
 ]
 
 USAGE_ERROR = 2  # exit code of bad input, as argparse uses
@@ -139,3 +150,51 @@ def flags_parser(argv: Sequence[str]) -> list:
         return flags.FLAGS(list(argv))
     except flags.Error as error:
         error_exit(argv[0] if argv else "", error)
+
+
+# -- console entry points and shipped configs --------------------------------------------
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_script(name: str) -> None:
+    path = os.path.join(_ROOT, name)
+    if not os.path.isfile(path):
+        sys.exit(f"error: {name} is not next to the installed package ({_ROOT}); install "
+                 "metamix_tf from a source checkout with `pip install -e .`. "
+                 f"Received: script={path}")
+    sys.argv[0] = path
+    runpy.run_path(path, run_name="__main__")
+
+
+def train() -> None:
+    """``metamix-train``: the flags of ``train.py``."""
+    _run_script("train.py")
+
+
+def export() -> None:
+    """``metamix-export``: the flags of ``export_tflite.py``."""
+    _run_script("export_tflite.py")
+
+
+def _configs():
+    """The shipped configs: package data ``metamix_tf.configs`` once installed, the
+    repository's ``configs/`` in a source checkout run without installing."""
+    try:
+        return importlib.resources.files("metamix_tf.configs")
+    except ModuleNotFoundError:
+        return importlib.resources.files("metamix_tf").joinpath("..", "configs")
+
+
+def shipped_configs() -> list[str]:
+    """Names of the YAML configs shipped with the package."""
+    return sorted(p.name for p in _configs().iterdir() if p.name.endswith(".yaml"))
+
+
+def config_file(name: str) -> str:
+    """Path of a shipped config (``"demo_mnist"`` or ``"demo_mnist.yaml"``), for
+    ``train.py --config``."""
+    filename = name if name.endswith(".yaml") else f"{name}.yaml"
+    if filename not in shipped_configs():
+        raise ValueError(f"No shipped config {filename!r}; shipped: {shipped_configs()}. "
+                         f"Received: name={name!r}")
+    return os.path.normpath(str(_configs().joinpath(filename)))

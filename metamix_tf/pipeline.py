@@ -50,6 +50,7 @@ import tensorflow as tf
 from metamix_tf import api, distribute, models, run_state, searchers, steps, trainer, wrap
 from metamix_tf import config as config_lib
 from metamix_tf import data as data_lib
+from metamix_tf import loop as loop_lib
 from metamix_tf.cli import default_model_dir
 from metamix_tf.config import ExperimentConfig
 from metamix_tf.cost import CostModel
@@ -345,9 +346,9 @@ def _pretrain(ctx: RunContext) -> dict:
             "wall_time_s": result.wall_time_s, "epochs": p.epochs, "history": result.history}
 
 
-def _loop(ctx: RunContext, phase: str) -> api.Loop:
+def _loop(ctx: RunContext, phase: str) -> loop_lib.Loop:
     """The run's loop for ``phase``: its iterator slots, checkpoints and logs."""
-    return api.Loop(strategy=ctx.strategy, iterators=ctx.iterators,
+    return loop_lib.Loop(strategy=ctx.strategy, iterators=ctx.iterators,
                     steps_per_epoch=ctx.steps_per_epoch, eval_dataset=ctx.eval_dataset,
                     slot_offset=_slot_offsets(ctx.config)[phase],
                     checkpoint_dir=ctx.path("ckpt", phase), log_dir=ctx.path("logs", phase),
@@ -532,9 +533,9 @@ def _user_datasets(datasets, config: ExperimentConfig, model) -> data_lib.Datase
         raise ValueError("`datasets` must be a metamix_tf.data.Datasets or a (train, eval) "
                          f"pair. Received: datasets={type(datasets).__name__}")
     d = config.data
-    train = api.as_dataset(datasets[0], "datasets[0]", batch_size=d.batch_size, shuffle=True,
+    train = loop_lib.as_dataset(datasets[0], "datasets[0]", batch_size=d.batch_size, shuffle=True,
                            seed=d.seed)
-    evaluation = api.as_dataset(datasets[1], "datasets[1]", batch_size=d.eval_batch_size,
+    evaluation = loop_lib.as_dataset(datasets[1], "datasets[1]", batch_size=d.eval_batch_size,
                                 shuffle=False)
     train_batches, eval_batches = int(train.cardinality()), int(evaluation.cardinality())
     if train_batches <= 0 or eval_batches <= 0:
@@ -586,10 +587,11 @@ def run(config: ExperimentConfig, phase: str = _ALL, *, model: keras.Model | Non
     # With several workers, only the chief writes config.model_dir; the others a copy.
     with distribute.worker_dir(strategy, config.model_dir) as model_dir:
         return _run(dataclasses.replace(config, model_dir=model_dir), phase, strategy,
-                    model_fn, verbose, on_epoch_end, overwrite)
+                    model_fn, verbose, on_epoch_end, overwrite, model, datasets)
 
 
-def _run(config, phase, strategy, model_fn, verbose, on_epoch_end, overwrite) -> dict:
+def _run(config, phase, strategy, model_fn, verbose, on_epoch_end, overwrite, model,
+         datasets) -> dict:
     """:func:`run` in the directory this process writes (``config.model_dir``)."""
     stale = run_state.stale_phases(config, overwrite=overwrite)
     jit = distribute.has_gpu() if config.jit_compile is None else bool(config.jit_compile)

@@ -14,6 +14,9 @@ replicas in threads that take turns at each cross-replica call, so a change made
 replica's function would leak into another's trace); the bit-meta step therefore runs one
 ``strategy.run`` per candidate bit-width.
 
+``loss_fn`` (every training builder): ``(labels, logits) -> [batch]`` per-example losses
+instead of cross-entropy (ignored with a ``teacher``: the KD loss).
+
 Losses are scaled by the global batch size (:func:`metamix_tf.losses.scale_loss`, with the
 global size all-reduced from the replicas, so a short last batch is weighted right) and the
 Keras optimizers sum the gradients over replicas; the results do not depend on the replica
@@ -164,17 +167,25 @@ def _distributed(strategy: tf.distribute.Strategy, replica_fn: Callable,
     return tf.function(step, reduce_retracing=True, autograph=False)
 
 
-def _task_forward(model, images, labels, teacher_logits, kd_temperature, label_smoothing):
+def _task_forward(model, images, labels, teacher_logits, kd_temperature, label_smoothing,
+                  loss_fn=None):
     """``model(images, training=True)`` and its per-example task loss (cross-entropy, or KD
-    from ``teacher_logits``)."""
+    from ``teacher_logits``, or ``loss_fn(labels, logits)`` of shape ``[batch]``)."""
     logits = model(images, training=True)
+    if loss_fn is not None and teacher_logits is None:
+        per_example = loss_fn(labels, logits)
+        if per_example.shape.rank != 1:
+            raise ValueError("`loss_fn` must return one loss per example. "
+                             f"Received: shape={per_example.shape}")
+        return logits, tf.cast(per_example, tf.float32)
     return logits, losses.task_loss(labels, logits, teacher_logits, kd_temperature,
                                     label_smoothing)
 
 
 def train_step(strategy, model, optimizer, variables: Sequence, *,
                configure: Callable | None = None, teacher=None, kd_temperature: float = 1.0,
-               label_smoothing: float = 0.0, jit_compile: bool = False) -> Callable:
+               label_smoothing: float = 0.0, loss_fn: Callable | None = None,
+               jit_compile: bool = False) -> Callable:
     """One optimizer step on ``variables`` at the model's modes (set by ``configure``).
 
     Forward: ``model(x, training=True)``; loss: cross-entropy, or KD from ``teacher``.
@@ -188,7 +199,7 @@ def train_step(strategy, model, optimizer, variables: Sequence, *,
         teacher_logits = _teacher_logits(teacher, images)
         with tf.GradientTape() as tape:
             logits, per_example = _task_forward(model, images, labels, teacher_logits,
-                                                kd_temperature, label_smoothing)
+                                                kd_temperature, label_smoothing, loss_fn)
             loss = losses.scale_loss(per_example, n)
         apply_gradients(optimizer, tape.gradient(loss, variables), variables)
         return {"loss_sum": tf.reduce_sum(per_example), "correct": _correct(labels, logits),
@@ -199,7 +210,7 @@ def train_step(strategy, model, optimizer, variables: Sequence, *,
 
 def meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: Sequence[int],
               *, teacher=None, kd_temperature: float = 1.0, label_smoothing: float = 0.0,
-              jit_compile: bool = False) -> Callable:
+              loss_fn: Callable | None = None, jit_compile: bool = False) -> Callable:
     """Bit-meta training: the same batch once per candidate bit-width, every searchable
     layer at that width (:func:`metamix_tf.wrap.set_uniform`), losses averaged.
 
@@ -227,7 +238,7 @@ def meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: S
         n = _global_count(labels)
         with tf.GradientTape() as tape:
             logits, per_example = _task_forward(model, images, labels, teacher_logits,
-                                                kd_temperature, label_smoothing)
+                                                kd_temperature, label_smoothing, loss_fn)
             loss = losses.scale_loss(per_example, n) / k
         grads = tape.gradient(loss, variables)
         out = []
@@ -279,7 +290,8 @@ def _mixture(model):
 
 def search_step(strategy, model, optimizer, alphas: Sequence, cost_model, target_gbops: float,
                 cost_weight: float, *, teacher=None, kd_temperature: float = 1.0,
-                label_smoothing: float = 0.0, jit_compile: bool = False) -> Callable:
+                label_smoothing: float = 0.0, loss_fn: Callable | None = None,
+               jit_compile: bool = False) -> Callable:
     """Bit-search training: mixture forward with the weights fixed, only ``alphas`` stepped.
 
     Forward: every quantizer outputs ``sum_b softmax(a)_b q_b(x)``; BatchNorm normalises
@@ -298,7 +310,7 @@ def search_step(strategy, model, optimizer, alphas: Sequence, cost_model, target
             tape.watch([getattr(a, "value", a) for a in alphas])
             # BN momenta frozen by the context
             logits, per_example = _task_forward(model, images, labels, teacher_logits,
-                                                kd_temperature, label_smoothing)
+                                                kd_temperature, label_smoothing, loss_fn)
             gbops = cost_model.expected_gbops()
             penalty = losses.cost_penalty(gbops, target_gbops, cost_weight)
             loss = losses.scale_loss(per_example, n) + losses.scale_replica_term(penalty)
@@ -315,7 +327,8 @@ def search_step(strategy, model, optimizer, alphas: Sequence, cost_model, target
 def joint_step(strategy, model, weight_optimizer, weight_variables: Sequence,
                alpha_optimizer, alphas: Sequence, cost_model, target_gbops: float,
                cost_weight: float, *, teacher=None, kd_temperature: float = 1.0,
-               label_smoothing: float = 0.0, jit_compile: bool = False) -> Callable:
+               label_smoothing: float = 0.0, loss_fn: Callable | None = None,
+               jit_compile: bool = False) -> Callable:
     """Joint search (EdMIPS/DNAS baseline): one tape on the mixture forward.
 
     Loss as in :func:`search_step`; gradients ``dL/dw`` stepped by ``weight_optimizer`` and
@@ -330,7 +343,7 @@ def joint_step(strategy, model, weight_optimizer, weight_variables: Sequence,
         teacher_logits = _teacher_logits(teacher, images)
         with tf.GradientTape() as tape:
             logits, per_example = _task_forward(model, images, labels, teacher_logits,
-                                                kd_temperature, label_smoothing)
+                                                kd_temperature, label_smoothing, loss_fn)
             gbops = cost_model.expected_gbops()
             penalty = losses.cost_penalty(gbops, target_gbops, cost_weight)
             loss = losses.scale_loss(per_example, n) + losses.scale_replica_term(penalty)

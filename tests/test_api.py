@@ -91,6 +91,21 @@ def test_callbacks_get_epoch_logs_and_can_stop(tmp_path):
     assert len(lines) == 2 and "val_loss" in lines[0]
 
 
+def test_custom_loss_is_the_training_signal():
+    qmodel, (x, y) = _qmodel(), _data()
+    kernel = qmodel.get_layer("c2").kernel.numpy().copy()
+    result = mm.finetune(qmodel, (x, y), epochs=1, weight_decay=0.0,
+                         loss=lambda labels, logits: 0.0 * logits[:, 0], **QUIET)
+    assert result.history[0]["loss"] == 0.0
+    np.testing.assert_array_equal(qmodel.get_layer("c2").kernel.numpy(), kernel)
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    result = mm.finetune(qmodel, (x, y), epochs=1, loss=keras_loss, **QUIET)
+    assert result.history[0]["loss"] > 0
+    with pytest.raises(ValueError, match="one loss per example"):
+        mm.finetune(qmodel, (x, y), epochs=1, loss=lambda labels, logits: tf.reduce_mean(
+            logits), **QUIET)
+
+
 def test_checkpoint_dir_resumes(tmp_path):
     (x, y) = _data()
     first = _qmodel()
@@ -119,7 +134,7 @@ BAD_SEARCH = [
     (dict(target_avg_bits=4, searcher="random"), "Received: searcher='random'"),
     (dict(searcher="uniform", target_avg_bits=4), "Received: target_avg_bits=4"),
     (dict(target_avg_bits=4, learning_rte=1e-3), "Received: learning_rte=0.001"),
-    (dict(target_avg_bits=4, loss="mse"), "Received: loss='mse'"),
+    (dict(target_avg_bits=4, loss=3), "Received: loss=3"),
     (dict(target_avg_bits=9), "outside the candidate bits.*Received: target_avg_bits=9"),
     (dict(target_avg_bits=4, teacher="float.keras"), "Received: teacher=str"),
 ]

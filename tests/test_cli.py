@@ -1,9 +1,15 @@
-"""Settings from the command line: order of precedence, YAML numbers, the default run
-directory."""
+"""The command line (metamix_tf.cli): order of precedence, YAML numbers, the default run
+directory, console entry points and shipped configs."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 
-from metamix_tf import cli
+from metamix_tf import cli, config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_set_values_are_yaml_with_exponent_numbers_as_floats():
@@ -48,3 +54,25 @@ def test_teacher_and_seed_flags_set_both_places():
 def test_default_run_directory(model_dir, dataset, expected):
     config = cli.resolve_config(flags={"dataset": dataset}, model_dir=model_dir)
     assert config.model_dir == expected
+
+
+def test_shipped_configs_are_found_and_load():
+    names = cli.shipped_configs()
+    assert names == sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                           if f.endswith(".yaml"))
+    path = cli.config_file("demo_mnist")
+    assert os.path.isfile(path)
+    assert config.load([path]).model.name == "mobilenet_v2"
+
+
+def test_unknown_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="Received: name='nope'"):
+        cli.config_file("nope")
+
+
+@pytest.mark.parametrize("entry,flag", [("train", "--phase"), ("export", "--format")])
+def test_entry_points_run_the_scripts(entry, flag):
+    out = subprocess.run([sys.executable, "-c", f"from metamix_tf import cli; cli.{entry}()",
+                          "--helpshort"], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert flag in out.stdout, out.stderr[-2000:]  # absl's --helpshort exits with 1
