@@ -1,0 +1,125 @@
+"""The float model in the form :func:`metamix_tf.apply` quantizes: same function, layers an
+int8 model runs one op each.
+
+* ``SeparableConv2D`` -> ``DepthwiseConv2D`` (``<name>_depthwise``, no bias) then a 1x1
+  ``Conv2D`` (``<name>``, the bias and activation): both get quantizers, both are searched,
+  and the tensor between them is the one the int8 model stores anyway.
+* A conv / dense with an activation TFLite does not fuse (sigmoid, swish, ...) -> the layer
+  with a linear activation, then ``Activation`` (``<name>_activation``): the int8 model
+  stores the pre-activation tensor, so the Keras model gets a quantizer there.
+* Inception-ResNet's ``CustomScaleLayer`` (``a + scale * b``) -> ``Add``, the scale folded
+  into the linear conv that computes ``b``.
+
+Weights are copied; a model that needs none of this is returned as is.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from metamix_tf import graph_rules as rules
+
+__all__ = ["canonicalize", "needs_rewrite"]
+
+L = keras.layers
+_KEEP_ACTIVATIONS = (None, "linear") + rules.FUSABLE_ACTIVATIONS
+
+
+def _is_custom_scale(layer) -> bool:
+    return type(layer).__name__ == "CustomScaleLayer" and hasattr(layer, "scale")
+
+
+def _splits_activation(layer) -> bool:
+    return (type(layer) in (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.SeparableConv2D)
+            and rules.activation_name(layer) not in _KEEP_ACTIVATIONS)
+
+
+def needs_rewrite(model) -> bool:
+    """Whether :func:`canonicalize` changes ``model``."""
+    return any(isinstance(op, L.SeparableConv2D) or _splits_activation(op)
+               or _is_custom_scale(op) for op in model.operations)
+
+
+def _scaled_sources(model) -> dict:
+    """``{conv name: scale}``: the linear convs whose only reader is a CustomScaleLayer
+    (as its scaled input), with the scale to fold into them; raises for any other."""
+    readers = rules.readers(model)
+    out = {}
+    for op in model.operations:
+        if not _is_custom_scale(op):
+            continue
+        scaled = rules.producer(op._inbound_nodes[0].input_tensors[1])
+        if not (type(scaled) is L.Conv2D and rules.activation_name(scaled) in (None, "linear")
+                and len(readers.get(scaled.name, [])) == 1):
+            raise ValueError(
+                f"Layer '{op.name}' (CustomScaleLayer) scales a tensor that is not the output "
+                "of a linear Conv2D read by it alone; the scale cannot be folded. "
+                f"Received: layer={op.name!r}")
+        out[scaled.name] = float(op.scale)
+    return out
+
+
+def canonicalize(model: keras.Model) -> keras.Model:
+    """A functional copy of ``model`` rewritten as the module docstring says (or ``model``
+    itself when nothing needs rewriting)."""
+    if not needs_rewrite(model):
+        return model
+    scaled = _scaled_sources(model)
+    rewritten: set = set()
+
+    def clone(layer):
+        config = layer.get_config()
+        if _splits_activation(layer) and not isinstance(layer, L.SeparableConv2D):
+            config = dict(config, activation="linear")
+        return layer.__class__.from_config(config)
+
+    def call(layer, *args, **kwargs):
+        name = layer.name
+        original = operations[name]
+        if isinstance(original, L.SeparableConv2D):
+            rewritten.add(name)
+            return _separable(original, args[0])
+        if _is_custom_scale(original):
+            a, b = args[0]
+            return L.Add(name=name)([a, b])
+        out = layer(*args, **kwargs)
+        if _splits_activation(original):
+            out = L.Activation(original.activation, name=f"{name}_activation")(out)
+        return out
+
+    operations = {op.name: op for op in model.operations}
+    new = keras.models.clone_model(model, clone_function=clone, call_function=call)
+    for old in model.layers:
+        if old.name in rewritten or not old.weights:
+            continue
+        weights = old.get_weights()
+        if old.name in scaled:  # fold CustomScaleLayer's scale into the conv
+            weights = [w * np.float32(scaled[old.name]) for w in weights]
+        new.get_layer(old.name).set_weights(weights)
+    return new
+
+
+def _numpy(variable) -> np.ndarray:
+    return keras.ops.convert_to_numpy(variable)
+
+
+def _separable(layer, x):
+    """``SeparableConv2D`` ``layer`` applied to ``x`` as a depthwise then a pointwise conv,
+    with its weights."""
+    config = layer.get_config()
+    depthwise = L.DepthwiseConv2D(
+        kernel_size=config["kernel_size"], strides=config["strides"],
+        padding=config["padding"], depth_multiplier=config["depth_multiplier"],
+        data_format=config["data_format"], dilation_rate=config["dilation_rate"],
+        use_bias=False, name=f"{layer.name}_depthwise")
+    pointwise = L.Conv2D(config["filters"], 1, use_bias=config["use_bias"],
+                         data_format=config["data_format"], name=layer.name)
+    y = pointwise(depthwise(x))
+    depthwise.set_weights([_numpy(layer.depthwise_kernel)])
+    pointwise.set_weights([_numpy(layer.pointwise_kernel)]
+                          + ([_numpy(layer.bias)] if config["use_bias"] else []))
+    if rules.activation_name(layer) not in (None, "linear"):
+        act = L.Activation(layer.activation, name=f"{layer.name}_activation")
+        y = act(y)
+    return y
