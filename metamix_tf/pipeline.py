@@ -552,6 +552,8 @@ def _finetune(ctx: RunContext) -> dict:
                                                                   ctx.eval_dataset)
     report = CostModel(model).report()
     wrap.select_bits(model, bits)  # "selected" mode, as the exporter expects
+    # The trained weights first: a failure in the post-processing below must not cost them.
+    _save(model, ctx.path("final.keras"))
     snapped = _snap_biases(ctx, model) if f.snap_biases else None
     if snapped is not None:
         before = metrics["val_acc"]
@@ -560,7 +562,7 @@ def _finetune(ctx: RunContext) -> dict:
         ctx.say(f"[finetune] biases moved onto the int8 model's int32 grid (at most "
                 f"{snapped['max_shift_units']:.2f} units): val_acc {100 * before:.2f}% -> "
                 f"{100 * metrics['val_acc']:.2f}%")
-    _save(model, ctx.path("final.keras"))
+        _save(model, ctx.path("final.keras"))
     return {"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
             "bias_snap": snapped,
             "gbops": report["gbops"], "avg_activation_bits": report["avg_activation_bits"],
