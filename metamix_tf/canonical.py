@@ -7,6 +7,10 @@ int8 model runs one op each.
 * A conv / dense with an activation TFLite does not fuse (sigmoid, swish, ...) -> the layer
   with a linear activation, then ``Activation`` (``<name>_activation``): the int8 model
   stores the pre-activation tensor, so the Keras model gets a quantizer there.
+* Hard-swish ``Activation`` -> ``x * (relu6(x + 3) * (1 / 6))`` (``ReLU`` ``<name>_relu6``,
+  ``Multiply`` ``<name>``): TFLite's int8 HARD_SWISH rounds its fixed-point approximation,
+  one step off now and then; ADD + RELU6, MUL by a constant and MUL round exactly what the
+  Keras model's quantizers round.
 * Inception-ResNet's ``CustomScaleLayer`` (``a + scale * b``) -> ``Add``, the scale folded
   into the linear conv that computes ``b``.
 
@@ -35,10 +39,14 @@ def _splits_activation(layer) -> bool:
             and rules.activation_name(layer) not in _KEEP_ACTIVATIONS)
 
 
+def _is_hard_swish(layer) -> bool:
+    return isinstance(layer, L.Activation) and rules.activation_name(layer) in rules.HARD_SWISH
+
+
 def needs_rewrite(model) -> bool:
     """Whether :func:`canonicalize` changes ``model``."""
     return any(isinstance(op, L.SeparableConv2D) or _splits_activation(op)
-               or _is_custom_scale(op) for op in model.operations)
+               or _is_custom_scale(op) or _is_hard_swish(op) for op in model.operations)
 
 
 def _scaled_sources(model) -> dict:
@@ -83,6 +91,10 @@ def canonicalize(model: keras.Model) -> keras.Model:
         if _is_custom_scale(original):
             a, b = args[0]
             return L.Add(name=name)([a, b])
+        if _is_hard_swish(original):
+            x = args[0]
+            gate = L.ReLU(6.0, name=f"{name}_relu6")(keras.ops.add(x, 3.0))
+            return L.Multiply(name=name)([x, keras.ops.multiply(gate, 1.0 / 6.0)])
         out = layer(*args, **kwargs)
         if _splits_activation(original):
             out = L.Activation(original.activation, name=f"{name}_activation")(out)
