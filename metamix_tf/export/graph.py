@@ -11,7 +11,7 @@ Where the fake quants go. A quantized layer's input quantizer moves onto the ten
 produces its input (looking through zero padding, max pooling, flatten and reshape, which
 commute with rounding), right after the op that computes it, so the converter fuses it:
 ``conv + bias + ReLU6 -> 8-bit fake quant (scale = learned step) -> clamp to the b-bit
-range``. Tensors are of three kinds:
+range``. Tensors are of these kinds:
 
 * ``"grid"``: read only by quantizers with one and the same grid: int8 scale = step, clamp
   to the b-bit range; exact.
@@ -28,6 +28,21 @@ range``. Tensors are of three kinds:
   calibrated values, requantized to each reader's grid behind a clamp (through an identity
   1x1 depthwise conv, see :class:`~metamix_tf.export.layers.FakeQuant`). With ``k`` odd the
   double rounding is exact for the first reader (see :func:`grids.shared_grid`).
+
+* ``"member"``: an input of a concatenation that nothing else reads: the concatenation's
+  output grid (TFLite concatenates int8 tensors of one scale; the Keras model rounds it
+  there with the concatenation's output quantizer); exact. Concatenation inputs stored on
+  other grids are requantized to it (identity depthwise conv); exact.
+* ``"same_scale"``: the output of a 'same' padded average pooling, whose int8 kernel keeps
+  its input's scale; inexact (Keras does not round there).
+
+Which tensors are stored, and which layers fold, fuse or pass through, comes from
+:mod:`metamix_tf.graph_rules`, the table ``apply()`` uses to place its output quantizers;
+the Keras graph is read by :mod:`metamix_tf.export.reader`. A BatchNorm that does not fold
+(pre-activation, after a concatenation) runs as an int8 1x1 depthwise conv (8-bit weights
+``+-127`` times a per-channel scale: exact), a 'valid' average pooling as a depthwise conv
+with weights ``1 / (kh * kw)``; input preprocessing (``Rescaling``, ``Normalization``) runs in
+float before the input quantization (:attr:`ExportPlan.float_prefix`).
 
 What stays inexact, and is measured by the verification: the calibrated 8-bit grids
 themselves (Keras keeps those tensors in float) and the conv biases, which an int8 TFLite
