@@ -11,6 +11,9 @@ int8 model runs one op each.
   ``Multiply`` ``<name>``): TFLite's int8 HARD_SWISH rounds its fixed-point approximation,
   one step off now and then; ADD + RELU6, MUL by a constant and MUL round exactly what the
   Keras model's quantizers round.
+* Swish / SiLU ``Activation`` -> ``x * sigmoid(x)``, and every sigmoid output rounded by
+  :class:`SigmoidGrid` onto the grid TFLite's int8 LOGISTIC stores (scale 1/256): the
+  int8 model stores the sigmoid, so the Keras model rounds it there too.
 * Inception-ResNet's ``CustomScaleLayer`` (``a + scale * b``) -> ``Add``, the scale folded
   into the linear conv that computes ``b``.
 
@@ -24,7 +27,7 @@ import numpy as np
 
 from metamix_tf import graph_rules as rules
 
-__all__ = ["canonicalize", "needs_rewrite"]
+__all__ = ["canonicalize", "needs_rewrite", "SigmoidGrid"]
 
 L = keras.layers
 _KEEP_ACTIVATIONS = (None, "linear") + rules.FUSABLE_ACTIVATIONS
@@ -39,6 +42,26 @@ def _splits_activation(layer) -> bool:
             and rules.activation_name(layer) not in _KEEP_ACTIVATIONS)
 
 
+@keras.saving.register_keras_serializable(package="metamix_tf")
+class SigmoidGrid(keras.layers.Layer):
+    """Rounds a sigmoid output onto ``q / 256``, ``q`` in ``[0, 255]`` (TFLite's fixed int8
+    LOGISTIC output grid), with a straight-through gradient."""
+
+    selected_bits, signed, selected_step = 8, False, 1.0 / 256.0  # read by the export
+
+    def call(self, inputs):
+        q = keras.ops.clip(keras.ops.round(inputs * 256.0), 0.0, 255.0) / 256.0
+        return inputs + keras.ops.stop_gradient(q - inputs)
+
+
+def _is_sigmoid(layer) -> bool:
+    return isinstance(layer, L.Activation) and rules.activation_name(layer) == "sigmoid"
+
+
+def _is_swish(layer) -> bool:
+    return isinstance(layer, L.Activation) and rules.activation_name(layer) in ("silu", "swish")
+
+
 def _is_hard_swish(layer) -> bool:
     return isinstance(layer, L.Activation) and rules.activation_name(layer) in rules.HARD_SWISH
 
@@ -46,7 +69,22 @@ def _is_hard_swish(layer) -> bool:
 def needs_rewrite(model) -> bool:
     """Whether :func:`canonicalize` changes ``model``."""
     return any(isinstance(op, L.SeparableConv2D) or _splits_activation(op)
-               or _is_custom_scale(op) or _is_hard_swish(op) for op in model.operations)
+               or _is_custom_scale(op) or _is_hard_swish(op) or _is_swish(op)
+               for op in model.operations) or bool(_ungridded_sigmoids(model))
+
+
+def _ungridded_sigmoids(model) -> set:
+    """Sigmoid activations not yet followed by a :class:`SigmoidGrid` alone."""
+    readers = rules.readers(model)
+    return {op.name for op in model.operations if _is_sigmoid(op) and not (
+        len(readers.get(op.name, [])) == 1
+        and isinstance(readers[op.name][0], SigmoidGrid))}
+
+
+def _swish(name: str, x):
+    gate = L.Activation("sigmoid", name=f"{name}_sigmoid")(x)
+    gate = SigmoidGrid(name=f"{name}_sigmoid_grid")(gate)
+    return L.Multiply(name=name)([x, gate])
 
 
 def _scaled_sources(model) -> dict:
@@ -74,6 +112,7 @@ def canonicalize(model: keras.Model) -> keras.Model:
     if not needs_rewrite(model):
         return model
     scaled = _scaled_sources(model)
+    ungridded = _ungridded_sigmoids(model)
     rewritten: set = set()
 
     def clone(layer):
@@ -91,13 +130,22 @@ def canonicalize(model: keras.Model) -> keras.Model:
         if _is_custom_scale(original):
             a, b = args[0]
             return L.Add(name=name)([a, b])
+        if _is_swish(original):
+            return _swish(name, args[0])
         if _is_hard_swish(original):
             x = args[0]
             gate = L.ReLU(6.0, name=f"{name}_relu6")(keras.ops.add(x, 3.0))
             return L.Multiply(name=name)([x, keras.ops.multiply(gate, 1.0 / 6.0)])
         out = layer(*args, **kwargs)
         if _splits_activation(original):
-            out = L.Activation(original.activation, name=f"{name}_activation")(out)
+            act = L.Activation(original.activation, name=f"{name}_activation")
+            if _is_swish(act):
+                return _swish(act.name, out)
+            out = act(out)
+            if _is_sigmoid(act):
+                out = SigmoidGrid(name=f"{name}_activation_grid")(out)
+        elif name in ungridded:
+            out = SigmoidGrid(name=f"{name}_grid")(out)
         return out
 
     operations = {op.name: op for op in model.operations}

@@ -103,7 +103,7 @@ def _stored_outputs(model) -> list[str]:
 
     return [op.name for op in model.operations
             if not isinstance(op, keras.layers.InputLayer) and not rules.is_shape_only(op)
-            and not rules.is_identity(op)
+            and not rules.is_identity(op) and not isinstance(op, canonical.SigmoidGrid)
             and (stores(op) or rules.quantizes_output(op))]
 
 

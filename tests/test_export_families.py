@@ -73,7 +73,9 @@ def test_canonicalize_splits_separable_and_activations_and_keeps_the_function():
     assert {"sep_depthwise", "sep", "gate_activation"} <= names
     assert not any(isinstance(layer, L.SeparableConv2D) for layer in new.layers)
     x = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
-    np.testing.assert_allclose(new(x), model(x), rtol=1e-4, atol=1e-5)
+    # the same function, up to the sigmoid rounded onto TFLite's 1/256 grid
+    assert {"gate_activation_grid"} <= names
+    np.testing.assert_allclose(new(x), model(x), rtol=0, atol=0.05)
     assert canonical.canonicalize(new) is new  # nothing left to rewrite
 
 

@@ -24,6 +24,7 @@ import dataclasses
 import keras
 
 from metamix_tf import graph_rules as rules
+from metamix_tf.canonical import SigmoidGrid
 from metamix_tf.layers import QuantLayerMixin
 from metamix_tf.quantizers import ActivationQuantizer
 
@@ -145,7 +146,7 @@ def read_graph(model) -> tuple[list, list]:
                                   "conv before it exports on 4-D (image) tensors only.")
             else:
                 kind = "affine"
-        elif isinstance(layer, ActivationQuantizer):
+        elif isinstance(layer, (ActivationQuantizer, SigmoidGrid)):
             producer = nodes.get(inputs[0])
             if producer is None or producer.kind in ("pass", "input", "prefix") \
                     or producer.output_quantizer:
