@@ -377,9 +377,10 @@ def finetune(qmodel, train_data, *, epochs: int, validation_data=None, loss=None
 
 def run_finetune(model, loop: loop_lib.Loop, *, epochs: int, options: config_lib.FinetuneConfig,
                  bits: dict | None = None, teacher=None, loss=None,
-                 callbacks=None) -> FinetuneResult:
+                 callbacks=None, on_trained=None) -> FinetuneResult:
     """Weight training on a prepared :class:`Loop` (what :func:`finetune` and the pipeline
-    run); ``bits`` default to the model's selected bits."""
+    run); ``bits`` default to the model's selected bits. ``on_trained(model)`` is called
+    after training, before any post-processing (the bias snap), e.g. to save the weights."""
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"`epochs` must be an integer >= 0. Received: epochs={epochs!r}")
     strategy = loop.strategy
@@ -413,6 +414,8 @@ def run_finetune(model, loop: loop_lib.Loop, *, epochs: int, options: config_lib
     metrics = result.last if result.history else evaluate()
     report = CostModel(model).report()
     wrap.select_bits(model, bits)  # "selected" mode, as the exporter expects
+    if on_trained is not None:
+        on_trained(model)
     snapped = _snap_biases(loop, model) if options.snap_biases else None
     if snapped is not None:
         before = metrics.get("val_acc")

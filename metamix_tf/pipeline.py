@@ -405,9 +405,13 @@ def _finetune(ctx: RunContext) -> dict:
     with strategy.scope():
         model = _load(ctx.path("search.keras"), "Searched model", "run --phase=search first")
         teacher = _teacher(ctx, f.teacher)
+    final = ctx.path("final.keras")
+    # The trained weights first: a failure in the post-processing (bias snap) must not
+    # cost them; saved again after it.
     result = api.run_finetune(model, _loop(ctx, "finetune"), epochs=f.epochs, options=f,
-                              bits=bits, teacher=teacher)
-    _save(model, ctx.path("final.keras"))
+                              bits=bits, teacher=teacher,
+                              on_trained=lambda trained: _save(trained, final))
+    _save(model, final)
     return {"val_acc": result.val_acc, "val_loss": result.val_loss,
             "bias_snap": result.bias_snap, "gbops": result.gbops,
             "avg_activation_bits": result.avg_activation_bits,

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 import keras
 
+from metamix_tf import canonical
+from metamix_tf import graph_rules as rules
 from metamix_tf.config import QuantConfig
 from metamix_tf.flatten import flatten, is_graph_model
 from metamix_tf.layers import QUANT_LAYERS, QuantLayerMixin
@@ -31,36 +33,11 @@ __all__ = [
     "unsupported_layers",
 ]
 
-# Layers whose output keeps the sign of their input (looked through to find the producer).
-_PASS_THROUGH = (
-    keras.layers.ZeroPadding2D, keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
-    keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
-    keras.layers.Dropout, keras.layers.Flatten, keras.layers.Reshape, keras.layers.Cropping2D,
-    keras.layers.SpatialDropout2D, keras.layers.Identity,
-)
-_NON_NEGATIVE_ACTIVATIONS = ("relu", "relu6", "sigmoid", "hard_sigmoid", "softmax", "softplus")
-# Keras 3 names the hard-swish function ``hard_silu`` (``Activation("hard_swish")`` holds it).
-_HARD_SWISH = ("hard_swish", "hard_silu")
+_OUTPUT = rules.OUTPUT
 _NORMALIZATION = (
     keras.layers.BatchNormalization, keras.layers.LayerNormalization,
     keras.layers.GroupNormalization, keras.layers.Normalization,
 )
-# Layers that commute with rounding to a grid (or are identities at inference): a tensor
-# read through them is read by what reads them.
-_SHAPE_ONLY = (
-    keras.layers.ZeroPadding2D, keras.layers.Cropping2D, keras.layers.MaxPooling2D,
-    keras.layers.GlobalMaxPooling2D, keras.layers.Flatten, keras.layers.Reshape,
-    keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.Identity,
-)
-# Weightless ops that an integer model runs on stored tensors; a ReLU / ReLU6 is not one
-# (TFLite fuses it into the conv or add before it).
-_STORING_OPS = (
-    keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
-    keras.layers.Maximum, keras.layers.Minimum, keras.layers.Concatenate,
-    keras.layers.GlobalAveragePooling2D, keras.layers.AveragePooling2D, keras.layers.Softmax,
-    keras.layers.Activation, keras.layers.ReLU,
-)
-_OUTPUT = object()  # stands for "read as a model output"
 # Weighted layers that apply() does not quantize: they stay float and are reported.
 _UNSUPPORTED = (
     keras.layers.SeparableConv2D, keras.layers.Conv1D, keras.layers.Conv3D,
@@ -76,14 +53,7 @@ def _quant_class(layer):
     return None
 
 
-def _activation_name(layer) -> str | None:
-    act = getattr(layer, "activation", None)
-    return getattr(act, "__name__", None) if act is not None else None
-
-
-def _producer(tensor):
-    history = getattr(tensor, "_keras_history", None)
-    return None if history is None else history.operation
+_producer = rules.producer
 
 
 def _input_sign(layer, hswish_range: str) -> bool:
@@ -92,50 +62,51 @@ def _input_sign(layer, hswish_range: str) -> bool:
 
 
 def _output_sign(producer, hswish_range: str) -> bool:
-    """True when the output of layer ``producer`` can be negative."""
-    while isinstance(producer, _PASS_THROUGH):
+    """True when the output of operation ``producer`` can be negative."""
+    while isinstance(producer, rules.SIGN_PRESERVING):
         producer = _producer(producer.input)
     if producer is None or isinstance(producer, keras.layers.InputLayer):
         return True
     if isinstance(producer, keras.layers.ReLU):
         return bool(producer.negative_slope) or float(producer.threshold) < 0
-    name = _activation_name(producer)
-    if name in _HARD_SWISH:
+    name = rules.activation_name(producer)
+    if name in rules.HARD_SWISH:
         return hswish_range == "signed"
-    return name not in _NON_NEGATIVE_ACTIVATIONS
-
-
-def _is_fused_relu(layer) -> bool:
-    if isinstance(layer, keras.layers.ReLU):
-        return (float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0
-                and layer.max_value in (None, 6.0))
-    return isinstance(layer, keras.layers.Activation) and _activation_name(layer) in (
-        "relu", "relu6")
+    return name not in rules.NON_NEGATIVE_ACTIVATIONS
 
 
 def _stored_outputs(model) -> list[str]:
-    """Layers whose output an integer model stores although no quantized layer reads it:
-    outputs read by a weightless op (residual add, pooling, concatenation, a non-fused
-    activation) or by the model's caller, looking through shape-only layers."""
-    readers: dict = {}
-    for layer in model.layers:
-        for node in layer._inbound_nodes:
-            for t in node.input_tensors:
-                readers.setdefault(_producer(t).name, []).append(layer)
-    for t in model.outputs:
-        readers.setdefault(_producer(t).name, []).append(_OUTPUT)
+    """Operations whose output an integer model stores although no quantized layer reads
+    it (:func:`graph_rules.stores`: read by a weightless op, an unfolded BatchNorm or the
+    model's caller), looking through shape-only layers and identities."""
+    readers = rules.readers(model)
 
-    def stores(name) -> bool:
-        for r in readers.get(name, []):
-            if r is _OUTPUT or (isinstance(r, _STORING_OPS) and not _is_fused_relu(r)):
-                return True
-            if isinstance(r, _SHAPE_ONLY) and stores(r.name):
+    def effective(op) -> list:  # readers, looking through shape-only layers and identities
+        out = []
+        for r in readers.get(op.name, []):
+            if r is not _OUTPUT and (rules.is_shape_only(r) or rules.is_identity(r)):
+                out.extend(effective(r))
+            else:
+                out.append(r)
+        return out
+
+    def stores(op) -> bool:
+        mine = readers.get(op.name, [])
+        eff = effective(op)
+        if rules.shared_by_quantized(sum(isinstance(r, rules.WEIGHTED) for r in eff)):
+            return True
+        for r in mine:
+            if r is not _OUTPUT and (rules.is_shape_only(r) or rules.is_identity(r)):
+                if stores(r):
+                    return True
+            elif rules.stores(op, r, len(mine)):
                 return True
         return False
 
-    return [layer.name for layer in model.layers
-            if not isinstance(layer, (keras.layers.InputLayer,) + _SHAPE_ONLY)
-            and stores(layer.name)]
+    return [op.name for op in model.operations
+            if not isinstance(op, keras.layers.InputLayer) and not rules.is_shape_only(op)
+            and not rules.is_identity(op) and not isinstance(op, canonical.SigmoidGrid)
+            and (stores(op) or rules.quantizes_output(op))]
 
 
 def _check_names(argument: str, names: Iterable[str], model) -> None:
@@ -179,6 +150,7 @@ def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
         # one input and one output: pass the tensors, not 1-lists, so that calling the
         # wrapped model with a tensor matches its input structure
         model = keras.Model(model.inputs[0], model.outputs[0], name=model.name)
+    model = canonical.canonicalize(model)  # SeparableConv2D split, activations split out
     _check_names("exclude", config.exclude, model)
     _check_names("include", config.include, model)
 
@@ -209,12 +181,13 @@ def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
                          kernel_quantizer=kernel_quantizer)
 
     stored = set(_stored_outputs(model)) if config.output_bits else set()
+    operations = {op.name: op for op in model.operations}
 
     def call(layer, *args, **kwargs):
         outputs = layer(*args, **kwargs)
         if layer.name not in stored:
             return outputs
-        original = model.get_layer(layer.name)
+        original = operations[layer.name]
         quantizer = ActivationQuantizer(
             candidate_bits=(config.output_bits,),
             signed=_output_sign(original, config.hswish_range), grad_scale=config.grad_scale,

@@ -11,7 +11,7 @@ Where the fake quants go. A quantized layer's input quantizer moves onto the ten
 produces its input (looking through zero padding, max pooling, flatten and reshape, which
 commute with rounding), right after the op that computes it, so the converter fuses it:
 ``conv + bias + ReLU6 -> 8-bit fake quant (scale = learned step) -> clamp to the b-bit
-range``. Tensors are of three kinds:
+range``. Tensors are of these kinds:
 
 * ``"grid"``: read only by quantizers with one and the same grid: int8 scale = step, clamp
   to the b-bit range; exact.
@@ -29,6 +29,21 @@ range``. Tensors are of three kinds:
   1x1 depthwise conv, see :class:`~metamix_tf.export.layers.FakeQuant`). With ``k`` odd the
   double rounding is exact for the first reader (see :func:`grids.shared_grid`).
 
+* ``"member"``: an input of a concatenation that nothing else reads: the concatenation's
+  output grid (TFLite concatenates int8 tensors of one scale; the Keras model rounds it
+  there with the concatenation's output quantizer); exact. Concatenation inputs stored on
+  other grids are requantized to it (identity depthwise conv); exact.
+* ``"same_scale"``: the output of a 'same' padded average pooling, whose int8 kernel keeps
+  its input's scale; inexact (Keras does not round there).
+
+Which tensors are stored, and which layers fold, fuse or pass through, comes from
+:mod:`metamix_tf.graph_rules`, the table ``apply()`` uses to place its output quantizers;
+the Keras graph is read by :mod:`metamix_tf.export.reader`. A BatchNorm that does not fold
+(pre-activation, after a concatenation) runs as an int8 1x1 depthwise conv (8-bit weights
+``+-127`` times a per-channel scale: exact), a 'valid' average pooling as a depthwise conv
+with weights ``1 / (kh * kw)``; input preprocessing (``Rescaling``, ``Normalization``) runs in
+float before the input quantization (:attr:`ExportPlan.float_prefix`).
+
 What stays inexact, and is measured by the verification: the calibrated 8-bit grids
 themselves (Keras keeps those tensors in float) and the conv biases, which an int8 TFLite
 conv stores as int32 multiples of ``input_step * weight_step`` (:func:`with_int32_biases`
@@ -44,10 +59,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from metamix_tf import graph_rules as rules
 from metamix_tf.export import grids
 from metamix_tf.export.grids import Grid
 from metamix_tf.export.layers import FOLDED_LAYERS, FakeQuant
-from metamix_tf.layers import QuantLayerMixin
+from metamix_tf.export.reader import (
+    OUTPUT,
+    Node,
+    UnsupportedModelError,
+    effective_readers,
+    node_readers,
+    read_graph,
+    stored,
+    unsupported,
+)
 from metamix_tf.quantizers import ActivationQuantizer
 
 __all__ = [
@@ -65,38 +90,8 @@ __all__ = [
     "image_batches",
 ]
 
-OUTPUT = "<output>"
 # Tensors the int8 model rounds exactly as the Keras model does (module docstring).
-EXACT_KINDS = ("grid", "quantized")
-L = keras.layers
-# Layers that commute with rounding to a grid that holds 0 (selection, zero padding, shape).
-_PASS_THROUGH = (L.ZeroPadding2D, L.Cropping2D, L.MaxPooling2D, L.GlobalMaxPooling2D,
-                 L.Flatten, L.Reshape)
-# Identity at inference.
-_IDENTITY = (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
-             L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.Identity,
-             L.ActivityRegularization)
-# Weightless float ops with int8 TFLite kernels.
-_FLOAT_OPS = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum, L.Concatenate,
-              L.GlobalAveragePooling2D, L.AveragePooling2D, L.ReLU, L.Activation, L.Softmax)
-_ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "hard_sigmoid", "hard_swish", "hard_silu",
-                "tanh", "softmax")
-_FUSABLE_ACTIVATIONS = ("relu", "relu6")
-
-
-class UnsupportedModelError(ValueError):
-    """The model has a layer or a setting that the int8 export cannot reproduce."""
-
-
-@dataclasses.dataclass
-class _Node:
-    name: str
-    layer: keras.layers.Layer
-    kind: str  # "input" | "quant" | "pass" | "op"
-    inputs: list
-    bn: keras.layers.BatchNormalization | None = None
-    output_quantizer: ActivationQuantizer | None = None
-    keras_output: object = None  # the reference model's tensor this node computes
+EXACT_KINDS = ("grid", "quantized", "member")
 
 
 @dataclasses.dataclass
@@ -137,6 +132,7 @@ class WeightPlan:
     folded: grids.FoldedWeights
     batch_norm: str | None
     clipped: int  # integers outside [-127, 127] (8-bit weights only), clipped for int8
+    input_scale: float | None = None  # the int8 input scale (None: the input plan's)
 
 
 @dataclasses.dataclass
@@ -150,6 +146,12 @@ class ExportPlan:
     inputs: dict  # quantized layer name -> InputPlan
     weights: dict  # quantized layer name -> WeightPlan
     int8: bool  # whether every grid fits an int8 (the native graph can be built)
+    affine: dict = dataclasses.field(default_factory=dict)  # unfolded BatchNorm -> WeightPlan
+
+    @property
+    def float_prefix(self) -> list:
+        """Input preprocessing layers that run in float before the input quantization."""
+        return [n.name for n in self.nodes if n.kind == "prefix"]
 
     @property
     def calibrated(self) -> list:
@@ -162,154 +164,6 @@ class ExportPlan:
         return [t for t in self.tensors.values() if t.kind == "quantized"]
 
 
-# -- reading the Keras graph -----------------------------------------------------------------
-
-
-def _producer(tensor) -> str:
-    return tensor._keras_history.operation.name
-
-
-def _activation_name(layer) -> str | None:
-    if isinstance(layer, L.ReLU):
-        return "relu"
-    act = getattr(layer, "activation", None)
-    return getattr(act, "__name__", None) if act is not None else None
-
-
-def _is_fusable(layer) -> bool:
-    """A ReLU / ReLU6 that TFLite fuses into the conv, fully connected or add before it."""
-    if isinstance(layer, L.ReLU):
-        return (float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0
-                and layer.max_value in (None, 6.0))
-    return isinstance(layer, L.Activation) and _activation_name(layer) in _FUSABLE_ACTIVATIONS
-
-
-def _unsupported(layer, why: str) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"Layer '{layer.name}' ({type(layer).__name__}) cannot be exported to int8 TFLite: "
-        f"{why} Received: layer={layer.name!r}")
-
-
-def _keras_nodes(model) -> list:
-    """The model's Keras nodes in topological order; raises on shared layers."""
-    by_depth = model._nodes_by_depth
-    ordered = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
-    seen = set()
-    for node in ordered:
-        name = node.operation.name
-        if name in seen:
-            raise _unsupported(node.operation, "it is called more than once (a shared layer); "
-                               "give each call its own layer.")
-        seen.add(name)
-    return ordered
-
-
-def _check_quant_layer(layer) -> None:
-    if layer.input_quantizer is None or layer.kernel_quantizer is None:
-        raise _unsupported(layer, "it has no input or no kernel quantizer; wrap the float "
-                           "model with metamix_tf.apply.")
-    if not layer.kernel_quantizer.enabled:
-        raise _unsupported(layer, "its weight quantizer is off; export the model after weight "
-                           "training (final.keras), or call "
-                           "metamix_tf.enable_weight_quantization first.")
-
-
-def _read_graph(model) -> tuple[list, list]:
-    """Simplified graph: identities removed, BatchNorm merged into the quantized layer."""
-    keras_nodes = _keras_nodes(model)
-    readers: dict = {}
-    for node in keras_nodes:
-        for t in node.input_tensors:
-            readers.setdefault(_producer(t), []).append(node.operation.name)
-    for t in model.outputs:
-        readers.setdefault(_producer(t), []).append(OUTPUT)
-
-    alias: dict = {}
-    nodes: dict = {}
-    for node in keras_nodes:
-        layer = node.operation
-        inputs = [alias.get(_producer(t), _producer(t)) for t in node.input_tensors]
-        output = node.output_tensors[0] if node.output_tensors else None
-        if len(node.output_tensors) != 1:
-            raise _unsupported(layer, "it has several outputs.")
-        if isinstance(layer, L.InputLayer):
-            nodes[layer.name] = _Node(layer.name, layer, "input", [], keras_output=output)
-        elif isinstance(layer, QuantLayerMixin):
-            _check_quant_layer(layer)
-            nodes[layer.name] = _Node(layer.name, layer, "quant", inputs, keras_output=output)
-        elif isinstance(layer, L.BatchNormalization):
-            producer = nodes.get(inputs[0])
-            if (producer is None or producer.kind != "quant" or producer.bn is not None
-                    or len(readers.get(producer.name, [])) != 1
-                    or _activation_name(producer.layer) not in (None, "linear")):
-                raise _unsupported(layer, "a BatchNormalization folds only into the quantized "
-                                   "conv / dense right before it (linear activation, no other "
-                                   "reader).")
-            if layer.axis not in (-1, len(output.shape) - 1):
-                raise _unsupported(layer, "only channels-last BatchNormalization folds.")
-            producer.bn = layer
-            producer.keras_output = output
-            alias[layer.name] = producer.name
-        elif isinstance(layer, ActivationQuantizer):
-            producer = nodes.get(inputs[0])
-            if producer is None or producer.kind == "pass" or producer.output_quantizer:
-                raise _unsupported(layer, "an output quantizer must directly follow the layer "
-                                   "that computes its tensor (as metamix_tf.apply puts it).")
-            producer.output_quantizer = layer
-            alias[layer.name] = producer.name
-        elif isinstance(layer, _IDENTITY) or (
-                isinstance(layer, L.Activation) and _activation_name(layer) == "linear"):
-            alias[layer.name] = inputs[0]
-        elif isinstance(layer, _PASS_THROUGH):
-            nodes[layer.name] = _Node(layer.name, layer, "pass", inputs, keras_output=output)
-        elif isinstance(layer, _FLOAT_OPS):
-            name = _activation_name(layer)
-            if isinstance(layer, (L.Activation, L.ReLU)) and name not in _ACTIVATIONS:
-                raise _unsupported(layer, f"activation {name!r} has no int8 TFLite kernel here "
-                                   f"(supported: {', '.join(_ACTIVATIONS)}).")
-            nodes[layer.name] = _Node(layer.name, layer, "op", inputs, keras_output=output)
-        elif layer.weights:
-            raise _unsupported(layer, "it has weights but no quantizers (every weighted layer "
-                               "must be a quantized Conv2D / DepthwiseConv2D / Dense; do not "
-                               "exclude it in quant.exclude).")
-        else:
-            raise _unsupported(layer, "no int8 export rule for this layer type.")
-    outputs = [alias.get(_producer(t), _producer(t)) for t in model.outputs]
-    return list(nodes.values()), outputs
-
-
-def _readers(nodes: list, outputs: list) -> dict:
-    readers = {n.name: [] for n in nodes}
-    for n in nodes:
-        for i in n.inputs:
-            readers[i].append(n.name)
-    for o in outputs:
-        readers[o].append(OUTPUT)
-    return readers
-
-
-def _effective_readers(name: str, readers: dict, by_name: dict) -> list:
-    """Readers of ``name``, looking through pass-through layers (unique, in order)."""
-    out = []
-    for r in readers[name]:
-        if r != OUTPUT and by_name[r].kind == "pass":
-            out.extend(_effective_readers(r, readers, by_name))
-        else:
-            out.append(r)
-    return list(dict.fromkeys(out))
-
-
-def _stored(node: _Node, readers: dict, by_name: dict) -> bool:
-    """Whether the int8 model stores this tensor (else it is fused into the next op)."""
-    if node.kind == "pass":
-        return False
-    fusable_producer = node.kind == "quant" or (
-        node.kind == "op" and isinstance(node.layer, (L.Add, L.Subtract)))
-    only = readers[node.name]
-    return not (fusable_producer and len(only) == 1 and only[0] != OUTPUT
-                and _is_fusable(by_name[only[0]].layer))
-
-
 # -- planning --------------------------------------------------------------------------------
 
 
@@ -317,7 +171,7 @@ def _grid(q: ActivationQuantizer) -> Grid:
     return grids.activation_grid(q.selected_bits, q.signed, q.selected_step)
 
 
-def _weight_plan(node: _Node, weight_storage: str, input_scale: float) -> WeightPlan:
+def _weight_plan(node: Node, weight_storage: str, input_scale: float) -> WeightPlan:
     layer = node.layer
     wq = layer.kernel_quantizer
     step = keras.ops.convert_to_numpy(wq.step_size)
@@ -412,9 +266,9 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
     if weight_storage not in WEIGHT_STORAGE:
         raise ValueError(f"`weight_storage` must be one of {WEIGHT_STORAGE}. "
                          f"Received: weight_storage={weight_storage!r}")
-    nodes, outputs = _read_graph(model)
+    nodes, outputs = read_graph(model)
     by_name = {n.name: n for n in nodes}
-    readers = _readers(nodes, outputs)
+    readers = node_readers(nodes, outputs)
     quant_nodes = [n for n in nodes if n.kind == "quant"]
     if not quant_nodes:
         raise UnsupportedModelError(
@@ -431,20 +285,26 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             "most 8 bits. Export float16 / float32 only (--format=float16,float32) or search "
             f"with candidate bits <= 8. Received: bits={bits}")
 
-    stored = [n for n in nodes if _stored(n, readers, by_name)]
-    fused = [n.name for n in nodes if n.output_quantizer and n not in stored]
+    stored_nodes = [n for n in nodes if stored(n, readers, by_name)]
+    fused = [n.name for n in nodes if n.output_quantizer and n not in stored_nodes]
     if fused:
-        raise _unsupported(by_name[fused[0]].output_quantizer, "it quantizes a tensor that "
+        raise unsupported(by_name[fused[0]].output_quantizer, "it quantizes a tensor that "
                            "TFLite fuses into the next op (a conv followed by its ReLU); "
                            "quantize the ReLU's output instead.")
     structure = {}
-    for n in stored:
-        eff = _effective_readers(n.name, readers, by_name)
+    for n in stored_nodes:
+        eff = effective_readers(n.name, readers, by_name)
         quant = [r for r in eff if r != OUTPUT and by_name[r].kind == "quant"]
         floats = [r for r in eff if r not in quant]
         distinct = {input_grids[r] for r in quant}
+        concats = [r for r in eff if r != OUTPUT and isinstance(by_name[r].layer,
+                                                                 keras.layers.Concatenate)]
         if n.output_quantizer is not None:
             kind = "quantized"
+        elif len(eff) == 1 and concats and by_name[concats[0]].output_quantizer is not None:
+            kind = "member"  # rounded by the concatenation's output quantizer
+        elif rules.keeps_input_scale(n.layer):
+            kind = "same_scale"
         elif quant and not floats and len(distinct) == 1:
             kind = "grid"
         elif not quant:
@@ -453,11 +313,11 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             kind = "shared"
         structure[n.name] = (kind, quant, floats)
 
-    needs_range = [n for n in stored if structure[n.name][0] != "grid"] if int8 else []
+    needs_range = [n for n in stored_nodes if structure[n.name][0] != "grid"] if int8 else []
     ranges = _calibrate(model, needs_range, calibration_data, max_calibration_examples)
 
     tensors = {}
-    for n in stored:
+    for n in stored_nodes:
         kind, quant, floats = structure[n.name]
         rng = ranges.get(n.name)
         k = 1
@@ -466,10 +326,16 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             fq_name = f"{quant[0]}_input_quant" if len(quant) == 1 else f"{n.name}_quant"
         elif kind == "quantized":
             grid, fq_name = output_grids[n.name], n.output_quantizer.name
+        elif kind == "member":
+            grid, fq_name = output_grids[floats[0]], f"{n.name}_quant"
         elif not int8:
             continue  # float exports keep these tensors in float, as the Keras model does
         elif kind == "calibrated":
             grid = grids.calibrated_grid(*rng)
+            fq_name = f"{n.name}_quant"
+        elif kind == "same_scale":
+            source = tensors.get(_stored_source(n.inputs[0], by_name))
+            grid = source.grid if source is not None else grids.calibrated_grid(*rng)
             fq_name = f"{n.name}_quant"
         else:
             first, others = input_grids[quant[0]], [input_grids[r] for r in quant[1:]]
@@ -483,9 +349,7 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
 
     inputs = {}
     for n in quant_nodes:
-        source = n.inputs[0]
-        while by_name[source].kind == "pass":
-            source = by_name[source].inputs[0]
+        source = _stored_source(n.inputs[0], by_name)
         q = n.layer.input_quantizer
         tensor = tensors.get(source)
         requantized = tensor is None or not (tensor.kind == "grid" or (
@@ -497,16 +361,58 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             grid=input_grids[n.name], source=source, requantized=requantized, exact=exact)
     weights = {n.name: _weight_plan(n, weight_storage, input_grids[n.name].scale)
                for n in quant_nodes}
+    affine = {}
+    for n in nodes:
+        if n.kind == "affine":
+            tensor = tensors.get(_stored_source(n.inputs[0], by_name))
+            affine[n.name] = _affine_plan(n.layer, weight_storage,
+                                          tensor.grid.scale if tensor is not None else None)
     return ExportPlan(model_name=model.name, nodes=nodes, outputs=outputs, tensors=tensors,
-                      inputs=inputs, weights=weights, int8=int8)
+                      inputs=inputs, weights=weights, int8=int8, affine=affine)
+
+
+def _stored_source(name: str, by_name: dict) -> str:
+    """The stored tensor a node reads, looking through pass-through layers."""
+    while by_name[name].kind == "pass":
+        name = by_name[name].inputs[0]
+    return name
+
+
+def _affine_plan(bn, weight_storage: str, input_scale: float | None) -> WeightPlan:
+    """A BatchNorm that does not fold, as a 1x1 depthwise conv: per-channel weights
+    ``gamma / sqrt(var + eps)`` stored exactly as int8 ``+-127`` times a per-channel scale,
+    bias ``beta - mean * gamma / sqrt(var + eps)``."""
+    channels = int(bn.moving_mean.shape[0])
+    num = keras.ops.convert_to_numpy
+    folded = grids.fold_batch_norm(
+        np.ones((1, 1, channels, 1)), np.ones(channels),
+        gamma=num(bn.gamma) if bn.scale else None, beta=num(bn.beta) if bn.center else None,
+        mean=num(bn.moving_mean), variance=num(bn.moving_variance), epsilon=bn.epsilon)
+    # 8-bit weights: +-127 with either storage; "spread" picks the scale whose int32 bias
+    # is closest to the real one
+    folded = grids.spread_to_int8(folded, input_scale if weight_storage == "spread" else None)
+    return WeightPlan(layer=bn.name, layer_type="BatchNormalization", bits=8, folded=folded,
+                      batch_norm=bn.name, clipped=0, input_scale=input_scale)
 
 
 def _bias_unit(export_plan: ExportPlan, name: str) -> np.ndarray:
     """Per output channel of layer ``name``: the unit of its int32 bias in an int8 TFLite
     conv, ``input_scale * weight_scale`` (in float32, as the converter computes it)."""
-    w = export_plan.weights[name]
-    return (np.float32(export_plan.inputs[name].grid.scale)
-            * w.folded.scale.astype(np.float32)).astype(np.float64)
+    w = export_plan.weights.get(name) or export_plan.affine[name]
+    scale = w.input_scale if w.input_scale is not None else export_plan.inputs[name].grid.scale
+    return (np.float32(scale) * w.folded.scale.astype(np.float32)).astype(np.float64)
+
+
+def _round_biases(export_plan: ExportPlan, weights: dict) -> dict:
+    out = {}
+    for name, w in weights.items():
+        if w.input_scale is None and name not in export_plan.inputs:
+            out[name] = w  # an unfolded BatchNorm on a tensor Keras keeps float
+            continue
+        unit = _bias_unit(export_plan, name)
+        folded = dataclasses.replace(w.folded, bias=np.round(w.folded.bias / unit) * unit)
+        out[name] = dataclasses.replace(w, folded=folded)
+    return out
 
 
 def with_int32_biases(export_plan: ExportPlan) -> ExportPlan:
@@ -516,12 +422,8 @@ def with_int32_biases(export_plan: ExportPlan) -> ExportPlan:
     Built natively, it is a Keras model that computes what the int8 TFLite model computes
     (up to the int8 kernels' own rounding), the link between the two in the verification.
     """
-    weights = {}
-    for name, w in export_plan.weights.items():
-        unit = _bias_unit(export_plan, name)
-        folded = dataclasses.replace(w.folded, bias=np.round(w.folded.bias / unit) * unit)
-        weights[name] = dataclasses.replace(w, folded=folded)
-    return dataclasses.replace(export_plan, weights=weights)
+    return dataclasses.replace(export_plan, weights=_round_biases(export_plan, export_plan.weights),
+                               affine=_round_biases(export_plan, export_plan.affine))
 
 
 def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
@@ -543,8 +445,10 @@ def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
             f"model, so no int32 bias grid to snap to. Received: layer={wide[0]!r}")
     twin = with_int32_biases(export_plan)
     skipped, max_shift, max_units = [], 0.0, 0.0
-    for name, w in export_plan.weights.items():
-        delta = twin.weights[name].folded.bias - w.folded.bias
+    every = {**export_plan.weights, **export_plan.affine}
+    snapped = {**twin.weights, **twin.affine}
+    for name, w in every.items():
+        delta = snapped[name].folded.bias - w.folded.bias
         if not np.any(delta):
             continue
         layer = model.get_layer(name)
@@ -559,7 +463,7 @@ def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
         target.assign(target + delta.astype(np.float32))
         max_shift = max(max_shift, float(np.abs(delta).max()))
         max_units = max(max_units, float(np.abs(delta / _bias_unit(export_plan, name)).max()))
-    return {"layers": len(export_plan.weights) - len(skipped), "skipped": skipped,
+    return {"layers": len(every) - len(skipped), "skipped": skipped,
             "max_abs_shift": max_shift, "max_shift_units": max_units}
 
 
@@ -568,7 +472,7 @@ def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
 _DROPPED_KEYS = ("input_quantizer", "kernel_quantizer")
 
 
-def _folded_layer(node: _Node, weights: WeightPlan, native: bool) -> keras.layers.Layer:
+def _folded_layer(node: Node, weights: WeightPlan, native: bool) -> keras.layers.Layer:
     layer = node.layer
     config = {k: v for k, v in layer.get_config().items() if k not in _DROPPED_KEYS
               and not k.endswith(("_regularizer", "_constraint"))}
@@ -577,6 +481,69 @@ def _folded_layer(node: _Node, weights: WeightPlan, native: bool) -> keras.layer
     folded.build(tuple(layer.input.shape))
     folded.set_folded(weights.folded.kernel, weights.folded.bias, weights.folded.scale)
     return folded
+
+
+def _affine_layer(node: Node, weights: WeightPlan, native: bool) -> keras.layers.Layer:
+    """An unfolded BatchNorm as a 1x1 depthwise conv (its plan: :func:`_affine_plan`)."""
+    layer = FOLDED_LAYERS["QuantDepthwiseConv2D"](kernel_size=1, use_bias=True, weight_bits=8,
+                                                  native=native, name=node.name)
+    layer.build(tuple(node.keras_output.shape))
+    layer.set_folded(weights.folded.kernel, weights.folded.bias, weights.folded.scale)
+    return layer
+
+
+def _pool_as_conv(node: Node, native: bool) -> keras.layers.Layer:
+    """A 'valid' ``AveragePooling2D`` as a depthwise conv with weights ``1 / (kh * kw)``
+    (int8 127 at scale ``1 / (127 kh kw)``, exact): unlike TFLite's AVERAGE_POOL_2D, its
+    output can have its own scale, the one of the Keras model's output quantizer."""
+    pool = node.layer
+    kh, kw = pool.pool_size
+    channels = int(node.keras_output.shape[-1])
+    layer = FOLDED_LAYERS["QuantDepthwiseConv2D"](
+        kernel_size=(kh, kw), strides=pool.strides, padding="valid", use_bias=True,
+        weight_bits=8, native=native, name=node.name)
+    layer.build(tuple(pool.input.shape))
+    weight = 1.0 / (kh * kw)
+    layer.set_folded(np.full((kh, kw, channels, 1), weight), np.zeros(channels),
+                     np.full(channels, weight / grids.WEIGHT_QMAX))
+    return layer
+
+
+def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool) -> dict:
+    """``new`` with each input of concatenation ``node`` requantized to its output grid
+    where it is stored on another grid (TFLite concatenates int8 tensors of one scale)."""
+    target = export_plan.tensors.get(node.name)
+    if target is None:
+        return new
+    by_name = {n.name: n for n in export_plan.nodes}
+    out = dict(new)
+    for j, name in enumerate(node.inputs):
+        source = _stored_source(name, by_name)
+        tensor = export_plan.tensors.get(source)
+        if tensor is None or tensor.grid != target.grid:
+            out[name] = FakeQuant.from_grid(target.grid, requantize=True, native=native,
+                                            name=f"{node.name}_input{j}_quant")(new[name])
+    return out
+
+
+def _rebuilt(node: Node):
+    """A fresh copy of a weightless layer (or the stateless keras.ops operation itself)."""
+    op = node.layer
+    if not isinstance(op, keras.layers.Layer):
+        return op
+    return type(op).from_config(op.get_config())
+
+
+def _call(node: Node, op, new: dict):
+    """Calls ``op`` with ``node``'s original arguments, its input tensors replaced."""
+    keras_node = node.keras_node
+    tensors = {id(t): new[name] for t, name in zip(keras_node.input_tensors, node.inputs,
+                                                    strict=True)}
+    args, kwargs = keras_node.arguments.fill_in(tensors)
+    out = op(*args, **kwargs)
+    if isinstance(op, keras.layers.Layer) and node.layer.weights:  # e.g. an adapted Normalization
+        op.set_weights(node.layer.get_weights())
+    return out
 
 
 def build(export_plan: ExportPlan, native: bool = True, name: str | None = None) -> keras.Model:
@@ -597,20 +564,22 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None)
             shape = tuple(node.layer.batch_shape[1:])
             t = keras.Input(shape=shape, dtype="float32", name=node.name)
             inputs.append(t)
+        elif node.kind == "quant":
+            x = new[node.inputs[0]]
+            inp = export_plan.inputs[node.name]
+            if inp.requantized:
+                x = FakeQuant.from_grid(inp.grid, requantize=True, native=native,
+                                        name=f"{node.name}_input_quant")(x)
+            t = _folded_layer(node, export_plan.weights[node.name], native)(x)
+        elif node.kind == "affine":
+            t = _affine_layer(node, export_plan.affine[node.name], native)(new[node.inputs[0]])
+        elif isinstance(node.layer, keras.layers.AveragePooling2D) and \
+                node.layer.padding == "valid":
+            t = _pool_as_conv(node, native)(new[node.inputs[0]])
+        elif isinstance(node.layer, keras.layers.Concatenate):
+            t = _call(node, _rebuilt(node), _concat_inputs(export_plan, node, new, native))
         else:
-            xs = []
-            for source in node.inputs:
-                x = new[source]
-                inp = export_plan.inputs.get(node.name) if node.kind == "quant" else None
-                if inp is not None and inp.requantized:
-                    x = FakeQuant.from_grid(inp.grid, requantize=True, native=native,
-                                            name=f"{node.name}_input_quant")(x)
-                xs.append(x)
-            if node.kind == "quant":
-                layer = _folded_layer(node, export_plan.weights[node.name], native)
-            else:
-                layer = type(node.layer).from_config(node.layer.get_config())
-            t = layer(xs[0] if len(xs) == 1 else xs)
+            t = _call(node, _rebuilt(node), new)
         tensor = export_plan.tensors.get(node.name)
         if tensor is not None and (native or tensor.kind in EXACT_KINDS):
             t = FakeQuant.from_grid(tensor.grid, native=native, name=tensor.fake_quant)(t)

@@ -263,7 +263,9 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         "gbops": (bits_info or {}).get("gbops"),
         "avg_activation_bits": sidecar["avg_activation_bits"],
         "tensors": {kind: sum(t.kind == kind for t in export_plan.tensors.values())
-                    for kind in ("grid", "quantized", "shared", "calibrated")},
+                    for kind in ("grid", "quantized", "member", "shared", "same_scale",
+                                 "calibrated")},
+        "float_prefix": export_plan.float_prefix,
         "inexact_inputs": [n for n, p in export_plan.inputs.items() if not p.exact],
     }
     if verify_models and eval_images is not None:

@@ -150,7 +150,12 @@ def _interpreter(model_content: bytes):
 
 
 def graph_summary(model: bytes | str) -> dict:
-    """Op counts, tensor types and the ops that compute in float, of a TFLite model."""
+    """Op counts, tensor types and the ops that compute in float, of a TFLite model.
+
+    ``float_prefix_ops``: float ops that read only the model input, constants and other such
+    ops (input preprocessing ahead of the input quantization); ``float_ops``: every other
+    op with a float tensor, except the input QUANTIZE and output DEQUANTIZE.
+    """
     if isinstance(model, str):
         with open(model, "rb") as f:
             model = f.read()
@@ -158,12 +163,21 @@ def graph_summary(model: bytes | str) -> dict:
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
     counts = collections.Counter(op["op_name"] for op in ops)
-    float_ops = []
+    produced = {i for op in ops for i in op["outputs"]}
+    prefix_tensors = {d["index"] for d in interpreter.get_input_details()}
+    float_ops, prefix_ops = [], []
     for op in ops:
         indices = [i for i in list(op["inputs"]) + list(op["outputs"]) if i >= 0]
-        has_float = any(tensors[i]["dtype"] in (np.float32, np.float16) for i in indices)
-        if has_float and op["op_name"] not in _BOUNDARY_OPS:
+        is_float = lambda i: tensors[i]["dtype"] in (np.float32, np.float16)  # noqa: E731
+        if op["op_name"] in _BOUNDARY_OPS or not any(is_float(i) for i in indices):
+            continue
+        variable = [i for i in op["inputs"] if i >= 0 and (i in produced or i in prefix_tensors)]
+        if all(is_float(i) for i in indices) and all(i in prefix_tensors for i in variable):
+            prefix_ops.append(op["op_name"])
+            prefix_tensors.update(op["outputs"])
+        else:
             float_ops.append(op["op_name"])
     dtypes = collections.Counter(np.dtype(t["dtype"]).name for t in tensors.values())
     return {"ops": dict(sorted(counts.items())), "num_ops": len(ops),
-            "tensor_dtypes": dict(sorted(dtypes.items())), "float_ops": float_ops}
+            "tensor_dtypes": dict(sorted(dtypes.items())), "float_ops": float_ops,
+            "float_prefix_ops": prefix_ops}

@@ -1,0 +1,147 @@
+"""The int8 export beyond the model zoo: the graph rules of ``metamix_tf.graph_rules`` on a
+small network that holds every rule (fast), and the keras.applications CNN families
+(slow; the recipe is ``metamix_tf.export.families``).
+
+Each case: ``apply()``, calibration, random bits from {2, 3, 4, 8}, 4-bit weights, biases
+snapped onto the int32 grid, int8 export, checked with the LiteRT interpreter: top-1
+agreement with the Keras model, every quantized input on its b-bit grid, no weighted layer
+left float, no float op in the int8 model other than input preprocessing.
+
+Agreement of the families (measured with ``benchmarks/export_families.py``, 64 inputs,
+TF 2.21, ai-edge-litert): the Keras model and the int8 model round the same tensors on the
+same grids, but float32 summation order in Keras moves a value that lies within ~1e-6 of a
+rounding boundary now and then; in a deep network with random weights and 2-bit layers
+such a one-step difference travels on. Families measured below 99.5% are marked xfail
+with their number (see docs/results/export_families.md).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import metamix_tf as mm
+from metamix_tf import canonical, graph_rules, wrap
+from metamix_tf.export import families, graph, run
+
+L = keras.layers
+
+
+def _rules_model() -> keras.Model:
+    """Rescaling; conv + BN + ReLU; separable conv; squeeze-and-excitation with MobileNetV3's
+    hard-sigmoid ops; pre-activation BN; concatenation; 'valid' and 'same' average pooling;
+    a conv with a sigmoid inside; max pooling, global pooling, dense."""
+    inp = keras.Input((16, 16, 3), name="image")
+    x = L.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inp)
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(x)
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(name="stem_relu")(x)
+    s = L.SeparableConv2D(8, 3, padding="same", name="sep")(x)
+    s = L.BatchNormalization(name="sep_bn")(s)
+    s = L.Activation("relu", name="sep_relu")(s)
+    # squeeze-and-excitation, hard sigmoid as keras.ops calls (as MobileNetV3 builds it)
+    e = L.GlobalAveragePooling2D(keepdims=True, name="se_pool")(s)
+    e = L.Conv2D(4, 1, activation="relu", name="se_reduce")(e)
+    e = L.Conv2D(8, 1, name="se_expand")(e)
+    e = L.ReLU(6.0, name="se_relu6")(e + 3.0) * (1.0 / 6.0)
+    s = L.Multiply(name="se_mul")([s, e])
+    c = L.Concatenate(name="concat")([x, s])
+    c = L.BatchNormalization(name="pre_bn")(c)  # pre-activation: does not fold
+    c = L.Activation("relu", name="pre_relu")(c)
+    a = L.AveragePooling2D(2, name="pool_valid")(c)
+    b = L.AveragePooling2D(3, strides=1, padding="same", name="pool_same")(a)
+    y = L.Conv2D(8, 1, activation="sigmoid", name="gate")(b)
+    y = L.MaxPooling2D(2, name="max")(y)
+    y = L.GlobalAveragePooling2D(name="gap")(y)
+    out = L.Dense(10, name="logits")(y)
+    return keras.Model(inp, out, name="rules")
+
+
+def _bn_statistics(model, images):
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            layer.momentum = 0.0
+    model(images, training=True)
+
+
+def test_canonicalize_splits_separable_and_activations_and_keeps_the_function():
+    keras.utils.set_random_seed(0)
+    model = _rules_model()
+    new = canonical.canonicalize(model)
+    names = {layer.name for layer in new.layers}
+    assert {"sep_depthwise", "sep", "gate_activation"} <= names
+    assert not any(isinstance(layer, L.SeparableConv2D) for layer in new.layers)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    # the same function, up to the sigmoid rounded onto TFLite's 1/256 grid
+    assert {"gate_activation_grid"} <= names
+    np.testing.assert_allclose(new(x), model(x), rtol=0, atol=0.05)
+    assert canonical.canonicalize(new) is new  # nothing left to rewrite
+
+
+def test_apply_puts_output_quantizers_where_the_int8_model_stores():
+    keras.utils.set_random_seed(0)
+    wrapped = mm.apply(_rules_model(), mm.QuantConfig())
+    oq = {q.name for q in mm.output_quantizers(wrapped)}
+    # concatenation and pooling outputs, the pre-activation BN's input, hard-sigmoid ops
+    assert {"concat_oq", "se_pool_oq", "pool_valid_oq", "gap_oq", "stem_relu_oq"} <= oq
+    assert "sep_relu_oq" in oq  # read by the pool, the multiply
+    assert "pool_same_oq" not in oq  # TFLite keeps its input's scale
+    assert wrap.unsupported_layers(wrapped) == []
+    assert graph_rules.stores(L.Conv2D(1, 1), L.ReLU(), 1) is False
+
+
+def test_int8_export_of_every_rule_agrees_with_keras(tmp_path):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (96, 16, 16, 3)).astype(np.float32)
+    model = _rules_model()
+    _bn_statistics(model, images[:32])
+    wrapped = mm.apply(model, mm.QuantConfig())
+    mm.calibrate(wrapped, images[:32])
+    bits = {layer.name: int(rng.choice(layer.input_quantizer.candidate_bits))
+            for layer in mm.quant_layers(wrapped) if layer.input_quantizer.searchable}
+    mm.select_bits(wrapped, bits)
+    mm.enable_weight_quantization(wrapped)
+    graph.snap_biases(wrapped)
+    report = run.export_model(wrapped, str(tmp_path), ("int8",), name="rules",
+                              calibration_data=images[:32], eval_images=images[32:],
+                              tensor_costs=False, latency_rounds=1, latency_runs=2,
+                              log=lambda _: None)
+    v = report["verification"]
+    assert v["tflite"]["int8"]["top1_agreement"] >= 0.995
+    assert v["grid_check"]["all_on_grid"]
+    assert report["graphs"]["int8"]["float_ops"] == []
+    assert report["graphs"]["int8"]["float_prefix_ops"]  # the Rescaling, before the input
+    assert "rules_int8.tflite" in report["files"]["int8"]["path"]
+
+
+def test_a_layer_without_rule_is_named_not_an_attribute_error():
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, name="conv")(inp)
+    x = L.UpSampling2D(name="up")(x)
+    out = L.Dense(2, name="logits")(L.Flatten()(x))
+    wrapped = mm.apply(keras.Model(inp, out), mm.QuantConfig())
+    mm.calibrate(wrapped, np.zeros((2, 8, 8, 3), np.float32))
+    mm.select_bits(wrapped)
+    mm.enable_weight_quantization(wrapped)
+    with pytest.raises(graph.UnsupportedModelError, match=r"'up' \(UpSampling2D\).*Received"):
+        graph.plan(wrapped, int8=False)
+
+
+# Measured agreement below 99.5% (docs/results/export_families.md): xfail with the number.
+_BELOW = {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(families.FAMILIES))
+def test_family_exports_to_int8(name):
+    if name in _BELOW:
+        pytest.xfail(_BELOW[name])
+    report = families.export_family(name)
+    v = report["verification"]
+    assert report["float_layers"] == []
+    assert report["graphs"]["int8"]["float_ops"] == []
+    assert v["examples"] >= 64
+    assert v["grid_check"]["all_on_grid"]
+    assert v["tflite"]["int8"]["top1_agreement"] >= 0.995
