@@ -60,12 +60,22 @@ def rel_error(actual, expected):
 
 
 def assert_partition(model):
-    """variable_groups splits trainable_variables exactly: no overlap, nothing missing."""
+    """variable_groups splits what the phases train exactly (the Keras-trainable variables
+    in "mixture" mode with weight quantization on): no overlap, nothing missing."""
     groups = mm.variable_groups(model)
     ids = [id(v) for v in groups.weights + groups.steps + groups.alphas]
     assert len(ids) == len(set(ids))
-    assert set(ids) == {id(v) for v in model.trainable_variables}
-    assert len(ids) == len(model.trainable_variables)
+    modes = [(q, q.mode) for q in mm.activation_quantizers(model)]
+    enabled = [(q, q.enabled) for q in mm.weight_quantizers(model)]
+    mm.set_mode(model, "mixture")
+    mm.enable_weight_quantization(model, initialize=False)
+    trainable = model.trainable_variables
+    for q, mode in modes:  # back to the caller's state
+        q.mode = mode
+    for q, on in enabled:
+        q.enabled = on
+    assert set(ids) == {id(v) for v in trainable}
+    assert len(ids) == len(trainable)
     return groups
 
 
