@@ -248,3 +248,27 @@ def test_shipped_configs_load(name):
     pipeline._check(config, "all", None)
     if name == "demo_mnist":  # the main command runs the defaults: keep them the same
         assert config_lib.to_dict(config) == config_lib.to_dict(config_lib.ExperimentConfig())
+
+
+def test_a_failing_bias_snap_keeps_the_trained_weights(tmp_path, reference, monkeypatch):
+    """Post-processing after weight training (the bias snap) fails: ``final.keras`` holds
+    the trained weights all the same, and the finetune phase is not marked done."""
+    ref_dir, _ = reference
+    model_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, model_dir)
+    for name in ("finetune.done", "final.keras", "summary.json"):
+        (model_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(model_dir / "ckpt" / "finetune", ignore_errors=True)
+
+    from metamix_tf import api
+
+    def broken(loop, model):
+        raise RuntimeError("post-processing failed")
+
+    monkeypatch.setattr(api, "_snap_biases", broken)
+    with pytest.raises(RuntimeError, match="post-processing failed"):
+        run(tiny_config(model_dir), "finetune")
+    assert (model_dir / "final.keras").exists()
+    assert not (model_dir / "finetune.done").exists()
+    final = keras.models.load_model(model_dir / "final.keras")
+    assert all(wq.enabled for wq in wrap.weight_quantizers(final))
