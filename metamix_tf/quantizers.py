@@ -33,11 +33,27 @@ import tensorflow as tf
 from metamix_tf import ops
 from metamix_tf.config import validate_bits
 
-__all__ = ["ActivationQuantizer", "WeightQuantizer", "MODES"]
+__all__ = ["ActivationQuantizer", "WeightQuantizer", "MinimumStep", "MODES"]
 
 MODES = ("float", "uniform", "mixture", "selected", "calibrate")
 _STEP_MODES = ("uniform", "mixture", "selected")  # modes that use the learned step sizes
 GRAD_SCALES = ("per_sample", "per_batch", "none")
+
+
+@keras.saving.register_keras_serializable(package="metamix_tf")
+class MinimumStep(keras.constraints.Constraint):
+    """Keeps LSQ step sizes at or above ``minimum`` after every optimizer update:
+    ``s <- max(s, minimum)``. A learned step that crossed zero would flip its grid (and an
+    int8 scale must be positive); a large step-size gradient can do that in one update."""
+
+    def __init__(self, minimum: float = 1e-8):
+        self.minimum = float(minimum)
+
+    def __call__(self, w):
+        return keras.ops.maximum(w, self.minimum)
+
+    def get_config(self):
+        return {"minimum": self.minimum}
 
 
 def _check_grad_scale(grad_scale: str) -> str:
@@ -113,7 +129,7 @@ class ActivationQuantizer(keras.layers.Layer):
         k = self.num_branches
         self.step_size = self.add_weight(
             name="step_size", shape=(k,), initializer="ones", trainable=True,
-            aggregation="mean")
+            aggregation="mean", constraint=MinimumStep())
         # A single branch has nothing to search: its logit is not trainable, so that
         # wrap.variable_groups partitions the model's trainable variables.
         self.alpha = self.add_weight(
@@ -237,7 +253,7 @@ class WeightQuantizer(keras.layers.Layer):
         self._reduce_axes = tuple(range(len(kernel_shape) - self.channel_axes))
         self.step_size = self.add_weight(
             name="step_size", shape=kernel_shape[-self.channel_axes:], initializer="ones",
-            trainable=True)
+            trainable=True, constraint=MinimumStep())
         self._per_channel = int(np.prod([kernel_shape[a] for a in self._reduce_axes]))
         self.step_size.trainable = self._enabled
 

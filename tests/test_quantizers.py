@@ -306,3 +306,27 @@ def test_candidate_bits_are_sorted_and_signed_ranges_used():
     assert q.uniform_index == 2  # the widest branch
     np.testing.assert_array_equal(q._qn, [2, 8, 128])
     np.testing.assert_array_equal(q._qp, [1, 7, 127])
+
+
+@pytest.mark.parametrize("kind", ["activation", "weight"])
+def test_an_optimizer_step_never_takes_a_step_size_below_its_floor(kind):
+    """SGD with a large learning rate pushes the step sizes far below zero; the constraint
+    leaves them at ``MinimumStep().minimum`` (exactly), every other value as stepped."""
+    import keras
+
+    from metamix_tf.quantizers import MinimumStep
+
+    if kind == "activation":
+        q = ActivationQuantizer(candidate_bits=(2, 4), mode="uniform")
+        q.build((2, 4))
+    else:
+        q = WeightQuantizer(bits=4, enabled=True)
+        q.build((3, 3))
+    q.step_size.assign(np.linspace(0.5, 1.0, q.step_size.shape[0]).astype(np.float32))
+    optimizer = keras.optimizers.SGD(1.0)
+    grads = np.array([10.0] + [-1.0] * (q.step_size.shape[0] - 1), np.float32)
+    optimizer.apply_gradients([(tf.constant(grads), q.step_size)])
+    expected = np.linspace(0.5, 1.0, q.step_size.shape[0]).astype(np.float32) - grads
+    expected[0] = MinimumStep().minimum
+    np.testing.assert_array_equal(q.step_size.numpy(), expected)
+    assert MinimumStep.from_config(MinimumStep(1e-6).get_config()).minimum == 1e-6
