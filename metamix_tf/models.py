@@ -172,6 +172,15 @@ def _conv_bn(x, filters: int, kernel_size: int, strides: int, prefix: str, suffi
                                            name=f"{prefix}_bn{suffix}")(x)
 
 
+def _classifier(inputs, x, num_classes: int, dropout: float, name: str) -> keras.Model:
+    """Global average pooling, optional dropout and the ``predictions`` Dense on ``x``."""
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, name="predictions")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
 def _basic_block(x, filters: int, strides: int, prefix: str, bn_momentum: float):
     shortcut = x
     y = _conv_bn(x, filters, 3, strides, prefix, "1", bn_momentum)
@@ -222,11 +231,7 @@ def resnet18(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
         for block in (1, 2):
             x = _basic_block(x, filters, strides if block == 1 else 1,
                              f"stage{stage}_block{block}", bn_momentum)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    if dropout > 0:
-        x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, name="predictions")(x)
-    return keras.Model(inputs, outputs, name=name)
+    return _classifier(inputs, x, num_classes, dropout, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,11 +264,7 @@ def resnet20(input_shape: Sequence[int] = (32, 32, 3), num_classes: int = 10,
         for block in (1, 2, 3):
             x = _basic_block(x, filters, strides if block == 1 else 1,
                              f"stage{stage}_block{block}", bn_momentum)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    if dropout > 0:
-        x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, name="predictions")(x)
-    return keras.Model(inputs, outputs, name=name)
+    return _classifier(inputs, x, num_classes, dropout, name)
 
 
 # ---------------------------------------------------------------------------------------------

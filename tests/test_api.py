@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import three_conv_model
 
 import metamix_tf as mm
 
@@ -13,15 +14,7 @@ QUIET = dict(batch_size=16, verbose=False)
 
 
 def _float_model(outputs=1):
-    inp = keras.Input((8, 8, 3))
-    x = L.Conv2D(8, 3, padding="same", name="c1")(inp)
-    x = L.ReLU()(x)
-    x = L.Conv2D(8, 3, padding="same", name="c2")(x)
-    x = L.ReLU()(x)
-    x = L.Conv2D(8, 3, padding="same", name="c3")(x)
-    x = L.GlobalAveragePooling2D()(x)
-    heads = [L.Dense(4, name=f"fc{i}")(x) for i in range(outputs)]
-    return keras.Model(inp, heads[0] if outputs == 1 else heads)
+    return three_conv_model(outputs)
 
 
 def _qmodel(outputs=1):

@@ -6,7 +6,6 @@ of them also as subprocesses, the way a user starts them.
 """
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
@@ -18,6 +17,7 @@ import traceback
 
 import pytest
 from absl import flags
+from helpers import snapshot
 from test_pipeline import tiny_config, tiny_net
 
 from metamix_tf import cli, models, pipeline, run_state, wrap
@@ -77,16 +77,6 @@ def paths(tmp_path_factory):
             "bad": root / "bad.yaml", "list": root / "list.yaml",
             "garbled_keras": root / "garbled.keras", "empty": root / "empty",
             "corrupt": root / "corrupt", "no_runs": root / "no_runs"}
-
-
-def snapshot(directory) -> dict:
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = hashlib.sha1(f.read()).hexdigest()
-    return out
 
 
 def results_in(directory) -> list:

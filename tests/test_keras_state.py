@@ -6,6 +6,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from helpers import three_conv_model
 
 import metamix_tf as mm
 
@@ -13,15 +14,7 @@ L = keras.layers
 
 
 def _model():
-    inp = keras.Input((8, 8, 3))
-    x = L.Conv2D(8, 3, padding="same", name="c1")(inp)
-    x = L.ReLU()(x)
-    x = L.Conv2D(8, 3, padding="same", name="c2")(x)
-    x = L.ReLU()(x)
-    x = L.Conv2D(8, 3, padding="same", name="c3")(x)
-    x = L.GlobalAveragePooling2D()(x)
-    return mm.apply(keras.Model(inp, L.Dense(4, name="fc")(x)),
-                    mm.QuantConfig(candidate_bits=(2, 4, 8)))
+    return mm.apply(three_conv_model(head_name="fc"), mm.QuantConfig(candidate_bits=(2, 4, 8)))
 
 
 def _data(n=16):

@@ -2,7 +2,6 @@
 chief writes the run directory, the others write a temporary copy they remove, and two
 worker processes train what one process with two replicas trains."""
 
-import hashlib
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ import tempfile
 import keras
 import numpy as np
 import pytest
+from helpers import snapshot
 from multi_worker_run import run_and_capture, small_config
 from test_pipeline import tiny_net
 
@@ -20,16 +20,6 @@ from metamix_tf import distribute, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def snapshot(directory) -> dict:
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = hashlib.sha1(f.read()).hexdigest()
-    return out
 
 
 class Interrupt(Exception):

@@ -1,13 +1,13 @@
 """A rerun with other settings refuses or redoes exactly the changed phases and those after
 them; a rerun with the same settings resumes; ``config.yaml`` always describes the results."""
 
-import hashlib
 import json
 import os
 import shutil
 
 import keras
 import pytest
+from helpers import snapshot
 from test_pipeline import tiny_config, tiny_net
 
 from metamix_tf import config as config_lib
@@ -24,17 +24,6 @@ def small_config(model_dir, **overrides):
         "finetune": {"epochs": 1},
     }
     return tiny_config(model_dir, **config_lib.merge(values, overrides))
-
-
-def snapshot(model_dir) -> dict:
-    """``{relative path: sha1}`` of every file under ``model_dir``."""
-    out = {}
-    for root, _, files in os.walk(model_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, model_dir)] = hashlib.sha1(f.read()).hexdigest()
-    return out
 
 
 def run(config, **kwargs):
