@@ -45,11 +45,16 @@ def _splits_activation(layer) -> bool:
 @keras.saving.register_keras_serializable(package="metamix_tf")
 class SigmoidGrid(keras.layers.Layer):
     """Rounds a sigmoid output onto ``q / 256``, ``q`` in ``[0, 255]`` (TFLite's fixed int8
-    LOGISTIC output grid), with a straight-through gradient."""
+    LOGISTIC output grid), with a straight-through gradient, while ``enabled`` (a Python
+    attribute that :func:`metamix_tf.set_mode` and friends set with the quantizers' modes:
+    off in ``"float"`` and ``"calibrate"``, so a float-mode model computes the original)."""
 
     selected_bits, signed, selected_step = 8, False, 1.0 / 256.0  # read by the export
+    enabled = False
 
     def call(self, inputs):
+        if not self.enabled:
+            return inputs
         q = keras.ops.clip(keras.ops.round(inputs * 256.0), 0.0, 255.0) / 256.0
         return inputs + keras.ops.stop_gradient(q - inputs)
 
@@ -135,7 +140,8 @@ def canonicalize(model: keras.Model) -> keras.Model:
         if _is_hard_swish(original):
             x = args[0]
             gate = L.ReLU(6.0, name=f"{name}_relu6")(keras.ops.add(x, 3.0))
-            return L.Multiply(name=name)([x, keras.ops.multiply(gate, 1.0 / 6.0)])
+            # keras' hard_silu: x * (relu6(x + 3) / 6), the same float operations
+            return L.Multiply(name=name)([x, keras.ops.divide(gate, 6.0)])
         out = layer(*args, **kwargs)
         if _splits_activation(original):
             act = L.Activation(original.activation, name=f"{name}_activation")

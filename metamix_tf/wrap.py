@@ -267,7 +267,15 @@ def set_mode(model, mode: str) -> None:
     next ``fit`` / ``evaluate`` / ``predict`` runs in it."""
     for q in activation_quantizers(model):
         q.mode = mode
+    _enable_sigmoid_grids(model, mode not in ("float", "calibrate"))
     _reset_compiled(model)
+
+
+def _enable_sigmoid_grids(model, enabled: bool) -> None:
+    """The fixed sigmoid grids of :mod:`canonical` round whenever the quantizers do."""
+    for layer in model.layers:
+        if isinstance(layer, canonical.SigmoidGrid):
+            layer.enabled = enabled
 
 
 def set_uniform(model, bits: int) -> None:
@@ -279,6 +287,7 @@ def set_uniform(model, bits: int) -> None:
     for q in activation_quantizers(model):
         q.mode = "uniform"
         q.uniform_index = q.index_of(bits) if q.searchable else 0
+    _enable_sigmoid_grids(model, True)
     _reset_compiled(model)
 
 
@@ -302,6 +311,7 @@ def select_bits(model, bits: dict | None = None) -> dict:
         selected[layer.name] = q.select(bits.get(layer.name))
     for q in output_quantizers(model):  # one branch each
         q.mode = "selected"
+    _enable_sigmoid_grids(model, True)
     _reset_compiled(model)
     return selected
 
@@ -337,12 +347,15 @@ def calibrate(model, images) -> None:
     replicas' traces) and averages the step sizes over replicas.
     """
     modes = [(q, q.mode) for q in activation_quantizers(model)]
+    grids = [(g, g.enabled) for g in model.layers if isinstance(g, canonical.SigmoidGrid)]
     set_mode(model, "calibrate")
     try:
         model(images, training=False)
     finally:
         for q, mode in modes:
             q.mode = mode
+        for g, enabled in grids:
+            g.enabled = enabled
 
 
 @dataclasses.dataclass
