@@ -67,6 +67,21 @@ def _is_swish(layer) -> bool:
     return isinstance(layer, L.Activation) and rules.activation_name(layer) in ("silu", "swish")
 
 
+def is_hard_swish_product(op) -> bool:
+    """Whether ``op`` is the ``Multiply`` that :func:`canonicalize` writes for a hard-swish
+    (one of its inputs comes, through ``/ 6``, from the ``ReLU`` named ``<name>_relu6``)."""
+    if not isinstance(op, L.Multiply):
+        return False
+    frontier = [rules.producer(t) for t in op.input]
+    for _ in range(2):  # the divide, then the relu6
+        if any(getattr(p, "name", None) == f"{op.name}_relu6" for p in frontier):
+            return True
+        frontier = [rules.producer(t) for p in frontier if p is not None
+                    for t in (p.input if isinstance(p.input, (list, tuple)) else [p.input])
+                    if hasattr(t, "_keras_history")]
+    return False
+
+
 def _is_hard_swish(layer) -> bool:
     return isinstance(layer, L.Activation) and rules.activation_name(layer) in rules.HARD_SWISH
 

@@ -69,6 +69,10 @@ def _output_sign(producer, hswish_range: str) -> bool:
         return True
     if isinstance(producer, keras.layers.ReLU):
         return bool(producer.negative_slope) or float(producer.threshold) < 0
+    if isinstance(producer, canonical.SigmoidGrid):
+        return False
+    if canonical.is_hard_swish_product(producer):
+        return hswish_range == "signed"
     name = rules.activation_name(producer)
     if name in rules.HARD_SWISH:
         return hswish_range == "signed"

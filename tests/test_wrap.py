@@ -234,7 +234,8 @@ def test_first_and_last_layers_fixed_at_first_last_bits():
     model = mm.apply(_tiny(), mm.QuantConfig(candidate_bits=(2, 4), first_last_bits=None))
     assert all(layer.input_quantizer.candidate_bits == (2, 4)
                for layer in mm.quant_layers(model))
-    assert [q.candidate_bits for q in mm.output_quantizers(model)] == [(8,), (8,)]
+    # pooling input, pooling output (TFLite cannot clamp a pooled tensor), logits
+    assert [q.candidate_bits for q in mm.output_quantizers(model)] == [(8,), (8,), (8,)]
 
 
 def test_include_and_exclude():
@@ -283,11 +284,11 @@ def test_bad_arguments_raise(bad):
 def test_unsupported_layer_is_left_float_and_reported():
     inp = keras.Input((8, 8, 3))
     x = L.Conv2D(4, 3, name="conv")(inp)
-    x = L.SeparableConv2D(4, 3, name="sep")(x)
+    x = L.Conv2DTranspose(4, 3, name="sep")(x)
     x = L.GlobalAveragePooling2D()(x)
     original = keras.Model(inp, L.Dense(2, name="fc")(x))
     model = mm.apply(original)
-    assert type(model.get_layer("sep")) is L.SeparableConv2D
+    assert type(model.get_layer("sep")) is L.Conv2DTranspose
     assert [layer.name for layer in mm.quant_layers(model)] == ["conv", "fc"]
     assert wrap.unsupported_layers(model) == ["sep"]
     cost = CostModel(model)
@@ -316,8 +317,8 @@ def test_variable_groups_partition():
     model = mm.apply(_tiny(), mm.QuantConfig(candidate_bits=(2, 4, 8)))
     groups = assert_partition(model)
     assert [a.path for a in groups.alphas] == ["dw/dw_aq/alpha", "pw/pw_aq/alpha"]
-    # 4 input and 4 weight quantizers; 2 output quantizers (pooling input, logits)
-    assert all("step_size" in v.path for v in groups.steps) and len(groups.steps) == 10
+    # 4 input and 4 weight quantizers; 3 output quantizers (pooling input and output, logits)
+    assert all("step_size" in v.path for v in groups.steps) and len(groups.steps) == 11
     assert not any("step_size" in v.path or "alpha" in v.path for v in groups.weights)
     assert groups.weights_and_steps == groups.weights + groups.steps
 
@@ -393,9 +394,10 @@ def test_output_quantizers_on_tensors_no_quantized_layer_reads():
     wrapped = mm.apply(model, mm.QuantConfig(output_bits=8))
     quantizers = {q.name: q for q in mm.output_quantizers(wrapped)}
     # a (relu, unsigned) feeds the add; b_bn feeds the add; c_relu feeds pooling through
-    # dropout; fc is the model output. The add only feeds conv c: its grid is c's input.
+    # dropout; the pooled output gets its own grid (TFLite cannot clamp it); fc is the model
+    # output. The add only feeds conv c: its grid is c's input.
     assert {n: q.signed for n, q in quantizers.items()} == {
-        "a_oq": False, "b_bn_oq": True, "c_relu_oq": False, "fc_oq": True}
+        "a_oq": False, "b_bn_oq": True, "c_relu_oq": False, "gap_oq": False, "fc_oq": True}
     assert all(q.candidate_bits == (8,) and not q.searchable for q in quantizers.values())
     x = images(4)
     np.testing.assert_array_equal(wrapped(x).numpy(), model(x).numpy())  # float mode
@@ -417,3 +419,16 @@ def test_output_quantizers_on_tensors_no_quantized_layer_reads():
 def test_output_bits_must_be_a_valid_bit_width():
     with pytest.raises(ValueError, match="output_bits"):
         mm.QuantConfig(output_bits=1)
+
+
+def test_separable_conv_is_quantized_as_depthwise_and_pointwise():
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, name="conv")(inp)
+    x = L.SeparableConv2D(4, 3, name="sep")(x)
+    original = keras.Model(inp, L.Dense(2, name="fc")(L.GlobalAveragePooling2D()(x)))
+    model = mm.apply(original)
+    assert [layer.name for layer in mm.quant_layers(model)] == [
+        "conv", "sep_depthwise", "sep", "fc"]
+    assert not wrap.unsupported_layers(model)
+    x = images(2)[:, :8, :8]
+    np.testing.assert_allclose(model(x).numpy(), original(x).numpy(), rtol=1e-5, atol=1e-6)
