@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,6 +16,7 @@ def _example(name):
     return module
 
 
+@pytest.mark.slow  # minutes of tracing on 2 cores; .ci/run runs it after the default suite
 def test_own_model_example_runs_end_to_end(tmp_path, capsys):
     example = _example("own_model")
     out = example.run(str(tmp_path), **example.TINY)
