@@ -9,6 +9,7 @@ import tensorflow as tf
 import metamix_tf as mm
 from metamix_tf import wrap
 from metamix_tf.cost import CostModel
+from metamix_tf.export.families import set_batch_norm_statistics
 from metamix_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D
 
 L = keras.layers
@@ -37,22 +38,6 @@ ARCHITECTURES = {
 
 def images(n=8, seed=0):
     return np.random.default_rng(seed).uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32)
-
-
-def set_batch_norm_statistics(model, x):
-    """BatchNorm moving statistics := the statistics of batch ``x``.
-
-    With random weights and Keras' initial moving statistics (mean 0, variance 1), the
-    activations of these deep networks shrink layer after layer in inference mode (to about
-    1e-12 at MobileNetV2's logits), below the 1e-8 floor of LSQ step sizes; normalised
-    statistics keep every layer's activations near unit scale, as in a trained network."""
-    layers = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
-    momenta = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.momentum = 0.0
-    model(x, training=True)
-    for layer, momentum in zip(layers, momenta, strict=True):
-        layer.momentum = momentum
 
 
 def rel_error(actual, expected):

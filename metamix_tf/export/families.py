@@ -23,7 +23,8 @@ from metamix_tf import wrap
 from metamix_tf.config import QuantConfig
 from metamix_tf.export import graph, run
 
-__all__ = ["FAMILIES", "build_family", "prepare", "export_family"]
+__all__ = ["FAMILIES", "build_family", "prepare", "export_family",
+           "set_batch_norm_statistics"]
 
 A = keras.applications
 # name -> (constructor, input size, extra constructor arguments)
@@ -68,8 +69,13 @@ def images_for(name: str, count: int, seed: int = 0) -> np.ndarray:
     return images.astype(np.float32)
 
 
-def _set_batch_norm_statistics(model: keras.Model, images: np.ndarray) -> None:
-    """Moving mean / variance of every BatchNorm from one training-mode pass."""
+def set_batch_norm_statistics(model: keras.Model, images: np.ndarray) -> None:
+    """Moving mean / variance of every BatchNorm from one training-mode pass on ``images``.
+
+    With random weights and Keras' initial statistics (mean 0, variance 1), deep networks'
+    activations shrink layer after layer in inference mode (to about 1e-12 at MobileNetV2's
+    logits), below the 1e-8 floor of LSQ step sizes; batch statistics keep every layer near
+    unit scale, as in a trained network."""
     norms = [layer for layer in model.layers
              if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [bn.momentum for bn in norms]
@@ -86,7 +92,7 @@ def prepare(name: str, images: np.ndarray, seed: int = 0,
     quantizer's candidates, weights quantized and biases snapped; returns it and the bits."""
     keras.utils.set_random_seed(seed)
     float_model = build_family(name)
-    _set_batch_norm_statistics(float_model, images)
+    set_batch_norm_statistics(float_model, images)
     model = wrap.apply(float_model, config or QuantConfig())
     wrap.calibrate(model, images)
     rng = np.random.default_rng(seed)
