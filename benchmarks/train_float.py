@@ -38,6 +38,8 @@ flags.DEFINE_string("dataset", None, "Overrides data.dataset, e.g. folder:/tmp/c
 flags.DEFINE_string("model_dir", "runs/float", "Checkpoints and history (resume from here).")
 flags.DEFINE_string("out", None, "Path prefix of the .weights.h5 and .json written at the end.")
 flags.DEFINE_integer("epochs", None, "Overrides pretrain.epochs.")
+flags.DEFINE_string("init_weights", None,
+                    "A .weights.h5 to start from (a warm restart: a new learning-rate cycle).")
 flags.DEFINE_integer("max_train_examples", None, "A stratified subset (smoke checks).")
 flags.DEFINE_integer("max_eval_examples", None, "A stratified eval subset (smoke checks only).")
 
@@ -67,7 +69,8 @@ def main(argv):
           f"{p.epochs} epochs x {steps_per_epoch} steps, {p.optimizer} lr {p.learning_rate}",
           flush=True)
     model = models.build(m.name, data.image_shape, data.num_classes,
-                         bn_momentum=m.bn_momentum, dropout=m.dropout)
+                         weights=FLAGS.init_weights, bn_momentum=m.bn_momentum,
+                         dropout=m.dropout)
     variables = list(model.trainable_variables)
     total = p.epochs * steps_per_epoch
     schedule = trainer.cosine_schedule(p.learning_rate, total,
@@ -96,6 +99,7 @@ def main(argv):
         record = {
             "model": m.name, "dataset": data.name, "eval_images": data.eval_size,
             "train_images": data.train_size, "epochs": p.epochs,
+            "init_weights": FLAGS.init_weights,
             "val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
             "wall_time_s": round(result.wall_time_s, 1),
             "history": [{k: v for k, v in h.items() if not isinstance(v, dict)}
