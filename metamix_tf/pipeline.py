@@ -24,7 +24,7 @@
 * ``<phase>.settings.json``: the settings the phase was run with (``metamix_tf.run_state``:
   a rerun with other settings refuses, or with ``overwrite=True`` redoes the changed phases
   and those after them);
-* ``logs/<phase>/``: TensorBoard scalars.
+* ``logs/<phase>/{train,validation}/``: TensorBoard scalars (:class:`trainer._Board`).
 
 Searchers (``config.search.searcher``): ``"metamix"`` (per iteration a bit-meta step then a
 bit-search step, bit-meta only during the warm-up epochs), ``"joint"`` (EdMIPS/DNAS: weights

@@ -260,7 +260,7 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
     if start == 0 and on_fresh_start is not None:
         on_fresh_start(iterator0)
     del iterator0
-    writer = tf.summary.create_file_writer(log_dir) if log_dir else None
+    board = _Board(log_dir, phase) if log_dir else None
     for epoch in range(start, epochs):
         began = time.time()
         if before_epoch is not None:
@@ -287,6 +287,8 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
                     f"checkpoint is kept: {kept}. Lower the learning rate or check the data.")
             for key, value in out.items():
                 totals[key] = totals.get(key, 0.0) + value
+            if board is not None:
+                board.step(epoch * steps_per_epoch + index + 1, _epoch_metrics(out, out))
             last = out
             count = max(out.get("count", 1.0), 1.0)
             bar.set_postfix(loss=f"{out.get('loss_sum', 0.0) / count:.3f}", refresh=False)
@@ -309,25 +311,61 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
             with open(history_path, "w") as f:  # before the checkpoint; resume truncates it
                 json.dump(history, f, indent=1)
             manager.save(checkpoint_number=epoch + 1)
-        if writer is not None:
-            with writer.as_default(step=epoch + 1):
-                for key, value in metrics.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        write_scalar(f"{phase}/{key}", value, epoch + 1)
-                    elif isinstance(value, dict):
-                        for name, v in value.items():
-                            write_scalar(f"{phase}_{key}/{name}", float(v), epoch + 1)
-            writer.flush()
+        if board is not None:
+            board.epoch(epoch + 1, metrics)
         _say(verbose, _epoch_line(phase, epoch, epochs, record))
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
         if should_stop is not None and should_stop():
             _say(verbose, f"[{phase}] stopped after epoch {epoch + 1} (a callback asked)")
             break
-    if writer is not None:
-        writer.close()
+    if board is not None:
+        board.close()
     return PhaseResult(phase=phase, epochs=epochs, history=history,
                        wall_time_s=float(wall_var.numpy()), resumed_from_epoch=start)
+
+
+class _Board:
+    """TensorBoard logs of one phase, laid out as Keras' callback lays them out.
+
+    ``<log_dir>/train`` and ``<log_dir>/validation`` hold the same tags, ``<phase>/loss`` and
+    ``<phase>/acc`` (``val_loss`` is written as ``loss`` in ``validation``), so the two curves
+    overlay in one chart; the other epoch values (GBOPs, penalty, per-candidate bit-meta losses
+    under ``<phase>_meta_losses/<bits>``) go to ``train``. Every step also writes its own
+    values under ``<phase>_step/...`` in ``train`` (x axis: the phase's global step), so a
+    search's GBOPs, penalty and meta losses can be followed within an epoch.
+    """
+
+    def __init__(self, log_dir: str, phase: str):
+        self.phase = phase
+        self.train = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+        self.validation = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
+
+    def step(self, step: int, values: dict) -> None:
+        with self.train.as_default():
+            _write_all(f"{self.phase}_step", values, step)
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        train = {k: v for k, v in metrics.items() if not k.startswith("val_")}
+        validation = {k[len("val_"):]: v for k, v in metrics.items() if k.startswith("val_")}
+        for writer, values in ((self.train, train), (self.validation, validation)):
+            with writer.as_default():
+                _write_all(self.phase, values, epoch)
+            writer.flush()
+
+    def close(self) -> None:
+        self.train.close()
+        self.validation.close()
+
+
+def _write_all(tag: str, values: dict, step: int) -> None:
+    """``values``' numbers as ``<tag>/<key>``, a nested dict ``key`` as ``<tag>_<key>/<name>``."""
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            write_scalar(f"{tag}/{key}", value, step)
+        elif isinstance(value, dict):
+            for name, v in value.items():
+                write_scalar(f"{tag}_{key}/{name}", float(v), step)
 
 
 def write_scalar(tag: str, value: float, step: int) -> None:

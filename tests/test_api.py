@@ -181,3 +181,27 @@ def test_search_rules_are_applied_and_recorded():
     for alpha in first_alphas.values():  # the start is the tie-break, argmax at 4 bits
         np.testing.assert_array_equal(alpha, np.float32([0.0, 0.01, 0.0]))
     assert result.record()["settings"] == s
+
+
+def _tags(folder) -> dict:
+    """``tag -> [steps]`` of the TensorBoard event files in ``folder``."""
+    tags: dict = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_tensorboard_overlays_train_and_validation_and_logs_search_steps(tmp_path):
+    qmodel, (x, y) = _qmodel(), _data()  # 48 images, batch 16: 3 steps per epoch
+    mm.search(qmodel, (x, y), target_avg_bits=4, epochs=2, warmup_epochs=1,
+              validation_data=(x, y), log_dir=str(tmp_path), **QUIET)
+    train, validation = _tags(tmp_path / "train"), _tags(tmp_path / "validation")
+    assert validation["search/loss"] == [1, 2] and validation["search/acc"] == [1, 2]
+    assert train["search/loss"] == [1, 2] and "search/val_loss" not in train
+    assert train["search_step/loss"] == list(range(1, 7))  # the phase's global steps
+    assert {"search_step/search_gbops", "search_step/search_penalty"} <= set(train)
+    meta = {tag for tag in train if tag.startswith("search_step_meta_losses/")}
+    assert meta == {f"search_step_meta_losses/{b}" for b in (2, 4, 8)}
