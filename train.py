@@ -67,7 +67,7 @@ def main(argv):
     except (ValueError, FileNotFoundError) as err:
         cli.error_exit(argv[0], err)
     from metamix_tf import pipeline
-    from metamix_tf.trainer import NonFiniteLossError
+    from metamix_tf.training.trainer import NonFiniteLossError
 
     try:
         summary = pipeline.run(config, FLAGS.phase, verbose=not FLAGS.quiet,

@@ -8,7 +8,7 @@ One float pre-training is shared by every method (same checkpoint, data order, s
 weight-training schedule). Methods: uniform LSQ at A3/A4/A8 (W4), and the joint searcher
 and MetaMix at the GBOPs of uniform A4W4 and A3W4. Everything runs through
 ``metamix_tf.pipeline.run``; this script only sets the configs, collects the run
-directories' JSON, measures activation stability (``metamix_tf.stability``) and plots.
+directories' JSON, measures activation stability (``metamix_tf.analysis.stability``) and plots.
 Results go to ``docs/results/cifar10_<budget>[_seed<N>].json``, the per-layer stability
 shifts to ``..._stability_per_layer.json``, and PNGs beside them. Rerunning the same command
 reuses finished phases (each run directory has ``<phase>.done``), so it only re-collects and
@@ -31,8 +31,10 @@ from absl import app, flags  # noqa: E402
 
 from metamix_tf import config as config_lib  # noqa: E402
 from metamix_tf import data as data_lib  # noqa: E402
-from metamix_tf import models, pipeline, stability, wrap  # noqa: E402
-from metamix_tf.cost import CostModel  # noqa: E402
+from metamix_tf import models, pipeline  # noqa: E402
+from metamix_tf.analysis import stability  # noqa: E402
+from metamix_tf.quant import wrap  # noqa: E402
+from metamix_tf.quant.cost import CostModel  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", "folder:/tmp/cifar10", "folder:PATH of the unzipped CIFAR-10 "

@@ -12,7 +12,7 @@ classes, batch 128 of random data) and two wrapped copies (``metamix_tf.apply``)
   bit-search step differentiates only the logits and skips the step-size terms).
 
 Each training step is one ``tf.function`` with ``jit_compile=False`` (the step itself is
-not XLA-compiled; the quantizers' elementwise kernels are, see :mod:`metamix_tf.ops`), a
+not XLA-compiled; the quantizers' elementwise kernels are, see :mod:`metamix_tf.quant.ops`), a
 ``GradientTape`` and an SGD update. After warm-up, the variants run interleaved:
 ``--rounds`` rounds, each running ``--steps`` steps of every variant in a rotating order.
 The result is the ratio to float: per round, the variant's median step time over the float

@@ -30,7 +30,8 @@ from absl import app, flags  # noqa: E402
 
 from metamix_tf import config as config_lib  # noqa: E402
 from metamix_tf import data as data_lib  # noqa: E402
-from metamix_tf import models, steps, trainer  # noqa: E402
+from metamix_tf import models  # noqa: E402
+from metamix_tf.training import steps, trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("config", [], "YAML config file(s), applied in order.")

@@ -4,15 +4,14 @@ Kim, Lee, Yoo, Kim, "MetaMix: Meta-state Precision Searcher for Mixed-precision 
 Quantization", AAAI 2024 (arXiv 2311.06798).
 """
 
-from metamix_tf import ops
 from metamix_tf.api import FinetuneResult, SearchResult, export_tflite, finetune, search
 from metamix_tf.config import ExperimentConfig, QuantConfig
-from metamix_tf.cost import CostModel, layer_macs
-from metamix_tf.flatten import flatten
-from metamix_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D
-from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
-from metamix_tf.searchers import Joint, MetaMix, Searcher, Uniform
-from metamix_tf.wrap import (
+from metamix_tf.quant import ops
+from metamix_tf.quant.cost import CostModel, layer_macs
+from metamix_tf.quant.flatten import flatten
+from metamix_tf.quant.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D
+from metamix_tf.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from metamix_tf.quant.wrap import (
     activation_quantizers,
     apply,
     calibrate,
@@ -26,6 +25,7 @@ from metamix_tf.wrap import (
     variable_groups,
     weight_quantizers,
 )
+from metamix_tf.training.searchers import Joint, MetaMix, Searcher, Uniform
 
 __version__ = "0.1.0"
 

@@ -6,8 +6,8 @@ a user's own wrapped model and data.
     metamix_tf.finetune(qmodel, (x, y), epochs=3)
     metamix_tf.export_tflite(qmodel, "out", representative_data=x[:256])
 
-``train_data`` / ``validation_data`` and ``callbacks``: see :mod:`metamix_tf.loop`. Each
-phase runs the project's own loop (:mod:`metamix_tf.trainer`) on ``tf.distribute``
+``train_data`` / ``validation_data`` and ``callbacks``: see :mod:`metamix_tf.training.loop`. Each
+phase runs the project's own loop (:mod:`metamix_tf.training.trainer`) on ``tf.distribute``
 (``strategy=None``: the current strategy; build and wrap the model under
 ``strategy.scope()``). The pipeline's search and weight-training phases run the same
 functions (:func:`run_search`, :func:`run_finetune`) on its run directory's loop.
@@ -26,10 +26,11 @@ import numpy as np
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf import distribute, search_rules, searchers, steps, trainer, wrap
-from metamix_tf import loop as loop_lib
-from metamix_tf.cost import CostModel
 from metamix_tf.export import graph as export_graph
+from metamix_tf.quant import wrap
+from metamix_tf.quant.cost import CostModel
+from metamix_tf.training import distribute, search_rules, searchers, steps, trainer
+from metamix_tf.training import loop as loop_lib
 
 __all__ = [
     "SearchResult",
@@ -175,7 +176,7 @@ def search(qmodel, train_data, *, target_gbops: float | None = None,
     """Searches the activation bits of ``qmodel`` (from :func:`metamix_tf.apply`).
 
     Calibrates the step sizes on the first batch, runs ``epochs`` epochs of ``searcher``
-    (``"metamix"``, ``"joint"``, ``"uniform"`` or a :class:`metamix_tf.searchers.Searcher`)
+    (``"metamix"``, ``"joint"``, ``"uniform"`` or a :class:`metamix_tf.training.searchers.Searcher`)
     and leaves ``qmodel`` in ``"selected"`` mode at the found bits (weights trained by the
     search, weight quantization off).
 
@@ -340,7 +341,7 @@ def _alpha_learning_rate(searcher: searchers.Searcher, options: config_lib.Searc
                          epochs: int, steps_per_epoch: int) -> float:
     """``options.alpha_learning_rate``, or with ``alpha_lr_rule="displacement"`` the lr
     that moves a logit by ``alpha_displacement`` over this searcher's alpha steps
-    (:mod:`metamix_tf.search_rules`), the same rule for every searcher."""
+    (:mod:`metamix_tf.training.search_rules`), the same rule for every searcher."""
     if isinstance(searcher, searchers.Uniform):  # its logits are never stepped
         return float(options.alpha_learning_rate)
     warmup = getattr(searcher, "warmup_epochs", 0)

@@ -47,13 +47,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from metamix_tf import api, distribute, models, run_state, searchers, steps, trainer, wrap
+from metamix_tf import api, models, run_state
 from metamix_tf import config as config_lib
 from metamix_tf import data as data_lib
-from metamix_tf import loop as loop_lib
 from metamix_tf.cli import default_model_dir
 from metamix_tf.config import ExperimentConfig
-from metamix_tf.cost import CostModel
+from metamix_tf.quant import wrap
+from metamix_tf.quant.cost import CostModel
+from metamix_tf.training import distribute, searchers, steps, trainer
+from metamix_tf.training import loop as loop_lib
 
 __all__ = [
     "PHASES",
@@ -567,7 +569,7 @@ def run(config: ExperimentConfig, phase: str = _ALL, *, model: keras.Model | Non
     Args:
       config: the resolved experiment config.
       phase: ``"pretrain"``, ``"search"``, ``"finetune"`` or ``"all"``.
-      strategy: default :func:`metamix_tf.distribute.get_strategy`.
+      strategy: default :func:`metamix_tf.training.distribute.get_strategy`.
       model: a user's float Keras model (nested backbones allowed) to use instead of
         ``models.build(config.model.name, ...)``; trained by the pretrain phase from its
         current weights (``pretrain.epochs=0`` keeps them). ``config.model.name`` then only

@@ -26,7 +26,7 @@ def two_cpu_strategy():
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     if len(devices) < 2:
         pytest.skip("two logical CPU devices are not available")
-    from metamix_tf import distribute
+    from metamix_tf.training import distribute
 
     return distribute.mirrored_strategy(devices)
 

@@ -57,7 +57,7 @@ def main(model_dir, out, *options):
     if "--mirrored" in options:
         import tensorflow as tf
 
-        from metamix_tf import distribute
+        from metamix_tf.training import distribute
 
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(

@@ -20,9 +20,10 @@ from absl import flags
 from helpers import snapshot
 from test_pipeline import tiny_config, tiny_net
 
-from metamix_tf import cli, models, pipeline, run_state, wrap
+from metamix_tf import cli, models, pipeline, run_state
 from metamix_tf import config as config_lib
 from metamix_tf.export import run as export_run
+from metamix_tf.quant import wrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS

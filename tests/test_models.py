@@ -172,8 +172,8 @@ def test_resnet20_layer_counts_params_and_shapes():
 
 
 def test_resnet20_quantizes_every_conv_and_dense():
-    from metamix_tf import wrap
     from metamix_tf.config import QuantConfig
+    from metamix_tf.quant import wrap
 
     model = wrap.apply(_built("resnet20"), QuantConfig())
     assert len(wrap.quant_layers(model)) == 22

@@ -16,7 +16,8 @@ from helpers import snapshot
 from multi_worker_run import run_and_capture, small_config
 from test_pipeline import tiny_net
 
-from metamix_tf import distribute, pipeline
+from metamix_tf import pipeline
+from metamix_tf.training import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))

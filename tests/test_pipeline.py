@@ -13,9 +13,10 @@ import pytest
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf import pipeline, wrap
-from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
-from metamix_tf.trainer import NonFiniteLossError
+from metamix_tf import pipeline
+from metamix_tf.quant import wrap
+from metamix_tf.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from metamix_tf.training.trainer import NonFiniteLossError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -24,9 +24,9 @@ import json
 
 import numpy as np
 
-from metamix_tf import ops
 from metamix_tf.export.graph import ExportPlan
 from metamix_tf.export.tflite import write_atomic
+from metamix_tf.quant import ops
 
 __all__ = ["ENCODINGS_VERSION", "encodings", "write"]
 

@@ -1,5 +1,5 @@
 """The keras.applications CNN families through ``apply()`` and the int8 export, one recipe
-for the test (``tests/test_export_families.py``) and the benchmark
+for the test (``tests/export/test_export_families.py``) and the benchmark
 (``benchmarks/export_families.py``).
 
 Recipe: the architecture with random weights (``weights=None``), 10 classes, logits (no
@@ -19,9 +19,9 @@ import tempfile
 import keras
 import numpy as np
 
-from metamix_tf import wrap
 from metamix_tf.config import QuantConfig
 from metamix_tf.export import graph, run
+from metamix_tf.quant import wrap
 
 __all__ = ["FAMILIES", "build_family", "prepare", "export_family",
            "set_batch_norm_statistics"]

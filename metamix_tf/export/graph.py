@@ -37,7 +37,7 @@ range``. Tensors are of these kinds:
   its input's scale; inexact (Keras does not round there).
 
 Which tensors are stored, and which layers fold, fuse or pass through, comes from
-:mod:`metamix_tf.graph_rules`, the table ``apply()`` uses to place its output quantizers;
+:mod:`metamix_tf.quant.graph_rules`, the table ``apply()`` uses to place its output quantizers;
 the Keras graph is read by :mod:`metamix_tf.export.reader`. A BatchNorm that does not fold
 (pre-activation, after a concatenation) runs as an int8 1x1 depthwise conv (8-bit weights
 ``+-127`` times a per-channel scale: exact), a 'valid' average pooling as a depthwise conv
@@ -59,7 +59,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from metamix_tf import graph_rules as rules
 from metamix_tf.export import grids
 from metamix_tf.export.grids import Grid
 from metamix_tf.export.layers import FOLDED_LAYERS, FakeQuant
@@ -73,7 +72,8 @@ from metamix_tf.export.reader import (
     stored,
     unsupported,
 )
-from metamix_tf.quantizers import ActivationQuantizer
+from metamix_tf.quant import graph_rules as rules
+from metamix_tf.quant.quantizers import ActivationQuantizer
 
 __all__ = [
     "UnsupportedModelError",

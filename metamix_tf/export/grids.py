@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from metamix_tf import ops
+from metamix_tf.quant import ops
 
 __all__ = [
     "INT8_MIN",

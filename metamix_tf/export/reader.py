@@ -14,7 +14,7 @@ operation becomes a node of one kind:
 * ``"op"``: a weightless int8 op (add, multiply, concatenation, pooling, activation, or a
   ``keras.ops`` call with a constant).
 
-Which layer is which comes from :mod:`metamix_tf.graph_rules`, the table ``apply()`` uses.
+Which layer is which comes from :mod:`metamix_tf.quant.graph_rules`, the table ``apply()`` uses.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import dataclasses
 
 import keras
 
-from metamix_tf import graph_rules as rules
-from metamix_tf.canonical import SigmoidGrid
-from metamix_tf.layers import QuantLayerMixin
-from metamix_tf.quantizers import ActivationQuantizer
+from metamix_tf.quant import graph_rules as rules
+from metamix_tf.quant.canonical import SigmoidGrid
+from metamix_tf.quant.layers import QuantLayerMixin
+from metamix_tf.quant.quantizers import ActivationQuantizer
 
 __all__ = ["UnsupportedModelError", "OUTPUT", "Node", "read_graph", "node_readers",
            "effective_readers", "stored", "unsupported"]
@@ -168,7 +168,7 @@ def read_graph(model) -> tuple[list, list]:
                               "SeparableConv2D into quantized depthwise + pointwise convs).")
         else:
             raise unsupported(layer, "no int8 export rule for this layer type; replace it with "
-                              "layers of metamix_tf.graph_rules, or export float16 / float32 "
+                              "layers of metamix_tf.quant.graph_rules, or export float16 / float32 "
                               "only (--format=float16,float32).")
         if kind is not None:
             nodes[layer.name] = Node(layer.name, layer, kind, inputs, keras_output=output,

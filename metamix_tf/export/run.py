@@ -28,9 +28,9 @@ import numpy as np
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf import wrap
 from metamix_tf.export import encodings as encodings_lib
 from metamix_tf.export import graph, tflite, verify
+from metamix_tf.quant import wrap
 
 __all__ = [
     "DEFAULT_RUN_ROOT",

@@ -1,10 +1,10 @@
-"""metamix_tf.ops: LSQ forward values and gradients against NumPy references."""
+"""metamix_tf.quant.ops: LSQ forward values and gradients against NumPy references."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from metamix_tf import ops
+from metamix_tf.quant import ops
 
 BITS = (2, 3, 4, 5, 8)
 

@@ -1,7 +1,7 @@
 """BitOPs cost model: per-layer MACs from shapes, BitOPs = MACs x a_bits x w_bits.
 
 ``GBOPs = sum_l MACs_l * a_bits_l * w_bits_l / 1e9``. During the search, ``a_bits_l`` is
-:func:`metamix_tf.ops.expected_bits` (forward the argmax bits, backward through the
+:func:`metamix_tf.quant.ops.expected_bits` (forward the argmax bits, backward through the
 softmax), which makes the cost term of the bit-search loss differentiable in the alphas.
 """
 
@@ -13,7 +13,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from metamix_tf import ops, wrap
+from metamix_tf.quant import ops, wrap
 
 __all__ = ["layer_macs", "LayerCost", "CostModel"]
 

@@ -1,12 +1,12 @@
-"""metamix_tf.quantizers: every mode of ActivationQuantizer, WeightQuantizer, calibration
+"""metamix_tf.quant.quantizers: every mode of ActivationQuantizer, WeightQuantizer, calibration
 (eager, traced, and per replica under MirroredStrategy), retracing and argument errors."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from metamix_tf import ops
-from metamix_tf.quantizers import MODES, ActivationQuantizer, WeightQuantizer
+from metamix_tf.quant import ops
+from metamix_tf.quant.quantizers import MODES, ActivationQuantizer, WeightQuantizer
 
 CANDIDATES = (2, 4, 8)
 SHAPE = (4, 5, 5, 3)  # per-sample elements N = 75
@@ -314,7 +314,7 @@ def test_an_optimizer_step_never_takes_a_step_size_below_its_floor(kind):
     leaves them at ``MinimumStep().minimum`` (exactly), every other value as stepped."""
     import keras
 
-    from metamix_tf.quantizers import MinimumStep
+    from metamix_tf.quant.quantizers import MinimumStep
 
     if kind == "activation":
         q = ActivationQuantizer(candidate_bits=(2, 4), mode="uniform")

@@ -9,12 +9,12 @@ from collections.abc import Iterable
 
 import keras
 
-from metamix_tf import canonical
-from metamix_tf import graph_rules as rules
 from metamix_tf.config import QuantConfig
-from metamix_tf.flatten import flatten, is_graph_model
-from metamix_tf.layers import QUANT_LAYERS, QuantLayerMixin
-from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
+from metamix_tf.quant import canonical
+from metamix_tf.quant import graph_rules as rules
+from metamix_tf.quant.flatten import flatten, is_graph_model
+from metamix_tf.quant.layers import QUANT_LAYERS, QuantLayerMixin
+from metamix_tf.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = [
     "apply",
@@ -130,7 +130,7 @@ def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
     last quantized layers get ``config.first_last_bits`` for both. All quantizers start in
     ``"float"`` mode with weight quantization off, so the copy computes exactly what the
     original does. Nested functional / ``Sequential`` models are inlined first
-    (:func:`metamix_tf.flatten.flatten`), so a backbone called as one layer is wrapped layer
+    (:func:`metamix_tf.quant.flatten.flatten`), so a backbone called as one layer is wrapped layer
     by layer. Other weighted layers (e.g. ``SeparableConv2D``) stay float, are listed by
     :func:`unsupported_layers` and in a warning.
 
@@ -346,7 +346,7 @@ def calibrate(model, images) -> None:
     Runs ``model`` once in ``"calibrate"`` mode (identity quantizers that record
     ``2 * mean|x| / sqrt(Qp)`` for each branch), then restores each quantizer's mode. Call it
     eagerly or inside ``tf.function``. Under a distribution strategy use
-    :func:`metamix_tf.steps.calibrate_step`, which switches the modes outside
+    :func:`metamix_tf.training.steps.calibrate_step`, which switches the modes outside
     ``strategy.run`` (a mode switched inside one replica's trace leaks into the other
     replicas' traces) and averages the step sizes over replicas.
     """

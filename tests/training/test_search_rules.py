@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf import losses, search_rules, trainer
+from metamix_tf.training import losses, search_rules, trainer
 
 # Cost normalisation
 
@@ -139,7 +139,7 @@ def test_tie_break_logits_pick_the_preferred_bits():
 
 
 def test_set_initial_alphas_on_a_wrapped_model():
-    from metamix_tf import wrap
+    from metamix_tf.quant import wrap
 
     inputs = keras.Input((8, 8, 3))
     x = keras.layers.Conv2D(4, 3, name="c1")(inputs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from metamix_tf.ops import quant_dtype
+from metamix_tf.quant.ops import quant_dtype
 
 __all__ = [
     "cross_entropy",

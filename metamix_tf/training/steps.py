@@ -17,7 +17,7 @@ replica's function would leak into another's trace); the bit-meta step therefore
 ``loss_fn`` (every training builder): ``(labels, logits) -> [batch]`` per-example losses
 instead of cross-entropy (ignored with a ``teacher``: the KD loss).
 
-Losses are scaled by the global batch size (:func:`metamix_tf.losses.scale_loss`, with the
+Losses are scaled by the global batch size (:func:`metamix_tf.training.losses.scale_loss`, with the
 global size all-reduced from the replicas, so a short last batch is weighted right) and the
 Keras optimizers sum the gradients over replicas; the results do not depend on the replica
 count except through floating-point order (and BatchNorm, which the trainer synchronises
@@ -44,7 +44,8 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from metamix_tf import losses, wrap
+from metamix_tf.quant import wrap
+from metamix_tf.training import losses
 
 __all__ = [
     "train_step",
@@ -212,7 +213,7 @@ def meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: S
               *, teacher=None, kd_temperature: float = 1.0, label_smoothing: float = 0.0,
               loss_fn: Callable | None = None, jit_compile: bool = False) -> Callable:
     """Bit-meta training: the same batch once per candidate bit-width, every searchable
-    layer at that width (:func:`metamix_tf.wrap.set_uniform`), losses averaged.
+    layer at that width (:func:`metamix_tf.quant.wrap.set_uniform`), losses averaged.
 
     Forward: ``L_meta = (1/K) sum_b L(model_b(x))``. Gradient: ``dL_meta/dv`` for ``v`` in
     ``variables`` (weights, BatchNorm parameters, every branch's step size), accumulated
@@ -297,7 +298,7 @@ def search_step(strategy, model, optimizer, alphas: Sequence, cost_model, target
     Forward: every quantizer outputs ``sum_b softmax(a)_b q_b(x)``; BatchNorm normalises
     with the batch statistics but its moving statistics stay as they are.
     Loss: ``L_task + lambda * |GBOPs(a) - target| / target`` (GBOPs with the straight-through
-    argmax of :meth:`metamix_tf.cost.CostModel.expected_gbops`).
+    argmax of :meth:`metamix_tf.quant.cost.CostModel.expected_gbops`).
     Gradient: ``dL/da`` only (the tape watches the alphas alone).
     """
     alphas = list(alphas)
@@ -374,7 +375,7 @@ def eval_step(strategy, model, *, configure: Callable | None = None,
 
 def calibrate_step(strategy, model) -> Callable:
     """LSQ step-size initialisation on every replica's shard of a batch: one inference
-    forward in ``"calibrate"`` mode (see :func:`metamix_tf.wrap.calibrate`); the step-size
+    forward in ``"calibrate"`` mode (see :func:`metamix_tf.quant.wrap.calibrate`); the step-size
     variables average over replicas. The modes are switched outside ``strategy.run``."""
 
     def replica_fn(images):

@@ -1,4 +1,4 @@
-"""metamix_tf.flatten: nested functional / Sequential models become one flat graph with the
+"""metamix_tf.quant.flatten: nested functional / Sequential models become one flat graph with the
 same names and weights, and apply() quantizes the layers inside them."""
 
 import keras
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import metamix_tf as mm
-from metamix_tf import wrap
-from metamix_tf.flatten import flatten
+from metamix_tf.quant import wrap
+from metamix_tf.quant.flatten import flatten
 
 L = keras.layers
 QUANTIZABLE = (L.Conv2D, L.DepthwiseConv2D, L.Dense)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from metamix_tf import graph_rules as rules
+from metamix_tf.quant import graph_rules as rules
 
 __all__ = ["canonicalize", "needs_rewrite", "SigmoidGrid"]
 

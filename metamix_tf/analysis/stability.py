@@ -38,8 +38,8 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from metamix_tf import wrap
-from metamix_tf.layers import QuantLayerMixin
+from metamix_tf.quant import wrap
+from metamix_tf.quant.layers import QuantLayerMixin
 
 __all__ = [
     "FLOAT",

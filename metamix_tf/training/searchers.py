@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
-from metamix_tf import steps, wrap
-from metamix_tf.cost import CostModel
+from metamix_tf.quant import wrap
+from metamix_tf.quant.cost import CostModel
+from metamix_tf.training import steps
 
 __all__ = ["SEARCHERS", "SearchSetup", "Searcher", "MetaMix", "Joint", "Uniform",
            "get_searcher"]

@@ -1,8 +1,8 @@
 """Quantized versions of the stock Keras Conv2D, DepthwiseConv2D and Dense layers.
 
 Each keeps its parent's exact signature and adds two arguments: ``input_quantizer`` (an
-:class:`~metamix_tf.quantizers.ActivationQuantizer` applied to the layer's input) and
-``kernel_quantizer`` (a :class:`~metamix_tf.quantizers.WeightQuantizer` applied to the
+:class:`~metamix_tf.quant.quantizers.ActivationQuantizer` applied to the layer's input) and
+``kernel_quantizer`` (a :class:`~metamix_tf.quant.quantizers.WeightQuantizer` applied to the
 kernel). Both accept a layer, its serialized dict, or None (no quantization).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import ops as kops
 
-from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
+from metamix_tf.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = ["QuantConv2D", "QuantDepthwiseConv2D", "QuantDense", "QUANT_LAYERS", "QuantLayerMixin"]
 

@@ -1,4 +1,4 @@
-"""The int8 export beyond the model zoo: the graph rules of ``metamix_tf.graph_rules`` on a
+"""The int8 export beyond the model zoo: the graph rules of ``metamix_tf.quant.graph_rules`` on a
 small network that holds every rule (fast), and the keras.applications CNN families
 (slow; the recipe is ``metamix_tf.export.families``).
 
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import metamix_tf as mm
-from metamix_tf import canonical, graph_rules, wrap
 from metamix_tf.export import families, graph, run
+from metamix_tf.quant import canonical, graph_rules, wrap
 
 L = keras.layers
 

@@ -4,7 +4,7 @@ rule and the initial bit logits (issue 12, item 1).
 Pure functions of config values; the phase code calls them with what it knows (target,
 steps per epoch, candidate bits), so MetaMix and the joint searcher get the same rules:
 
-* :func:`relative_cost_weight`: the ``lambda`` that :func:`metamix_tf.losses.cost_penalty`
+* :func:`relative_cost_weight`: the ``lambda`` that :func:`metamix_tf.training.losses.cost_penalty`
   in its relative form needs to compute ``search.cost_normalization``'s penalty;
 * :func:`alpha_steps` and :func:`alpha_learning_rate`: ``search.alpha_lr_rule`` =
   ``"displacement"`` sets the alpha lr to ``alpha_displacement / alpha steps``. Adam moves a
@@ -119,7 +119,7 @@ def set_initial_alphas(model, preferred_bits: int, bias: float) -> int:
     """Assigns :func:`tie_break_logits` to the alpha of every searchable activation quantizer
     of a wrapped ``model``; returns how many were set. Call it on a fresh start (a restored
     checkpoint overwrites the alphas anyway)."""
-    from metamix_tf import wrap
+    from metamix_tf.quant import wrap
 
     count = 0
     for layer in wrap.quant_layers(model):

@@ -1,4 +1,4 @@
-"""Keras layers around :mod:`metamix_tf.ops`: the multi-branch activation quantizer and the
+"""Keras layers around :mod:`metamix_tf.quant.ops`: the multi-branch activation quantizer and the
 per-channel weight quantizer.
 
 Modes of :class:`ActivationQuantizer` (``quantizer.mode``, a Python attribute read when a
@@ -30,8 +30,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from metamix_tf import ops
 from metamix_tf.config import validate_bits
+from metamix_tf.quant import ops
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "MinimumStep", "MODES"]
 
@@ -227,7 +227,7 @@ class WeightQuantizer(keras.layers.Layer):
 
     Forward (when ``enabled``): ``round(clip(w / s_c, -2^(b-1), 2^(b-1) - 1)) * s_c`` with
     one step ``s_c`` per output channel; identity when disabled. Gradients as in
-    :func:`metamix_tf.ops.lsq_quantize`, with ``g = 1/sqrt(N * Qp)``, ``N`` the kernel
+    :func:`metamix_tf.quant.ops.lsq_quantize`, with ``g = 1/sqrt(N * Qp)``, ``N`` the kernel
     elements per output channel.
 
     Args:

@@ -224,7 +224,7 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
         ``slot_offset`` (e.g. to calibrate on its first batch).
       epoch_step: ``epoch -> step(images, labels) -> dict`` of reduced step outputs
         (``loss_sum``, ``correct``, ``count``, optionally prefixed and with ``gbops``).
-      eval_fn: an :func:`metamix_tf.steps.eval_step` function; ``before_eval(epoch)`` runs
+      eval_fn: an :func:`metamix_tf.training.steps.eval_step` function; ``before_eval(epoch)`` runs
         first (e.g. to select the argmax bits).
       checkpoint: a ``tf.train.Checkpoint`` of everything trained; this function adds the
         ``epoch`` counter and ``wall_time`` to it. ``checkpoint_dir=None``: no checkpoints,

@@ -1,4 +1,4 @@
-"""metamix_tf.wrap: apply() on real architectures, signedness, first/last layers,
+"""metamix_tf.quant.wrap: apply() on real architectures, signedness, first/last layers,
 include/exclude, unsupported layers, modes, bits and variable groups."""
 
 import keras
@@ -7,10 +7,10 @@ import pytest
 import tensorflow as tf
 
 import metamix_tf as mm
-from metamix_tf import wrap
-from metamix_tf.cost import CostModel
 from metamix_tf.export.families import set_batch_norm_statistics
-from metamix_tf.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D
+from metamix_tf.quant import wrap
+from metamix_tf.quant.cost import CostModel
+from metamix_tf.quant.layers import QuantConv2D, QuantDense, QuantDepthwiseConv2D
 
 L = keras.layers
 APP_KWARGS = dict(input_shape=(32, 32, 3), weights=None, classes=10, classifier_activation=None)

@@ -1,5 +1,5 @@
 """The loop a library phase runs on: user data as ``tf.data``, the distributed iterators,
-and Keras callbacks around :func:`metamix_tf.trainer.run_epochs`.
+and Keras callbacks around :func:`metamix_tf.training.trainer.run_epochs`.
 
 ``train_data`` / ``validation_data``: a ``tf.data.Dataset`` of ``(images, labels)`` batches
 (integer labels), or an ``(x, y)`` tuple of arrays (batched by ``batch_size``, the training
@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from metamix_tf import trainer
+from metamix_tf.training import trainer
 
 __all__ = ["LOOP_SETTINGS", "Loop", "as_dataset", "make_loop", "run_phase"]
 

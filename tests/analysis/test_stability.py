@@ -1,11 +1,11 @@
-"""Tests of metamix_tf.stability: activation / BatchNorm statistics across bit-widths."""
+"""Tests of metamix_tf.analysis.stability: activation / BatchNorm statistics across bit-widths."""
 
 import keras
 import numpy as np
 import pytest
 
 import metamix_tf as mm
-from metamix_tf import stability
+from metamix_tf.analysis import stability
 
 BITS = (2, 4, 8)
 QUANT_NAMES = ["conv1", "dw", "conv2", "fc"]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import metamix_tf as mm
-from metamix_tf.layers import QUANT_LAYERS, QuantConv2D, QuantDense, QuantDepthwiseConv2D
-from metamix_tf.quantizers import ActivationQuantizer, WeightQuantizer
+from metamix_tf.quant.layers import QUANT_LAYERS, QuantConv2D, QuantDense, QuantDepthwiseConv2D
+from metamix_tf.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 L = keras.layers
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from metamix_tf import distribute, losses, steps, trainer, wrap
 from metamix_tf.config import QuantConfig
-from metamix_tf.cost import CostModel
+from metamix_tf.quant import wrap
+from metamix_tf.quant.cost import CostModel
+from metamix_tf.training import distribute, losses, steps, trainer
 
 CANDIDATES = (2, 4, 8)
 

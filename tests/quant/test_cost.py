@@ -1,4 +1,4 @@
-"""metamix_tf.cost: MACs by hand, GBOPs, the differentiable expected GBOPs, target bounds and
+"""metamix_tf.quant.cost: MACs by hand, GBOPs, the differentiable expected GBOPs, target bounds and
 the report."""
 
 import keras
@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import metamix_tf as mm
-from metamix_tf.cost import CostModel, layer_macs
+from metamix_tf.quant.cost import CostModel, layer_macs
 
 L = keras.layers
 

@@ -1,0 +1,1 @@
+"""Analysis of quantized models: ``stability`` (activation and BatchNorm shifts as bits change)."""
