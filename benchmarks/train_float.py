@@ -79,9 +79,9 @@ def main(argv):
     optimizer = trainer.make_optimizer(
         schedule, variables, weight_decay=p.weight_decay, l2=p.l2, kind=p.optimizer,
         momentum=p.momentum, nesterov=p.nesterov, no_decay=_no_decay(variables))
-    step = steps.train_step(strategy, model, optimizer, variables,
-                            label_smoothing=p.label_smoothing)
-    eval_fn = steps.eval_step(strategy, model)
+    step = steps.make_train_step(strategy, model, optimizer, variables,
+                                 label_smoothing=p.label_smoothing)
+    eval_fn = steps.make_eval_step(strategy, model)
     eval_dataset = strategy.experimental_distribute_dataset(data.eval)
     result = trainer.run_epochs(
         phase="pretrain", strategy=strategy,

@@ -295,9 +295,10 @@ def run_search(model, loop: loop_lib.Loop, searcher: searchers.Searcher, *, epoc
         return {"sel_gbops": report["gbops"], "avg_bits": report["avg_activation_bits"],
                 "bits": bits}
 
-    eval_fn = steps.eval_step(strategy, model, configure=lambda: wrap.set_mode(model, "selected"),
-                              jit_compile=loop.jit_compile)
-    calibrate = steps.calibrate_step(strategy, model)
+    eval_fn = steps.make_eval_step(strategy, model,
+                                   configure=lambda: wrap.set_mode(model, "selected"),
+                                   jit_compile=loop.jit_compile)
+    calibrate = steps.make_calibrate_step(strategy, model)
 
     def on_fresh_start(iterator):
         if options.alpha_init_bias and groups.alphas:  # a restored checkpoint has its own
@@ -395,10 +396,10 @@ def run_finetune(model, loop: loop_lib.Loop, *, epochs: int, options: config_lib
         optimizer = _weight_optimizer(groups, options, epochs * loop.steps_per_epoch)
     kwargs = _step_kwargs(teacher, loss, model, loop, options.kd_temperature)
     selected = steps.fixed_bits(model, bits)  # the selected bits, as static branches
-    step = steps.train_step(strategy, model, optimizer, variables, configure=selected,
-                            **kwargs)
-    eval_fn = steps.eval_step(strategy, model, configure=selected,
-                              jit_compile=loop.jit_compile)
+    step = steps.make_train_step(strategy, model, optimizer, variables, configure=selected,
+                                 **kwargs)
+    eval_fn = steps.make_eval_step(strategy, model, configure=selected,
+                                   jit_compile=loop.jit_compile)
     weight_bits = sorted({wq.bits for wq in wrap.weight_quantizers(model)})
     loop.say(f"[finetune] weight training at the selected bits with {weight_bits}-bit "
              f"weights: {epochs} epoch(s) x {loop.steps_per_epoch} steps"

@@ -301,7 +301,7 @@ def _hook(ctx: RunContext, phase: str):
 
 
 def _evaluate(ctx: RunContext, model, configure=None) -> dict:
-    fn = steps.eval_step(ctx.strategy, model, configure=configure, jit_compile=ctx.jit_compile)
+    fn = steps.make_eval_step(ctx.strategy, model, configure=configure, jit_compile=ctx.jit_compile)
     return trainer.evaluate(ctx.strategy, fn, ctx.eval_dataset)
 
 
@@ -330,9 +330,9 @@ def _pretrain(ctx: RunContext) -> dict:
         optimizer = trainer.make_optimizer(
             trainer.cosine_schedule(p.learning_rate, p.epochs * ctx.steps_per_epoch),
             variables, weight_decay=p.weight_decay, no_decay=_no_decay(variables))
-    step = steps.train_step(strategy, model, optimizer, variables,
-                            label_smoothing=p.label_smoothing, jit_compile=ctx.jit_compile)
-    eval_fn = steps.eval_step(strategy, model, jit_compile=ctx.jit_compile)
+    step = steps.make_train_step(strategy, model, optimizer, variables,
+                                 label_smoothing=p.label_smoothing, jit_compile=ctx.jit_compile)
+    eval_fn = steps.make_eval_step(strategy, model, jit_compile=ctx.jit_compile)
     checkpoint, directory = _phase_checkpoint(ctx, "pretrain", model=model, optimizer=optimizer)
     ctx.say(f"[pretrain] float training: {p.epochs} epoch(s) x {ctx.steps_per_epoch} steps")
     result = trainer.run_epochs(

@@ -1,7 +1,7 @@
 """BitOPs cost model: per-layer MACs from shapes, BitOPs = MACs x a_bits x w_bits.
 
 ``GBOPs = sum_l MACs_l * a_bits_l * w_bits_l / 1e9``. During the search, ``a_bits_l`` is
-:func:`metamix_tf.quant.ops.expected_bits` (forward the argmax bits, backward through the
+:func:`metamix_tf.quant.ops.argmax_bits_ste` (forward the argmax bits, backward through the
 softmax), which makes the cost term of the bit-search loss differentiable in the alphas.
 """
 
@@ -131,14 +131,14 @@ class CostModel:
             bits[best[0]] = best[1]
         return bits
 
-    def expected_gbops(self) -> tf.Tensor:
+    def argmax_gbops_ste(self) -> tf.Tensor:
         """Differentiable GBOPs of the current alphas (straight-through argmax)."""
         total = tf.constant(0.0)
         for c, q in zip(self.layers, self._quantizers, strict=True):
             if c.searchable:
-                a_bits = ops.expected_bits(tf.convert_to_tensor(q.alpha),
-                                           np.asarray(q.candidate_bits, np.float32),
-                                           q.temperature)
+                a_bits = ops.argmax_bits_ste(tf.convert_to_tensor(q.alpha),
+                                             np.asarray(q.candidate_bits, np.float32),
+                                             q.temperature)
             else:
                 a_bits = float(c.candidate_bits[0])
             total += (c.macs * c.w_bits / 1e9) * a_bits

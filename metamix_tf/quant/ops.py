@@ -36,7 +36,7 @@ __all__ = [
     "lsq_mixture",
     "lsq_init_step",
     "straight_through",
-    "expected_bits",
+    "argmax_bits_ste",
 ]
 
 
@@ -256,7 +256,7 @@ def straight_through(hard: tf.Tensor, soft: tf.Tensor):
     return tf.identity(hard), grad
 
 
-def expected_bits(alpha: tf.Tensor, bits: tf.Tensor, temperature: float = 1.0) -> tf.Tensor:
+def argmax_bits_ste(alpha: tf.Tensor, bits: tf.Tensor, temperature: float = 1.0) -> tf.Tensor:
     """Bit-width of one layer for the cost model, with a straight-through hard argmax.
 
     Forward: ``bits[argmax(alpha)]``. Backward: through

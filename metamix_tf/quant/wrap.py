@@ -346,7 +346,7 @@ def calibrate(model, images) -> None:
     Runs ``model`` once in ``"calibrate"`` mode (identity quantizers that record
     ``2 * mean|x| / sqrt(Qp)`` for each branch), then restores each quantizer's mode. Call it
     eagerly or inside ``tf.function``. Under a distribution strategy use
-    :func:`metamix_tf.training.steps.calibrate_step`, which switches the modes outside
+    :func:`metamix_tf.training.steps.make_calibrate_step`, which switches the modes outside
     ``strategy.run`` (a mode switched inside one replica's trace leaks into the other
     replicas' traces) and averages the step sizes over replicas.
     """

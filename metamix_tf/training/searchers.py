@@ -96,9 +96,9 @@ class MetaMix(Searcher):
 
     def make_epoch_step(self, setup: SearchSetup) -> Callable:
         s = setup
-        meta = steps.meta_step(s.strategy, s.model, s.weight_optimizer,
-                               s.groups.weights_and_steps, s.candidate_bits, **s.step_kwargs)
-        search = steps.search_step(
+        meta = steps.make_meta_step(s.strategy, s.model, s.weight_optimizer,
+                                    s.groups.weights_and_steps, s.candidate_bits, **s.step_kwargs)
+        search = steps.make_search_step(
             s.strategy, s.model, s.alpha_optimizer, s.groups.alphas, s.cost, s.target,
             s.cost_weight, **s.step_kwargs) if s.groups.alphas else None
 
@@ -122,15 +122,15 @@ class Joint(Searcher):
     def make_epoch_step(self, setup: SearchSetup) -> Callable:
         s = setup
         if s.groups.alphas:
-            joint = steps.joint_step(s.strategy, s.model, s.weight_optimizer,
-                                     s.groups.weights_and_steps, s.alpha_optimizer,
-                                     s.groups.alphas, s.cost, s.target, s.cost_weight,
-                                     **s.step_kwargs)
+            joint = steps.make_joint_step(s.strategy, s.model, s.weight_optimizer,
+                                          s.groups.weights_and_steps, s.alpha_optimizer,
+                                          s.groups.alphas, s.cost, s.target, s.cost_weight,
+                                          **s.step_kwargs)
         else:
-            joint = steps.train_step(s.strategy, s.model, s.weight_optimizer,
-                                     s.groups.weights_and_steps,
-                                     configure=lambda: wrap.set_mode(s.model, "mixture"),
-                                     **s.step_kwargs)
+            joint = steps.make_train_step(s.strategy, s.model, s.weight_optimizer,
+                                          s.groups.weights_and_steps,
+                                          configure=lambda: wrap.set_mode(s.model, "mixture"),
+                                          **s.step_kwargs)
         return lambda epoch: joint
 
 
@@ -153,10 +153,10 @@ class Uniform(Searcher):
 
     def make_epoch_step(self, setup: SearchSetup) -> Callable:
         s = setup
-        lsq = steps.train_step(s.strategy, s.model, s.weight_optimizer,
-                               s.groups.weights_and_steps,
-                               configure=lambda: wrap.set_uniform(s.model, self.bits),
-                               **s.step_kwargs)
+        lsq = steps.make_train_step(s.strategy, s.model, s.weight_optimizer,
+                                    s.groups.weights_and_steps,
+                                    configure=lambda: wrap.set_uniform(s.model, self.bits),
+                                    **s.step_kwargs)
         return lambda epoch: lsq
 
     def describe(self) -> str:

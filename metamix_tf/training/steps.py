@@ -25,15 +25,15 @@ across replicas).
 
 The steps (``w``: weights, BatchNorm parameters and LSQ step sizes; ``a``: bit logits):
 
-* :func:`train_step`: ``w -= grad L(w)`` at the model's current modes (float pre-training,
+* :func:`make_train_step`: ``w -= grad L(w)`` at the model's current modes (float pre-training,
   uniform LSQ, weight training at the selected bits).
-* :func:`meta_step` (bit-meta): ``L_meta = mean_b L(w; every layer at b)`` over the
+* :func:`make_meta_step` (bit-meta): ``L_meta = mean_b L(w; every layer at b)`` over the
   candidate bits, one step of ``w``; ``a`` untouched.
-* :func:`search_step` (bit-search): mixture forward with ``w`` fixed,
+* :func:`make_search_step` (bit-search): mixture forward with ``w`` fixed,
   ``L = L_task + lambda |GBOPs(a) - target| / target``, one step of ``a`` only.
-* :func:`joint_step` (EdMIPS/DNAS baseline): the same loss on the mixture, one tape, ``w``
+* :func:`make_joint_step` (EdMIPS/DNAS baseline): the same loss on the mixture, one tape, ``w``
   and ``a`` both stepped by their own optimizers.
-* :func:`eval_step`: inference forward, no state change.
+* :func:`make_eval_step`: inference forward, no state change.
 """
 
 from __future__ import annotations
@@ -48,19 +48,19 @@ from metamix_tf.quant import wrap
 from metamix_tf.training import losses
 
 __all__ = [
-    "train_step",
-    "meta_step",
-    "search_step",
-    "joint_step",
-    "eval_step",
-    "calibrate_step",
+    "make_train_step",
+    "make_meta_step",
+    "make_search_step",
+    "make_joint_step",
+    "make_eval_step",
+    "make_calibrate_step",
     "fixed_bits",
     "apply_gradients",
     "frozen_batch_norm_statistics",
 ]
 
 SUM = tf.distribute.ReduceOp.SUM
-META_PREFIX = "meta"  # meta_step's per-candidate outputs: meta<bits>_loss_sum, ...
+META_PREFIX = "meta"  # make_meta_step's per-candidate outputs: meta<bits>_loss_sum, ...
 
 
 def _global_count(labels: tf.Tensor) -> tf.Tensor:
@@ -183,10 +183,10 @@ def _task_forward(model, images, labels, teacher_logits, kd_temperature, label_s
                                     label_smoothing)
 
 
-def train_step(strategy, model, optimizer, variables: Sequence, *,
-               configure: Callable | None = None, teacher=None, kd_temperature: float = 1.0,
-               label_smoothing: float = 0.0, loss_fn: Callable | None = None,
-               jit_compile: bool = False) -> Callable:
+def make_train_step(strategy, model, optimizer, variables: Sequence, *,
+                    configure: Callable | None = None, teacher=None, kd_temperature: float = 1.0,
+                    label_smoothing: float = 0.0, loss_fn: Callable | None = None,
+                    jit_compile: bool = False) -> Callable:
     """One optimizer step on ``variables`` at the model's modes (set by ``configure``).
 
     Forward: ``model(x, training=True)``; loss: cross-entropy, or KD from ``teacher``.
@@ -209,9 +209,9 @@ def train_step(strategy, model, optimizer, variables: Sequence, *,
     return _distributed(strategy, replica_fn, configure, jit_compile, "train_step")
 
 
-def meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: Sequence[int],
-              *, teacher=None, kd_temperature: float = 1.0, label_smoothing: float = 0.0,
-              loss_fn: Callable | None = None, jit_compile: bool = False) -> Callable:
+def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: Sequence[int],
+                   *, teacher=None, kd_temperature: float = 1.0, label_smoothing: float = 0.0,
+                   loss_fn: Callable | None = None, jit_compile: bool = False) -> Callable:
     """Bit-meta training: the same batch once per candidate bit-width, every searchable
     layer at that width (:func:`metamix_tf.quant.wrap.set_uniform`), losses averaged.
 
@@ -289,16 +289,16 @@ def _mixture(model):
     return configure
 
 
-def search_step(strategy, model, optimizer, alphas: Sequence, cost_model, target_gbops: float,
-                cost_weight: float, *, teacher=None, kd_temperature: float = 1.0,
-                label_smoothing: float = 0.0, loss_fn: Callable | None = None,
+def make_search_step(strategy, model, optimizer, alphas: Sequence, cost_model, target_gbops: float,
+                     cost_weight: float, *, teacher=None, kd_temperature: float = 1.0,
+                     label_smoothing: float = 0.0, loss_fn: Callable | None = None,
                jit_compile: bool = False) -> Callable:
     """Bit-search training: mixture forward with the weights fixed, only ``alphas`` stepped.
 
     Forward: every quantizer outputs ``sum_b softmax(a)_b q_b(x)``; BatchNorm normalises
     with the batch statistics but its moving statistics stay as they are.
     Loss: ``L_task + lambda * |GBOPs(a) - target| / target`` (GBOPs with the straight-through
-    argmax of :meth:`metamix_tf.quant.cost.CostModel.expected_gbops`).
+    argmax of :meth:`metamix_tf.quant.cost.CostModel.argmax_gbops_ste`).
     Gradient: ``dL/da`` only (the tape watches the alphas alone).
     """
     alphas = list(alphas)
@@ -312,7 +312,7 @@ def search_step(strategy, model, optimizer, alphas: Sequence, cost_model, target
             # BN momenta frozen by the context
             logits, per_example = _task_forward(model, images, labels, teacher_logits,
                                                 kd_temperature, label_smoothing, loss_fn)
-            gbops = cost_model.expected_gbops()
+            gbops = cost_model.argmax_gbops_ste()
             penalty = losses.cost_penalty(gbops, target_gbops, cost_weight)
             loss = losses.scale_loss(per_example, n) + losses.scale_replica_term(penalty)
         apply_gradients(optimizer, tape.gradient(loss, alphas), alphas)
@@ -325,14 +325,14 @@ def search_step(strategy, model, optimizer, alphas: Sequence, cost_model, target
                         context=lambda: frozen_batch_norm_statistics(model))
 
 
-def joint_step(strategy, model, weight_optimizer, weight_variables: Sequence,
-               alpha_optimizer, alphas: Sequence, cost_model, target_gbops: float,
-               cost_weight: float, *, teacher=None, kd_temperature: float = 1.0,
-               label_smoothing: float = 0.0, loss_fn: Callable | None = None,
-               jit_compile: bool = False) -> Callable:
+def make_joint_step(strategy, model, weight_optimizer, weight_variables: Sequence,
+                    alpha_optimizer, alphas: Sequence, cost_model, target_gbops: float,
+                    cost_weight: float, *, teacher=None, kd_temperature: float = 1.0,
+                    label_smoothing: float = 0.0, loss_fn: Callable | None = None,
+                    jit_compile: bool = False) -> Callable:
     """Joint search (EdMIPS/DNAS baseline): one tape on the mixture forward.
 
-    Loss as in :func:`search_step`; gradients ``dL/dw`` stepped by ``weight_optimizer`` and
+    Loss as in :func:`make_search_step`; gradients ``dL/dw`` stepped by ``weight_optimizer`` and
     ``dL/da`` by ``alpha_optimizer`` in the same step. BatchNorm updates its moving
     statistics from the mixture.
     """
@@ -345,7 +345,7 @@ def joint_step(strategy, model, weight_optimizer, weight_variables: Sequence,
         with tf.GradientTape() as tape:
             logits, per_example = _task_forward(model, images, labels, teacher_logits,
                                                 kd_temperature, label_smoothing, loss_fn)
-            gbops = cost_model.expected_gbops()
+            gbops = cost_model.argmax_gbops_ste()
             penalty = losses.cost_penalty(gbops, target_gbops, cost_weight)
             loss = losses.scale_loss(per_example, n) + losses.scale_replica_term(penalty)
         grads = tape.gradient(loss, weight_variables + alphas)
@@ -359,8 +359,8 @@ def joint_step(strategy, model, weight_optimizer, weight_variables: Sequence,
     return _distributed(strategy, replica_fn, _mixture(model), jit_compile, "joint_step")
 
 
-def eval_step(strategy, model, *, configure: Callable | None = None,
-              jit_compile: bool = False) -> Callable:
+def make_eval_step(strategy, model, *, configure: Callable | None = None,
+                   jit_compile: bool = False) -> Callable:
     """Inference forward ``model(x, training=False)``: summed cross-entropy, correct count
     and count. Changes no state."""
 
@@ -373,7 +373,7 @@ def eval_step(strategy, model, *, configure: Callable | None = None,
     return _distributed(strategy, replica_fn, configure, jit_compile, "eval_step")
 
 
-def calibrate_step(strategy, model) -> Callable:
+def make_calibrate_step(strategy, model) -> Callable:
     """LSQ step-size initialisation on every replica's shard of a batch: one inference
     forward in ``"calibrate"`` mode (see :func:`metamix_tf.quant.wrap.calibrate`); the step-size
     variables average over replicas. The modes are switched outside ``strategy.run``."""

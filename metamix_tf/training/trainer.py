@@ -190,7 +190,7 @@ def _epoch_metrics(totals: dict, last: dict) -> dict:
     for key in ("gbops", "search_gbops", "penalty", "search_penalty"):
         if key in last:
             metrics[key] = last[key]
-    # meta_step's per-candidate losses, grouped: {"meta_losses": {"2": ..., "4": ...}}
+    # make_meta_step's per-candidate losses, grouped: {"meta_losses": {"2": ..., "4": ...}}
     per_bits = {key[len("meta"):-len("_loss")]: metrics.pop(key) for key in list(metrics)
                 if re.fullmatch(r"meta\d+_loss", key)}
     for key in [k for k in metrics if re.fullmatch(r"meta\d+_acc", k)]:
@@ -224,8 +224,8 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
         ``slot_offset`` (e.g. to calibrate on its first batch).
       epoch_step: ``epoch -> step(images, labels) -> dict`` of reduced step outputs
         (``loss_sum``, ``correct``, ``count``, optionally prefixed and with ``gbops``).
-      eval_fn: an :func:`metamix_tf.training.steps.eval_step` function; ``before_eval(epoch)`` runs
-        first (e.g. to select the argmax bits).
+      eval_fn: a :func:`metamix_tf.training.steps.make_eval_step` function;
+        ``before_eval(epoch)`` runs first (e.g. to select the argmax bits).
       checkpoint: a ``tf.train.Checkpoint`` of everything trained; this function adds the
         ``epoch`` counter and ``wall_time`` to it. ``checkpoint_dir=None``: no checkpoints,
         no history file and no resume (the library API without a run directory).

@@ -280,7 +280,7 @@ def test_lsq_mixture_one_hot_probs_is_that_branch():
     np.testing.assert_allclose(y, np_lsq(x, steps[1], qns[1], qps[1], dy)[0], rtol=1e-6)
 
 
-# -- expected_bits, straight_through, lsq_init_step ------------------------------------------
+# -- argmax_bits_ste, straight_through, lsq_init_step ------------------------------------------
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
 @pytest.mark.parametrize("alpha", [[0.1, 0.7, -0.3], [2.0, -1.0, 0.5, 0.4]])
 def test_expected_bits(alpha, temperature):
@@ -288,7 +288,7 @@ def test_expected_bits(alpha, temperature):
     bits = np.array([2, 3, 4, 8][:len(alpha)], np.float32)
     a = tf.Variable(alpha)
     with tf.GradientTape() as tape:
-        e = ops.expected_bits(a, bits, temperature)
+        e = ops.argmax_bits_ste(a, bits, temperature)
     assert e.numpy() == bits[np.argmax(alpha)]  # forward: the argmax branch's bits
     # backward: d/d(alpha) of sum(softmax(alpha / T) * bits)
     p = np_softmax(alpha / temperature)

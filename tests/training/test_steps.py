@@ -77,7 +77,7 @@ def all_state(model):
 
 
 def calibrated(strategy, model, batch):
-    steps.calibrate_step(strategy, model)(*batch)
+    steps.make_calibrate_step(strategy, model)(*batch)
 
 
 def test_meta_step_changes_weights_and_step_sizes_not_alphas():
@@ -88,7 +88,7 @@ def test_meta_step_changes_weights_and_step_sizes_not_alphas():
     alphas, weights = snapshot(groups.alphas), snapshot(groups.weights)
     act_steps = [q.step_size for q in wrap.activation_quantizers(model, searchable_only=True)]
     before_steps = snapshot(act_steps)
-    meta = steps.meta_step(strategy, model, weight_opt, groups.weights_and_steps, CANDIDATES)
+    meta = steps.make_meta_step(strategy, model, weight_opt, groups.weights_and_steps, CANDIDATES)
     out = meta(*batch)
     assert np.isfinite(float(out["loss_sum"])) and float(out["count"]) == 16
     # each candidate's own loss is reported, and the step's loss is their mean
@@ -115,8 +115,8 @@ def test_search_step_changes_alphas_only():
     alpha_ids = {id(a) for a in groups.alphas}
     others = [v for v in all_state(model) if id(v) not in alpha_ids]
     before_others, before_alphas = snapshot(others), snapshot(groups.alphas)
-    search = steps.search_step(strategy, model, alpha_opt, groups.alphas, cost,
-                               cost.uniform_gbops(4), 4.0)
+    search = steps.make_search_step(strategy, model, alpha_opt, groups.alphas, cost,
+                                    cost.uniform_gbops(4), 4.0)
     out = search(*batch)
     assert set(out) >= {"loss_sum", "correct", "count", "penalty", "gbops"}
     assert all(changed(before_alphas, groups.alphas))
@@ -131,8 +131,8 @@ def test_joint_step_changes_weights_and_alphas():
     calibrated(strategy, model, batch)
     cost = CostModel(model)
     before_alphas, before_weights = snapshot(groups.alphas), snapshot(groups.weights)
-    joint = steps.joint_step(strategy, model, weight_opt, groups.weights_and_steps, alpha_opt,
-                             groups.alphas, cost, cost.uniform_gbops(4), 4.0)
+    joint = steps.make_joint_step(strategy, model, weight_opt, groups.weights_and_steps, alpha_opt,
+                                  groups.alphas, cost, cost.uniform_gbops(4), 4.0)
     joint(*batch)
     assert all(changed(before_alphas, groups.alphas))
     assert all(changed(before_weights, groups.weights))
@@ -152,7 +152,7 @@ def test_gbops_penalty_moves_bits_toward_target(start_bits, target_bits):
     cost = CostModel(model)
     target = cost.uniform_gbops(target_bits)
     before = cost.gbops(wrap.select_bits(model))
-    search = steps.search_step(strategy, model, alpha_opt, groups.alphas, cost, target, 20.0)
+    search = steps.make_search_step(strategy, model, alpha_opt, groups.alphas, cost, target, 20.0)
     for _ in range(15):
         search(*batch)
     after = cost.gbops(wrap.select_bits(model))
@@ -185,18 +185,18 @@ def _run_all_steps(strategy, float_model, batches):
     distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
     cost = CostModel(model)
     target = cost.uniform_gbops(4)
-    meta = steps.meta_step(strategy, model, weight_opt, groups.weights_and_steps, CANDIDATES)
-    search = steps.search_step(strategy, model, alpha_opt, groups.alphas, cost, target, 4.0)
-    joint = steps.joint_step(strategy, model, weight_opt, groups.weights_and_steps, alpha_opt,
-                             groups.alphas, cost, target, 4.0)
-    evaluate = steps.eval_step(strategy, model,
-                               configure=lambda: wrap.set_mode(model, "mixture"))
+    meta = steps.make_meta_step(strategy, model, weight_opt, groups.weights_and_steps, CANDIDATES)
+    search = steps.make_search_step(strategy, model, alpha_opt, groups.alphas, cost, target, 4.0)
+    joint = steps.make_joint_step(strategy, model, weight_opt, groups.weights_and_steps, alpha_opt,
+                                  groups.alphas, cost, target, 4.0)
+    evaluate = steps.make_eval_step(strategy, model,
+                                    configure=lambda: wrap.set_mode(model, "mixture"))
     dataset = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices(batches).batch(16))
     outputs = []
     for index, (images, labels) in enumerate(dataset):
         if index == 0:
-            steps.calibrate_step(strategy, model)(images, labels)
+            steps.make_calibrate_step(strategy, model)(images, labels)
         if index < 2:
             outputs.append(meta(images, labels))
             outputs.append(search(images, labels))
