@@ -31,7 +31,7 @@ from absl import app, flags  # noqa: E402
 from metamix_tf import config as config_lib  # noqa: E402
 from metamix_tf import data as data_lib  # noqa: E402
 from metamix_tf import models  # noqa: E402
-from metamix_tf.training import steps, trainer  # noqa: E402
+from metamix_tf.training import optimizers, steps, trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("config", [], "YAML config file(s), applied in order.")
@@ -74,23 +74,22 @@ def main(argv):
                          dropout=m.dropout)
     variables = list(model.trainable_variables)
     total = p.epochs * steps_per_epoch
-    schedule = trainer.cosine_schedule(p.learning_rate, total,
+    schedule = optimizers.cosine_schedule(p.learning_rate, total,
                                        round(p.warmup_epochs * steps_per_epoch))
-    optimizer = trainer.make_optimizer(
+    optimizer = optimizers.make_optimizer(
         schedule, variables, weight_decay=p.weight_decay, l2=p.l2, kind=p.optimizer,
         momentum=p.momentum, nesterov=p.nesterov, no_decay=_no_decay(variables))
     step = steps.make_train_step(strategy, model, optimizer, variables,
                                  label_smoothing=p.label_smoothing)
     eval_fn = steps.make_eval_step(strategy, model)
     eval_dataset = strategy.experimental_distribute_dataset(data.eval)
-    result = trainer.run_epochs(
-        phase="pretrain", strategy=strategy,
-        iterators=trainer.EpochIterators(strategy, data.train), slot_offset=0,
-        epochs=p.epochs, steps_per_epoch=steps_per_epoch, epoch_step=lambda epoch: step,
-        eval_fn=eval_fn, eval_dataset=eval_dataset,
-        checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer),
+    phase = trainer.Phase("pretrain", p.epochs, epoch_step=lambda epoch: step, eval_fn=eval_fn,
+                          checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer))
+    result = trainer.run_epochs(phase, trainer.Loop(
+        strategy, trainer.EpochIterators(strategy, data.train), steps_per_epoch,
+        eval_dataset=eval_dataset,
         checkpoint_dir=os.path.join(FLAGS.model_dir, "ckpt", "pretrain"),
-        log_dir=os.path.join(FLAGS.model_dir, "logs", "pretrain"))
+        log_dir=os.path.join(FLAGS.model_dir, "logs", "pretrain")))
     metrics = trainer.evaluate(strategy, eval_fn, eval_dataset)
     print(f"done: {p.epochs} epochs, val_acc {metrics['val_acc']:.4f} on {data.eval_size} "
           f"images, wall time {result.wall_time_s:.0f} s", flush=True)

@@ -29,7 +29,7 @@ from metamix_tf import config as config_lib
 from metamix_tf.export import graph as export_graph
 from metamix_tf.quant import wrap
 from metamix_tf.quant.cost import CostModel
-from metamix_tf.training import distribute, search_rules, searchers, steps, trainer
+from metamix_tf.training import distribute, optimizers, search_rules, searchers, steps, trainer
 from metamix_tf.training import loop as loop_lib
 
 __all__ = [
@@ -128,12 +128,12 @@ def _weight_optimizer(groups: wrap.VariableGroups, options, total_steps: int):
     """AdamW on weights and step sizes, cosine-decayed over the phase; no decay on step
     sizes, biases and BatchNorm parameters."""
     no_decay = groups.steps + [v for v in groups.weights if len(v.shape) <= 1]
-    return trainer.make_optimizer(
-        trainer.cosine_schedule(options.learning_rate, total_steps), groups.weights_and_steps,
+    return optimizers.make_optimizer(
+        optimizers.cosine_schedule(options.learning_rate, total_steps), groups.weights_and_steps,
         weight_decay=options.weight_decay, no_decay=no_decay)
 
 
-def _step_kwargs(teacher, loss, model, loop: loop_lib.Loop, kd_temperature: float) -> dict:
+def _step_kwargs(teacher, loss, model, loop: trainer.Loop, kd_temperature: float) -> dict:
     if teacher is not None and not isinstance(teacher, keras.Model):
         raise ValueError("`teacher` must be a keras.Model (logits) or None. "
                          f"Received: teacher={type(teacher).__name__}")
@@ -232,7 +232,7 @@ def _loss_fn(loss, teacher):
                      f"losses. Received: loss={loss!r}")
 
 
-def run_search(model, loop: loop_lib.Loop, searcher: searchers.Searcher, *, epochs: int,
+def run_search(model, loop: trainer.Loop, searcher: searchers.Searcher, *, epochs: int,
                options: config_lib.SearchConfig, target_gbops=None, target_avg_bits=None,
                teacher=None, loss=None, callbacks=None) -> SearchResult:
     """The search on a prepared :class:`Loop` (what :func:`search` and the pipeline run)."""
@@ -247,7 +247,7 @@ def run_search(model, loop: loop_lib.Loop, searcher: searchers.Searcher, *, epoc
         weight_opt = _weight_optimizer(groups, options, epochs * loop.steps_per_epoch)
         alpha_lr = _alpha_learning_rate(searcher, options, epochs, loop.steps_per_epoch) \
             if groups.alphas else None
-        alpha_opt = trainer.make_optimizer(
+        alpha_opt = optimizers.make_optimizer(
             alpha_lr, groups.alphas, weight_decay=options.alpha_weight_decay,
             l2=options.alpha_l2, beta_1=options.alpha_beta_1,
             beta_2=options.alpha_beta_2) if groups.alphas else None
@@ -315,10 +315,11 @@ def run_search(model, loop: loop_lib.Loop, searcher: searchers.Searcher, *, epoc
              f"GBOPs (range {low:.4f}..{high:.4f}; uniform {uniform}-bit = "
              f"{cost.uniform_gbops(uniform):.4f}), lambda {options.cost_weight} "
              f"({options.cost_normalization}), alpha lr {alpha_lr}")
-    result = loop_lib.run_phase(
-        loop, model, callbacks, phase="search", epochs=epochs, epoch_step=epoch_step,
-        eval_fn=eval_fn, checkpoint=tf.train.Checkpoint(**objects), before_eval=select,
-        epoch_info=epoch_info, on_fresh_start=on_fresh_start)
+    hooks = trainer.Hooks(on_fresh_start=on_fresh_start, before_eval=select,
+                          epoch_info=epoch_info)
+    result = loop_lib.run_phase(loop, model, callbacks, trainer.Phase(
+        "search", epochs, epoch_step=epoch_step, eval_fn=eval_fn,
+        checkpoint=tf.train.Checkpoint(**objects), hooks=[hooks]))
 
     argmax_bits = {layer: q.argmax_bits for layer, q in _searchable(model).items()} \
         if searcher.searched(epochs) else {}
@@ -377,7 +378,7 @@ def finetune(qmodel, train_data, *, epochs: int, validation_data=None, loss=None
                         loss=loss, callbacks=callbacks)
 
 
-def run_finetune(model, loop: loop_lib.Loop, *, epochs: int, options: config_lib.FinetuneConfig,
+def run_finetune(model, loop: trainer.Loop, *, epochs: int, options: config_lib.FinetuneConfig,
                  bits: dict | None = None, teacher=None, loss=None,
                  callbacks=None, on_trained=None) -> FinetuneResult:
     """Weight training on a prepared :class:`Loop` (what :func:`finetune` and the pipeline
@@ -404,10 +405,9 @@ def run_finetune(model, loop: loop_lib.Loop, *, epochs: int, options: config_lib
     loop.say(f"[finetune] weight training at the selected bits with {weight_bits}-bit "
              f"weights: {epochs} epoch(s) x {loop.steps_per_epoch} steps"
              + (f", KD from {teacher.name}" if teacher is not None else ""))
-    result = loop_lib.run_phase(
-        loop, model, callbacks, phase="finetune", epochs=epochs,
-        epoch_step=lambda epoch: step, eval_fn=eval_fn,
-        checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer))
+    result = loop_lib.run_phase(loop, model, callbacks, trainer.Phase(
+        "finetune", epochs, epoch_step=lambda epoch: step, eval_fn=eval_fn,
+        checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer)))
 
     def evaluate():
         return trainer.evaluate(strategy, eval_fn, loop.eval_dataset) if loop.eval_dataset \
@@ -434,7 +434,7 @@ def run_finetune(model, loop: loop_lib.Loop, *, epochs: int, options: config_lib
         epochs=epochs)
 
 
-def _snap_biases(loop: loop_lib.Loop, model) -> dict | None:
+def _snap_biases(loop: trainer.Loop, model) -> dict | None:
     """``export.graph.snap_biases``, or None (and a line saying why) where the model has no
     int8 export."""
     try:

@@ -54,7 +54,7 @@ from metamix_tf.cli import default_model_dir
 from metamix_tf.config import ExperimentConfig
 from metamix_tf.quant import wrap
 from metamix_tf.quant.cost import CostModel
-from metamix_tf.training import distribute, searchers, steps, trainer
+from metamix_tf.training import distribute, optimizers, searchers, steps, trainer
 from metamix_tf.training import loop as loop_lib
 
 __all__ = [
@@ -290,10 +290,6 @@ def _slot_offsets(config: ExperimentConfig) -> dict:
     return {"pretrain": pretrain, "search": search, "finetune": finetune}
 
 
-def _phase_checkpoint(ctx: RunContext, phase: str, **objects) -> tuple:
-    return tf.train.Checkpoint(**objects), ctx.path("ckpt", phase)
-
-
 def _hook(ctx: RunContext, phase: str):
     if ctx.on_epoch_end is None:
         return None
@@ -327,35 +323,30 @@ def _pretrain(ctx: RunContext) -> dict:
         model = _build_float(config, shape, classes, ctx.model_fn)
         distribute.sync_batch_norm(model, strategy.num_replicas_in_sync > 1)
         variables = list(model.trainable_variables)
-        optimizer = trainer.make_optimizer(
-            trainer.cosine_schedule(p.learning_rate, p.epochs * ctx.steps_per_epoch),
+        optimizer = optimizers.make_optimizer(
+            optimizers.cosine_schedule(p.learning_rate, p.epochs * ctx.steps_per_epoch),
             variables, weight_decay=p.weight_decay, no_decay=_no_decay(variables))
     step = steps.make_train_step(strategy, model, optimizer, variables,
                                  label_smoothing=p.label_smoothing, jit_compile=ctx.jit_compile)
     eval_fn = steps.make_eval_step(strategy, model, jit_compile=ctx.jit_compile)
-    checkpoint, directory = _phase_checkpoint(ctx, "pretrain", model=model, optimizer=optimizer)
     ctx.say(f"[pretrain] float training: {p.epochs} epoch(s) x {ctx.steps_per_epoch} steps")
-    result = trainer.run_epochs(
-        phase="pretrain", strategy=strategy, iterators=ctx.iterators,
-        slot_offset=_slot_offsets(config)["pretrain"], epochs=p.epochs,
-        steps_per_epoch=ctx.steps_per_epoch, epoch_step=lambda epoch: step, eval_fn=eval_fn,
-        eval_dataset=ctx.eval_dataset, checkpoint=checkpoint, checkpoint_dir=directory,
-        log_dir=ctx.path("logs", "pretrain"), on_epoch_end=_hook(ctx, "pretrain"),
-        verbose=ctx.verbose)
+    phase = trainer.Phase("pretrain", p.epochs, epoch_step=lambda epoch: step, eval_fn=eval_fn,
+                          checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer))
+    result = trainer.run_epochs(phase, _loop(ctx, "pretrain"))
     metrics = result.last if result.history else _evaluate(ctx, model)
     _save(model, ctx.path("float.keras"))
     return {"skipped": False, "val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
             "wall_time_s": result.wall_time_s, "epochs": p.epochs, "history": result.history}
 
 
-def _loop(ctx: RunContext, phase: str) -> loop_lib.Loop:
+def _loop(ctx: RunContext, phase: str) -> trainer.Loop:
     """The run's loop for ``phase``: its iterator slots, checkpoints and logs."""
-    return loop_lib.Loop(strategy=ctx.strategy, iterators=ctx.iterators,
-                    steps_per_epoch=ctx.steps_per_epoch, eval_dataset=ctx.eval_dataset,
-                    slot_offset=_slot_offsets(ctx.config)[phase],
-                    checkpoint_dir=ctx.path("ckpt", phase), log_dir=ctx.path("logs", phase),
-                    jit_compile=ctx.jit_compile, verbose=ctx.verbose,
-                    on_epoch_end=_hook(ctx, phase))
+    return trainer.Loop(strategy=ctx.strategy, iterators=ctx.iterators,
+                        steps_per_epoch=ctx.steps_per_epoch, eval_dataset=ctx.eval_dataset,
+                        slot_offset=_slot_offsets(ctx.config)[phase],
+                        checkpoint_dir=ctx.path("ckpt", phase), log_dir=ctx.path("logs", phase),
+                        jit_compile=ctx.jit_compile, verbose=ctx.verbose,
+                        on_epoch_end=_hook(ctx, phase))
 
 
 def _searcher(config: ExperimentConfig) -> searchers.Searcher:

@@ -19,32 +19,12 @@ import tensorflow as tf
 
 from metamix_tf.training import trainer
 
-__all__ = ["LOOP_SETTINGS", "Loop", "as_dataset", "make_loop", "run_phase"]
+__all__ = ["LOOP_SETTINGS", "as_dataset", "make_loop", "run_phase"]
 
 # Settings of the loop itself (the others are SearchConfig / FinetuneConfig fields).
 LOOP_SETTINGS = {"batch_size": 32, "steps_per_epoch": None, "shuffle_seed": 0,
                   "jit_compile": False, "verbose": True, "checkpoint_dir": None,
                   "log_dir": None, "eval_batch_size": 256}
-
-@dataclasses.dataclass
-class Loop:
-    """Where a phase's batches come from and where its epochs are recorded."""
-
-    strategy: tf.distribute.Strategy
-    iterators: trainer.EpochIterators
-    steps_per_epoch: int
-    eval_dataset: object = None  # a distributed dataset, or None
-    slot_offset: int = 0
-    checkpoint_dir: str | None = None
-    log_dir: str | None = None
-    jit_compile: bool = False
-    verbose: bool = True
-    on_epoch_end: object = None  # (epoch, record) -> None
-
-    def say(self, message: str) -> None:
-        if self.verbose:
-            print(message, flush=True)
-
 
 def as_dataset(data, name: str, *, batch_size: int, shuffle: bool, seed: int = 0):
     """A ``tf.data.Dataset`` of ``(images, labels)`` batches from a dataset or ``(x, y)``."""
@@ -77,8 +57,8 @@ def as_dataset(data, name: str, *, batch_size: int, shuffle: bool, seed: int = 0
 def make_loop(train_data, validation_data=None, *, strategy=None, batch_size: int = 32,
               eval_batch_size: int = 256, steps_per_epoch: int | None = None,
               shuffle_seed: int = 0, jit_compile: bool = False, verbose: bool = True,
-              checkpoint_dir: str | None = None, log_dir: str | None = None) -> Loop:
-    """A :class:`Loop` on user data (see the module docstring for the data forms)."""
+              checkpoint_dir: str | None = None, log_dir: str | None = None) -> trainer.Loop:
+    """A :class:`trainer.Loop` on user data (see the module docstring for the data forms)."""
     strategy = strategy or tf.distribute.get_strategy()
     train = as_dataset(train_data, "train_data", batch_size=batch_size, shuffle=True,
                        seed=shuffle_seed)
@@ -92,7 +72,7 @@ def make_loop(train_data, validation_data=None, *, strategy=None, batch_size: in
     if validation_data is not None:
         evaluation = strategy.experimental_distribute_dataset(as_dataset(
             validation_data, "validation_data", batch_size=eval_batch_size, shuffle=False))
-    return Loop(strategy=strategy, iterators=trainer.EpochIterators(strategy, train),
+    return trainer.Loop(strategy=strategy, iterators=trainer.EpochIterators(strategy, train),
                 steps_per_epoch=int(steps_per_epoch), eval_dataset=evaluation,
                 checkpoint_dir=checkpoint_dir, log_dir=log_dir, jit_compile=bool(jit_compile),
                 verbose=bool(verbose))
@@ -118,28 +98,17 @@ def _scalars(record: dict) -> dict:
     return logs
 
 
-def run_phase(loop: Loop, model, callbacks, **kwargs) -> trainer.PhaseResult:
-    """``trainer.run_epochs`` with the loop's data and the callbacks' hooks."""
+def run_phase(loop: trainer.Loop, model, callbacks, phase: trainer.Phase) -> trainer.PhaseResult:
+    """:func:`trainer.run_epochs` with Keras ``callbacks`` (``on_epoch_begin``,
+    ``on_epoch_end`` with the epoch's scalars, ``model.stop_training``) added to its hooks."""
     cbs = _callback_list(callbacks, model)
-    hook = loop.on_epoch_end
-
-    def on_epoch_end(epoch, record):
-        if hook is not None:
-            hook(epoch, record)
-        if cbs is not None:
-            cbs.on_epoch_end(epoch, _scalars(record))
-
     model.stop_training = False
+    hooks = trainer.Hooks(should_stop=lambda: bool(model.stop_training))
     if cbs is not None:
+        hooks.before_epoch = cbs.on_epoch_begin
+        hooks.on_epoch_end = lambda epoch, record: cbs.on_epoch_end(epoch, _scalars(record))
         cbs.on_train_begin()
-    result = trainer.run_epochs(
-        strategy=loop.strategy, iterators=loop.iterators, slot_offset=loop.slot_offset,
-        steps_per_epoch=loop.steps_per_epoch, eval_dataset=loop.eval_dataset,
-        checkpoint_dir=loop.checkpoint_dir, log_dir=loop.log_dir, verbose=loop.verbose,
-        before_epoch=None if cbs is None else cbs.on_epoch_begin,
-        on_epoch_end=on_epoch_end, should_stop=lambda: bool(model.stop_training), **kwargs)
+    result = trainer.run_epochs(dataclasses.replace(phase, hooks=[*phase.hooks, hooks]), loop)
     if cbs is not None:
         cbs.on_train_end(_scalars(result.last))
     return result
-
-

@@ -1,9 +1,11 @@
 """The epoch loop shared by every phase: steps, evaluation, checkpoints, logs, resume.
 
-:func:`run_epochs` drives one phase: for each epoch it asks ``epoch_step(epoch)`` for the
-per-batch function (so a phase can change what a batch does, e.g. bit-meta only during the
-warm-up epochs), runs it over the distributed train dataset with a tqdm bar, evaluates,
-prints one line, writes TensorBoard scalars and saves a checkpoint
+:func:`run_epochs` drives one :class:`Phase` (what is trained, evaluated and checkpointed,
+and its :class:`Hooks`) on a :class:`Loop` (where batches come from, where epochs are
+recorded): for each epoch it asks ``phase.epoch_step(epoch)`` for the per-batch function
+(so a phase can change what a batch does, e.g. bit-meta only during the warm-up epochs),
+runs it over the distributed train dataset with a tqdm bar, evaluates, prints one line,
+writes TensorBoard scalars and saves a checkpoint
 (``tf.train.CheckpointManager``: the model, the optimizers, the epoch counter and the
 accumulated wall time). Run again, it restores the latest checkpoint of the phase and goes on
 from the next epoch.
@@ -30,7 +32,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 from tqdm.auto import tqdm
@@ -38,10 +39,10 @@ from tqdm.auto import tqdm
 __all__ = [
     "NonFiniteLossError",
     "EpochIterators",
+    "Hooks",
+    "Loop",
+    "Phase",
     "PhaseResult",
-    "cosine_schedule",
-    "OPTIMIZERS",
-    "make_optimizer",
     "evaluate",
     "run_epochs",
     "write_scalar",
@@ -90,83 +91,6 @@ class PhaseResult:
         return self.history[-1] if self.history else {}
 
 
-def cosine_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0):
-    """Cosine decay from ``learning_rate`` to 0 over ``total_steps`` optimizer steps
-    (``lr_t = lr * (1 + cos(pi * t / T)) / 2``), after an optional linear warm-up."""
-    total_steps = max(int(total_steps), 1)
-    warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
-    if warmup_steps:
-        return keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=total_steps - warmup_steps, warmup_target=learning_rate,
-            warmup_steps=warmup_steps)
-    return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps)
-
-
-class _CoupledL2:
-    """Adds ``l2 * v`` to the (replica-summed) gradient of every decayed variable before the
-    optimizer's own update: PyTorch's ``weight_decay`` (an L2 term in the loss, so it passes
-    through momentum and Adam's moments), unlike Keras' decoupled ``weight_decay``."""
-
-    def _set_l2(self, l2: float, variables: Sequence) -> None:
-        self.l2 = float(l2)
-        self._l2_keys = {self._var_key(v) for v in variables}
-
-    def update_step(self, gradient, variable, learning_rate):
-        if self._var_key(variable) in self._l2_keys:
-            gradient = gradient + tf.cast(self.l2, gradient.dtype) * variable
-        return super().update_step(gradient, variable, learning_rate)
-
-
-class _L2Adam(_CoupledL2, keras.optimizers.Adam):
-    pass
-
-
-class _L2SGD(_CoupledL2, keras.optimizers.SGD):
-    pass
-
-
-OPTIMIZERS = ("adam", "sgd")
-
-
-def make_optimizer(learning_rate, variables: Sequence, *, weight_decay: float = 0.0,
-                   beta_1: float = 0.9, beta_2: float = 0.999,
-                   no_decay: Sequence = (), l2: float = 0.0, kind: str = "adam",
-                   momentum: float = 0.9, nesterov: bool = True) -> keras.optimizers.Optimizer:
-    """Adam (``kind="adam"``, ``beta_1``/``beta_2``) or SGD with momentum (``kind="sgd"``,
-    ``momentum``, ``nesterov``), built for ``variables`` (call it under the strategy's scope).
-
-    Two kinds of decay, both skipping the ``no_decay`` variables (BatchNorm parameters,
-    biases, LSQ step sizes):
-
-    * ``weight_decay``: decoupled, ``v -= lr * weight_decay * v`` each step (AdamW);
-    * ``l2``: coupled, ``l2 * v`` added to the gradient before the update, as PyTorch's
-      ``Adam(weight_decay=...)`` / ``SGD(weight_decay=...)`` (Adam then normalises it with
-      the gradient: the paper's alpha setting ``Adam(lr=1e-4, weight_decay=1e-3)`` is
-      ``l2=1e-3``).
-    """
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"`kind` must be one of {OPTIMIZERS}. Received: kind={kind!r}")
-    for name, value in (("weight_decay", weight_decay), ("l2", l2)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
-    variables = list(variables)
-    if kind == "adam":
-        cls = _L2Adam if l2 else keras.optimizers.Adam
-        optimizer = cls(learning_rate, beta_1=beta_1, beta_2=beta_2,
-                        weight_decay=weight_decay or None, name=kind)
-    else:
-        cls = _L2SGD if l2 else keras.optimizers.SGD
-        optimizer = cls(learning_rate, momentum=momentum, nesterov=nesterov,
-                        weight_decay=weight_decay or None, name=kind)
-    if weight_decay and no_decay:
-        optimizer.exclude_from_weight_decay(var_list=list(no_decay))
-    if l2:
-        skip = {id(v) for v in no_decay}
-        optimizer._set_l2(l2, [v for v in variables if id(v) not in skip])
-    optimizer.build(variables)
-    return optimizer
-
-
 def evaluate(strategy: tf.distribute.Strategy, eval_fn: Callable, dataset) -> dict:
     """Runs ``eval_fn`` over a distributed eval dataset: ``{"val_loss", "val_acc"}``."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
@@ -206,45 +130,87 @@ def _format(value) -> str:
     return str(value)
 
 
-def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: EpochIterators,
-               slot_offset: int, epochs: int, steps_per_epoch: int,
-               epoch_step: Callable[[int], Callable], eval_fn: Callable, eval_dataset,
-               checkpoint: tf.train.Checkpoint, checkpoint_dir: str | None,
-               log_dir: str | None = None, before_epoch: Callable | None = None,
-               before_eval: Callable | None = None, epoch_info: Callable | None = None,
-               on_epoch_end: Callable | None = None, on_fresh_start: Callable | None = None,
-               should_stop: Callable | None = None, verbose: bool = True,
-               max_to_keep: int = 2) -> PhaseResult:
-    """Trains one phase for ``epochs`` epochs, resuming from its latest checkpoint.
+@dataclasses.dataclass
+class Hooks:
+    """Callables :func:`run_epochs` calls at fixed points of a phase (each optional).
 
-    Args:
-      phase: the phase name (messages, TensorBoard tags).
-      iterators: the run's :class:`EpochIterators`; epoch ``e`` uses slot
-        ``slot_offset + 1 + e``, and ``on_fresh_start`` gets the iterator of slot
-        ``slot_offset`` (e.g. to calibrate on its first batch).
-      epoch_step: ``epoch -> step(images, labels) -> dict`` of reduced step outputs
-        (``loss_sum``, ``correct``, ``count``, optionally prefixed and with ``gbops``).
-      eval_fn: a :func:`metamix_tf.training.steps.make_eval_step` function;
-        ``before_eval(epoch)`` runs first (e.g. to select the argmax bits).
-      checkpoint: a ``tf.train.Checkpoint`` of everything trained; this function adds the
-        ``epoch`` counter and ``wall_time`` to it. ``checkpoint_dir=None``: no checkpoints,
-        no history file and no resume (the library API without a run directory).
-      eval_dataset: ``None`` skips the evaluation (no ``val_*`` metrics).
-      epoch_info: ``epoch -> dict`` of extra values for the epoch line and history (GBOPs,
-        bits per layer).
-      on_epoch_end: ``(epoch, record) -> None``, after the checkpoint is written (tests
-        use it to interrupt a run).
-      should_stop: ``() -> bool``, asked after each epoch (Keras' ``EarlyStopping``).
+    * ``on_fresh_start(iterator)``: before the first epoch of a phase that is not resumed,
+      with the iterator of the phase's calibration slot (e.g. to calibrate on one batch);
+    * ``before_epoch(epoch)``; ``before_eval(epoch)`` (e.g. select the argmax bits);
+    * ``epoch_info(epoch) -> dict``: extra values for the epoch line and history (GBOPs, bits);
+    * ``on_epoch_end(epoch, record)``: after the checkpoint is written;
+    * ``should_stop() -> bool``: asked after each epoch (Keras' ``EarlyStopping``).
     """
+
+    on_fresh_start: Callable | None = None
+    before_epoch: Callable | None = None
+    before_eval: Callable | None = None
+    epoch_info: Callable | None = None
+    on_epoch_end: Callable | None = None
+    should_stop: Callable | None = None
+
+
+@dataclasses.dataclass
+class Phase:
+    """What one phase trains: ``epoch_step(epoch) -> step(images, labels) -> dict`` of reduced
+    step outputs (``loss_sum``, ``correct``, ``count``, optionally prefixed, ``gbops``...),
+    the evaluation (a :func:`metamix_tf.training.steps.make_eval_step` function), the
+    ``tf.train.Checkpoint`` of everything trained, and its :class:`Hooks`."""
+
+    name: str
+    epochs: int
+    epoch_step: Callable[[int], Callable]
+    eval_fn: Callable
+    checkpoint: tf.train.Checkpoint
+    hooks: Sequence[Hooks] = ()
+
+
+@dataclasses.dataclass
+class Loop:
+    """Where a phase's batches come from and where its epochs are recorded.
+
+    Epoch ``e`` uses iterator slot ``slot_offset + 1 + e`` of ``iterators`` (slot
+    ``slot_offset`` feeds ``on_fresh_start``). ``eval_dataset=None`` skips the evaluation;
+    ``checkpoint_dir=None``: no checkpoints, no history file and no resume (the library API
+    without a run directory); ``on_epoch_end(epoch, record)`` is the run's own hook.
+    """
+
+    strategy: tf.distribute.Strategy
+    iterators: EpochIterators
+    steps_per_epoch: int
+    eval_dataset: object = None  # a distributed dataset, or None
+    slot_offset: int = 0
+    checkpoint_dir: str | None = None
+    log_dir: str | None = None
+    jit_compile: bool = False
+    verbose: bool = True
+    on_epoch_end: Callable | None = None
+    max_to_keep: int = 2
+
+    def say(self, message: str) -> None:
+        _say(self.verbose, message)
+
+
+def _call(hooks: Sequence[Hooks], name: str, *args) -> list:
+    return [getattr(h, name)(*args) for h in hooks if getattr(h, name) is not None]
+
+
+def run_epochs(phase: Phase, loop: Loop) -> PhaseResult:
+    """Trains ``phase`` for ``phase.epochs`` epochs on ``loop``, resuming from its latest
+    checkpoint; adds the ``epoch`` counter and ``wall_time`` to ``phase.checkpoint``."""
     if tf.distribute.has_strategy():
         raise ValueError("Call run_epochs outside `strategy.scope()` (its counters are plain "
                          "variables). Received: strategy scope active")
+    name, epochs, steps_per_epoch = phase.name, phase.epochs, loop.steps_per_epoch
+    hooks = [*phase.hooks, Hooks(on_epoch_end=loop.on_epoch_end)]
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     wall_var = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_time")
+    checkpoint = phase.checkpoint
     checkpoint.epoch = epoch_var
     checkpoint.wall_time = wall_var
+    checkpoint_dir = loop.checkpoint_dir
     manager = None if checkpoint_dir is None else tf.train.CheckpointManager(
-        checkpoint, checkpoint_dir, max_to_keep=max_to_keep)
+        checkpoint, checkpoint_dir, max_to_keep=loop.max_to_keep)
     history_path = None if checkpoint_dir is None else os.path.join(checkpoint_dir,
                                                                      "history.json")
     start, history = 0, []
@@ -254,23 +220,22 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
         if os.path.exists(history_path):
             with open(history_path) as f:
                 history = json.load(f)[:start]
-        _say(verbose, f"[{phase}] resuming from {manager.latest_checkpoint} "
-                      f"(epoch {start}/{epochs} done)")
-    iterator0 = iterators.iterator(slot_offset)
-    if start == 0 and on_fresh_start is not None:
-        on_fresh_start(iterator0)
+        loop.say(f"[{name}] resuming from {manager.latest_checkpoint} "
+                 f"(epoch {start}/{epochs} done)")
+    iterator0 = loop.iterators.iterator(loop.slot_offset)
+    if start == 0:
+        _call(hooks, "on_fresh_start", iterator0)
     del iterator0
-    board = _Board(log_dir, phase) if log_dir else None
+    board = _Board(loop.log_dir, name) if loop.log_dir else None
     for epoch in range(start, epochs):
         began = time.time()
-        if before_epoch is not None:
-            before_epoch(epoch)
-        step = epoch_step(epoch)
-        iterator = iterators.iterator(slot_offset + 1 + epoch)
+        _call(hooks, "before_epoch", epoch)
+        step = phase.epoch_step(epoch)
+        iterator = loop.iterators.iterator(loop.slot_offset + 1 + epoch)
         totals: dict = {}
         last: dict = {}
-        bar = tqdm(total=steps_per_epoch, desc=f"{phase} {epoch + 1}/{epochs}", leave=False,
-                   disable=None if verbose else True, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=steps_per_epoch, desc=f"{name} {epoch + 1}/{epochs}", leave=False,
+                   disable=None if loop.verbose else True, file=sys.stderr, dynamic_ncols=True)
         for index in range(steps_per_epoch):
             try:
                 images, labels = next(iterator)
@@ -282,7 +247,7 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
                 bar.close()
                 kept = (manager and manager.latest_checkpoint) or "none yet"
                 raise NonFiniteLossError(
-                    f"Non-finite loss in phase '{phase}' at epoch {epoch + 1}, step {index + 1} "
+                    f"Non-finite loss in phase '{name}' at epoch {epoch + 1}, step {index + 1} "
                     f"({', '.join(f'{k}={out[k]}' for k in bad)}); stopped. The last good "
                     f"checkpoint is kept: {kept}. Lower the learning rate or check the data.")
             for key, value in out.items():
@@ -295,12 +260,11 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
             bar.update(1)
         bar.close()
         metrics = _epoch_metrics(totals, last)
-        if before_eval is not None:
-            before_eval(epoch)
-        if eval_dataset is not None:
-            metrics.update(evaluate(strategy, eval_fn, eval_dataset))
-        if epoch_info is not None:
-            metrics.update(epoch_info(epoch))
+        _call(hooks, "before_eval", epoch)
+        if loop.eval_dataset is not None:
+            metrics.update(evaluate(loop.strategy, phase.eval_fn, loop.eval_dataset))
+        for info in _call(hooks, "epoch_info", epoch):
+            metrics.update(info)
         elapsed = time.time() - began
         wall_var.assign_add(elapsed)
         record = {"epoch": epoch + 1, **metrics, "time_s": round(elapsed, 2)}
@@ -313,15 +277,14 @@ def run_epochs(*, phase: str, strategy: tf.distribute.Strategy, iterators: Epoch
             manager.save(checkpoint_number=epoch + 1)
         if board is not None:
             board.epoch(epoch + 1, metrics)
-        _say(verbose, _epoch_line(phase, epoch, epochs, record))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
-        if should_stop is not None and should_stop():
-            _say(verbose, f"[{phase}] stopped after epoch {epoch + 1} (a callback asked)")
+        loop.say(_epoch_line(name, epoch, epochs, record))
+        _call(hooks, "on_epoch_end", epoch, record)
+        if any(_call(hooks, "should_stop")):
+            loop.say(f"[{name}] stopped after epoch {epoch + 1} (a callback asked)")
             break
     if board is not None:
         board.close()
-    return PhaseResult(phase=phase, epochs=epochs, history=history,
+    return PhaseResult(phase=name, epochs=epochs, history=history,
                        wall_time_s=float(wall_var.numpy()), resumed_from_epoch=start)
 
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf.training import losses, search_rules, trainer
+from metamix_tf.training import losses, optimizers, search_rules
 
 # Cost normalisation
 
@@ -59,7 +59,7 @@ def test_imagenet_config_is_the_papers_setting():
 
 def _one_step(l2, kind, weight_decay=0.0, no_decay=False):
     v = keras.Variable(np.array([1.0, -2.0], np.float32))
-    opt = trainer.make_optimizer(0.1, [v], l2=l2, kind=kind, weight_decay=weight_decay,
+    opt = optimizers.make_optimizer(0.1, [v], l2=l2, kind=kind, weight_decay=weight_decay,
                                  momentum=0.0, nesterov=False,
                                  no_decay=[v] if no_decay else ())
     opt.apply_gradients([(tf.constant([0.5, 0.5]), v)])
@@ -76,7 +76,7 @@ def test_coupled_l2_is_added_to_the_gradient():
                                rtol=1e-6)
     # Adam normalises g + l2 * v: with g + l2 * v = 0 the first step does not move v.
     v = keras.Variable(np.array([1.0], np.float32))
-    opt = trainer.make_optimizer(0.1, [v], l2=0.5)
+    opt = optimizers.make_optimizer(0.1, [v], l2=0.5)
     opt.apply_gradients([(tf.constant([-0.5]), v)])
     assert float(v.numpy()[0]) == pytest.approx(1.0, abs=1e-6)
     # Keras' decoupled weight_decay is v -= lr * wd * v, independent of the gradient.
@@ -86,7 +86,7 @@ def test_coupled_l2_is_added_to_the_gradient():
 
 def test_coupled_l2_under_tf_function_and_checkpoint(tmp_path):
     v = keras.Variable(np.ones(3, np.float32))
-    opt = trainer.make_optimizer(0.1, [v], l2=1e-3, kind="sgd")
+    opt = optimizers.make_optimizer(0.1, [v], l2=1e-3, kind="sgd")
 
     @tf.function
     def step():
@@ -96,9 +96,9 @@ def test_coupled_l2_under_tf_function_and_checkpoint(tmp_path):
     path = tf.train.Checkpoint(optimizer=opt, v=v).save(str(tmp_path / "ckpt"))
     assert path
     with pytest.raises(ValueError, match=r"Received: kind='lamb'"):
-        trainer.make_optimizer(0.1, [v], kind="lamb")
+        optimizers.make_optimizer(0.1, [v], kind="lamb")
     with pytest.raises(ValueError, match=r"Received: l2=-1"):
-        trainer.make_optimizer(0.1, [v], l2=-1)
+        optimizers.make_optimizer(0.1, [v], l2=-1)
 
 
 # Alpha learning rate
@@ -162,7 +162,7 @@ def test_coupled_l2_once_under_mirrored_strategy(two_cpu_strategy):
     """Two replicas: the L2 term is added once, to the replica-summed gradient."""
     with two_cpu_strategy.scope():
         v = keras.Variable(np.array([1.0, -2.0], np.float32))
-        opt = trainer.make_optimizer(0.1, [v], l2=0.1, kind="sgd", momentum=0.0,
+        opt = optimizers.make_optimizer(0.1, [v], l2=0.1, kind="sgd", momentum=0.0,
                                      nesterov=False)
 
     @tf.function
