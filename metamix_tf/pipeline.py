@@ -35,19 +35,14 @@ layer at ``search.uniform_bits``, weights and step sizes trained for the same ep
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import time
-import types
-import typing
 from collections.abc import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from metamix_tf import api, models, run_state
+from metamix_tf import api, models, run_checks, run_files, run_state
 from metamix_tf import config as config_lib
 from metamix_tf import data as data_lib
 from metamix_tf.cli import default_model_dir
@@ -60,14 +55,12 @@ from metamix_tf.training import loop as loop_lib
 __all__ = [
     "PHASES",
     "run",
-    "resolve_target",
     "default_model_dir",
-    "plot_bits",
     "RunContext",
 ]
 
-PHASES = ("pretrain", "search", "finetune")
-_ALL = "all"
+PHASES = run_checks.PHASES
+_ALL = run_checks.ALL
 
 
 @dataclasses.dataclass
@@ -95,100 +88,6 @@ class RunContext:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_numbers(section, prefix: str) -> None:
-    """Numeric fields must hold numbers (YAML 1.1 reads ``5e-4`` without a dot as a string)."""
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_numbers(value, f"{prefix}{f.name}.")
-            continue
-        hint = hints[f.name]
-        origin = typing.get_origin(hint)
-        if origin is None:
-            kinds = (hint,)
-        elif origin in (typing.Union, types.UnionType):
-            kinds = typing.get_args(hint)
-        else:  # containers (candidate bits, layer names): left to their own checks
-            continue
-        numeric = any(k in (int, float) for k in kinds)
-        if numeric and value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(
-                f"`{prefix}{f.name}` must be a number (in YAML write 5.0e-4, not 5e-4, which "
-                f"YAML reads as a string). Received: {prefix}{f.name}={value!r}")
-
-
-def _check(config: ExperimentConfig, phase: str, model_fn) -> None:
-    _check_numbers(config, "")
-    if phase not in PHASES + (_ALL,):
-        raise ValueError(f"`phase` must be one of {PHASES + (_ALL,)}. Received: phase={phase!r}")
-    if model_fn is None and config.model.name not in models.MODEL_NAMES:
-        raise ValueError(f"Unknown model name; expected one of {models.MODEL_NAMES}. "
-                         f"Received: model={config.model.name!r}")
-    s = config.search
-    for section, name in ((config.pretrain, "pretrain"), (s, "search"),
-                          (config.finetune, "finetune")):
-        if not isinstance(section.epochs, int) or section.epochs < 0:
-            raise ValueError(f"`{name}.epochs` must be an integer >= 0. "
-                             f"Received: {name}.epochs={section.epochs!r}")
-    if s.searcher != "none" and s.epochs < 1:
-        raise ValueError(f"The '{s.searcher}' searcher needs `search.epochs` >= 1 to learn the "
-                         f"bit logits. Received: search.epochs={s.epochs}")
-    if s.warmup_epochs < 0:
-        raise ValueError(f"`search.warmup_epochs` must be >= 0. "
-                         f"Received: search.warmup_epochs={s.warmup_epochs}")
-    if s.target_gbops is None and s.target_avg_bits is None and s.searcher != "none":
-        raise ValueError("Give the GBOPs target as `search.target_gbops` or "
-                         "`search.target_avg_bits`. Received: both None")
-    if s.target_gbops is not None and not s.target_gbops > 0:
-        raise ValueError(f"`search.target_gbops` must be > 0. "
-                         f"Received: target_gbops={s.target_gbops}")
-    for section, name in ((s, "search"), (config.finetune, "finetune")):
-        teacher = section.teacher
-        if teacher not in (None, "self") and not os.path.exists(str(teacher)):
-            raise FileNotFoundError(f"Teacher model file not found: {teacher}. Use 'self' (the "
-                                    f"float model) or a .keras file. "
-                                    f"Received: {name}.teacher={teacher!r}")
-
-
-def _quant_config(config: ExperimentConfig) -> config_lib.QuantConfig:
-    """The quantization config; uniform LSQ adds its bit-width to the candidates if needed."""
-    quant = config.quant
-    if config.search.searcher == "none" and config.search.uniform_bits not in quant.candidate_bits:
-        quant = dataclasses.replace(
-            quant, candidate_bits=tuple(sorted({*quant.candidate_bits,
-                                                config.search.uniform_bits})))
-    return quant
-
-
-def _check_avg_bits(config: ExperimentConfig) -> None:
-    bits = config.search.target_avg_bits
-    low, high = min(config.quant.candidate_bits), max(config.quant.candidate_bits)
-    if not low <= bits <= high:
-        raise ValueError(f"The average activation bit-width target {bits} is outside the "
-                         f"candidate bits [{low}, {high}]. Received: target_avg_bits={bits}")
-
-
-def resolve_target(config: ExperimentConfig, cost: CostModel) -> float:
-    """The GBOPs target: ``search.target_gbops`` if set, else every searchable layer at
-    ``search.target_avg_bits``; checked against what the candidate bits allow."""
-    s = config.search
-    if s.target_gbops is not None:
-        target = float(s.target_gbops)
-    elif s.target_avg_bits is not None:
-        _check_avg_bits(config)
-        target = cost.uniform_gbops(float(s.target_avg_bits))
-    else:
-        target = cost.uniform_gbops(float(s.uniform_bits))
-    return cost.check_target(target)
-
-
-# ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
 
@@ -206,29 +105,12 @@ def _build_float(config, input_shape, num_classes, model_fn=None, weights=None):
                         bn_momentum=m.bn_momentum, dropout=m.dropout)
 
 
-def _load(path: str, what: str, hint: str) -> keras.Model:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found: {path}; {hint}.")
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as error:  # a truncated or foreign file: zip, h5 and Keras errors alike
-        raise ValueError(f"{what} {path} is not a readable Keras model "
-                         f"({type(error).__name__}); {hint}. Received: path={path!r}") from None
-
-
-def _save(model, path: str) -> None:
-    """Saves ``model`` with BatchNorm un-synchronised (a plain single-device model)."""
-    distribute.sync_batch_norm(model, False)
-    tmp = path + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
 def _teacher(ctx: RunContext, teacher: str | None):
     if teacher is None:
         return None
     path = ctx.path("float.keras") if teacher == "self" else teacher
-    model = _load(path, "Teacher model", "run the pretrain phase first or pass a .keras file")
+    model = run_files.load_model(path, "Teacher model",
+                                 "run the pretrain phase first or pass a .keras file")
     out = model.output_shape[-1]
     if out != ctx.data.num_classes:
         raise ValueError(f"The teacher {path} has {out} outputs but the data has "
@@ -247,38 +129,6 @@ def _no_decay(variables) -> list:
 
 def _done_path(ctx: RunContext, phase: str) -> str:
     return ctx.path(f"{phase}.done")
-
-
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_json(path: str, value) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"Not JSON serialisable: {type(value).__name__}")
-
-
-def _machine(strategy) -> dict:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "cpu_count": os.cpu_count(),
-        "gpus": [d.name for d in tf.config.list_logical_devices("GPU")],
-        "strategy": distribute.describe(strategy),
-    }
 
 
 def _slot_offsets(config: ExperimentConfig) -> dict:
@@ -316,7 +166,7 @@ def _pretrain(ctx: RunContext) -> dict:
         metrics = _evaluate(ctx, model)
         ctx.say(f"[pretrain] skipped: float weights from {config.model.weights}, "
                 f"val_acc {metrics['val_acc']:.4f}")
-        _save(model, ctx.path("float.keras"))
+        run_files.save_model(model, ctx.path("float.keras"))
         return {"skipped": True, "weights": config.model.weights, **metrics,
                 "wall_time_s": 0.0, "epochs": 0}
     with strategy.scope():
@@ -334,7 +184,7 @@ def _pretrain(ctx: RunContext) -> dict:
                           checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer))
     result = trainer.run_epochs(phase, _loop(ctx, "pretrain"))
     metrics = result.last if result.history else _evaluate(ctx, model)
-    _save(model, ctx.path("float.keras"))
+    run_files.save_model(model, ctx.path("float.keras"))
     return {"skipped": False, "val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
             "wall_time_s": result.wall_time_s, "epochs": p.epochs, "history": result.history}
 
@@ -359,10 +209,10 @@ def _searcher(config: ExperimentConfig) -> searchers.Searcher:
 def _search(ctx: RunContext) -> dict:
     config, strategy = ctx.config, ctx.strategy
     s = config.search
-    float_model = _load(ctx.path("float.keras"), "Float model",
+    float_model = run_files.load_model(ctx.path("float.keras"), "Float model",
                         "run --phase=pretrain first, or pass --weights")
     with strategy.scope():
-        model = wrap.apply(float_model, _quant_config(config))
+        model = wrap.apply(float_model, run_checks.quant_config(config))
         teacher = _teacher(ctx, s.teacher)
     del float_model
     searched = s.searcher != "none"
@@ -372,14 +222,14 @@ def _search(ctx: RunContext) -> dict:
         target_avg_bits=s.target_avg_bits if searched and s.target_gbops is None else None,
         teacher=teacher)
     record = {**result.record(), "searcher": s.searcher}
-    _write_json(ctx.path("bits.json"), record)
+    run_files.write_json(ctx.path("bits.json"), record)
     report = result.report
-    plot_bits(report, ctx.path("bits.png"),
+    run_files.plot_bits(report, ctx.path("bits.png"),
               title=f"{config.model.name} {s.searcher}: {report['gbops']:.4f} GBOPs "
                     f"(target {result.target_gbops:.4f}), "
                     f"avg {report['avg_activation_bits']:.2f} bits")
     ctx.say(CostModel(model).format_report(result.bits))
-    _save(model, ctx.path("search.keras"))
+    run_files.save_model(model, ctx.path("search.keras"))
     return {"searcher": s.searcher, "val_acc": result.val_acc, "val_loss": result.val_loss,
             "gbops": result.gbops, "target_gbops": result.target_gbops,
             "avg_activation_bits": result.avg_activation_bits,
@@ -394,17 +244,18 @@ def _finetune(ctx: RunContext) -> dict:
     if not os.path.exists(bits_path):
         raise FileNotFoundError(f"Selected bits not found: {bits_path}; run --phase=search "
                                 "first.")
-    bits = _read_json(bits_path)["bits"]
+    bits = run_files.read_json(bits_path)["bits"]
     with strategy.scope():
-        model = _load(ctx.path("search.keras"), "Searched model", "run --phase=search first")
+        model = run_files.load_model(ctx.path("search.keras"), "Searched model",
+                                     "run --phase=search first")
         teacher = _teacher(ctx, f.teacher)
     final = ctx.path("final.keras")
     # The trained weights first: a failure in the post-processing (bias snap) must not
     # cost them; saved again after it.
     result = api.run_finetune(model, _loop(ctx, "finetune"), epochs=f.epochs, options=f,
                               bits=bits, teacher=teacher,
-                              on_trained=lambda trained: _save(trained, final))
-    _save(model, final)
+                              on_trained=lambda trained: run_files.save_model(trained, final))
+    run_files.save_model(model, final)
     return {"val_acc": result.val_acc, "val_loss": result.val_loss,
             "bias_snap": result.bias_snap, "gbops": result.gbops,
             "avg_activation_bits": result.avg_activation_bits,
@@ -419,33 +270,6 @@ _PHASE_FNS = {"pretrain": _pretrain, "search": _search, "finetune": _finetune}
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_bits(report: dict, path: str, title: str = "") -> None:
-    """Bars of the selected activation bits per layer, with each layer's MACs (log scale)
-    on a second axis; written as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["layers"]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.22 * len(rows) + 2), 4.5))
-    colors = ["tab:blue" if r["searchable"] else "tab:gray" for r in rows]
-    ax.bar(x, [r["a_bits"] for r in rows], color=colors, width=0.8)
-    ax.set_ylabel("activation bits (gray: fixed)")
-    ax.set_xticks(x)
-    ax.set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylim(0, max(r["a_bits"] for r in rows) + 1)
-    twin = ax.twinx()
-    twin.plot(x, [max(r["macs"], 1) for r in rows], color="tab:red", marker=".", lw=1)
-    twin.set_yscale("log")
-    twin.set_ylabel("MACs", color="tab:red")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _summary(ctx: RunContext, results: dict) -> dict:
     config = ctx.config
     summary = {
@@ -455,7 +279,7 @@ def _summary(ctx: RunContext, results: dict) -> dict:
         "train_size": ctx.data.train_size,
         "eval_size": ctx.data.eval_size,
         "image_shape": list(ctx.data.image_shape),
-        "machine": _machine(ctx.strategy),
+        "machine": run_files.machine(ctx.strategy),
         "phases": {},
     }
     total = 0.0
@@ -497,11 +321,11 @@ def _check_target_early(config: ExperimentConfig, model_fn, image_shape, num_cla
     if s.searcher == "none":
         return
     if s.target_gbops is None:  # uniform GBOPs at bits within the candidates' range are
-        _check_avg_bits(config)  # always within the GBOPs bounds: no model needed
+        run_checks.check_avg_bits(config)  # always within the GBOPs bounds: no model needed
         return
     model = wrap.apply(_build_float(config, image_shape, num_classes, model_fn),
-                       _quant_config(config))
-    resolve_target(config, CostModel(model))
+                       run_checks.quant_config(config))
+    run_checks.resolve_target(config, CostModel(model))
 
 
 def _model_fn(model: keras.Model) -> Callable:
@@ -579,7 +403,7 @@ def run(config: ExperimentConfig, phase: str = _ALL, *, model: keras.Model | Non
             raise ValueError("Give `model` or `model_fn`, not both. "
                              f"Received: model={model.name!r}, model_fn={model_fn!r}")
         model_fn = _model_fn(model)
-    _check(config, phase, model_fn)
+    run_checks.check(config, phase, model_fn)
     strategy = strategy or distribute.get_strategy()
     # With several workers, only the chief writes config.model_dir; the others a copy.
     with distribute.worker_dir(strategy, config.model_dir) as model_dir:
@@ -619,7 +443,7 @@ def _run(config, phase, strategy, model_fn, verbose, on_epoch_end, overwrite, mo
     results = {}
     for name in PHASES:
         if os.path.exists(_done_path(ctx, name)):
-            results[name] = _read_json(_done_path(ctx, name))
+            results[name] = run_files.read_json(_done_path(ctx, name))
     todo = PHASES if phase == _ALL else (phase,)
     for name in todo:
         if phase == _ALL and name in results:
@@ -629,9 +453,9 @@ def _run(config, phase, strategy, model_fn, verbose, on_epoch_end, overwrite, mo
         run_state.record(config, name, ctx.model_dir)
         result = _PHASE_FNS[name](ctx)
         result["phase_seconds_this_process"] = round(time.time() - began, 2)
-        _write_json(_done_path(ctx, name), result)
+        run_files.write_json(_done_path(ctx, name), result)
         results[name] = result
-        _write_json(ctx.path("summary.json"), _summary(ctx, results))
+        run_files.write_json(ctx.path("summary.json"), _summary(ctx, results))
     summary = _summary(ctx, results)
-    _write_json(ctx.path("summary.json"), summary)
+    run_files.write_json(ctx.path("summary.json"), summary)
     return summary

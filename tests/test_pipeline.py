@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf import pipeline
+from metamix_tf import pipeline, run_checks
 from metamix_tf.quant import wrap
 from metamix_tf.quant.quantizers import ActivationQuantizer, WeightQuantizer
 from metamix_tf.training.trainer import NonFiniteLossError
@@ -246,7 +246,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
                                   "imagenet_mobilenet_v2"])
 def test_shipped_configs_load(name):
     config = config_lib.load([os.path.join(ROOT, "configs", f"{name}.yaml")])
-    pipeline._check(config, "all", None)
+    run_checks.check(config, "all", None)
     if name == "demo_mnist":  # the main command runs the defaults: keep them the same
         assert config_lib.to_dict(config) == config_lib.to_dict(config_lib.ExperimentConfig())
 
