@@ -198,8 +198,14 @@ class SearchConfig:
     uniform_bits: int = 4
     teacher: str | None = None  # None | "self" | path to a .keras model
     kd_temperature: float = 1.0
+    # MetaMix's bit-meta step: "full" (the paper: the whole batch once per candidate) or
+    # "split" (the batch cut into one part per candidate: one forward/backward in all).
+    meta_batch: str = "full"
 
     def __post_init__(self):
+        if self.meta_batch not in ("full", "split"):
+            raise ValueError("`meta_batch` must be 'full' or 'split'. "
+                             f"Received: meta_batch={self.meta_batch!r}")
         if self.searcher not in ("metamix", "joint", "none"):
             raise ValueError("`searcher` must be 'metamix', 'joint' or 'none'. "
                              f"Received: searcher={self.searcher!r}")

@@ -203,7 +203,7 @@ def _searcher(config: ExperimentConfig) -> searchers.Searcher:
     s = config.search
     name = "uniform" if s.searcher == "none" else s.searcher
     return searchers.get_searcher(name, warmup_epochs=s.warmup_epochs,
-                                  uniform_bits=s.uniform_bits)
+                                  uniform_bits=s.uniform_bits, meta_batch=s.meta_batch)
 
 
 def _search(ctx: RunContext) -> dict:

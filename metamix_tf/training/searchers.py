@@ -77,11 +77,15 @@ class MetaMix(Searcher):
 
     name = "metamix"
 
-    def __init__(self, warmup_epochs: int = 1):
+    def __init__(self, warmup_epochs: int = 1, meta_batch: str = "full"):
         if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError("`warmup_epochs` must be an integer >= 0. "
                              f"Received: warmup_epochs={warmup_epochs!r}")
+        if meta_batch not in steps.META_BATCH:
+            raise ValueError(f"`meta_batch` must be one of {steps.META_BATCH}. "
+                             f"Received: meta_batch={meta_batch!r}")
         self.warmup_epochs = warmup_epochs
+        self.meta_batch = meta_batch
 
     def fit_warmup(self, epochs: int) -> int | None:
         """Shortens the warm-up to leave one bit-search epoch; returns the new length when
@@ -97,7 +101,8 @@ class MetaMix(Searcher):
     def make_epoch_step(self, setup: SearchSetup) -> Callable:
         s = setup
         meta = steps.make_meta_step(s.strategy, s.model, s.weight_optimizer,
-                                    s.groups.weights_and_steps, s.candidate_bits, **s.step_kwargs)
+                                    s.groups.weights_and_steps, s.candidate_bits,
+                                    meta_batch=self.meta_batch, **s.step_kwargs)
         search = steps.make_search_step(
             s.strategy, s.model, s.alpha_optimizer, s.groups.alphas, s.cost, s.target,
             s.cost_weight, **s.step_kwargs) if s.groups.alphas else None
@@ -111,7 +116,8 @@ class MetaMix(Searcher):
         return lambda epoch: meta if epoch < warmup or search is None else both
 
     def describe(self) -> str:
-        return f"{self.name} ({self.warmup_epochs} warm-up epoch(s))"
+        split = ", split-batch bit-meta" if self.meta_batch == "split" else ""
+        return f"{self.name} ({self.warmup_epochs} warm-up epoch(s){split})"
 
 
 class Joint(Searcher):
@@ -166,13 +172,14 @@ class Uniform(Searcher):
 SEARCHERS = {"metamix": MetaMix, "joint": Joint, "uniform": Uniform}
 
 
-def get_searcher(searcher, *, warmup_epochs: int = 1, uniform_bits: int = 4) -> Searcher:
+def get_searcher(searcher, *, warmup_epochs: int = 1, uniform_bits: int = 4,
+                 meta_batch: str = "full") -> Searcher:
     """A :class:`Searcher` from its name (``"metamix"``, ``"joint"``, ``"uniform"``) or
     the object itself."""
     if isinstance(searcher, Searcher):
         return searcher
     if searcher == "metamix":
-        return MetaMix(warmup_epochs)
+        return MetaMix(warmup_epochs, meta_batch)
     if searcher == "joint":
         return Joint()
     if searcher == "uniform":

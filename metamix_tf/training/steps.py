@@ -39,6 +39,7 @@ The steps (``w``: weights, BatchNorm parameters and LSQ step sizes; ``a``: bit l
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 
 import keras
@@ -50,6 +51,7 @@ from metamix_tf.training import losses
 __all__ = [
     "make_train_step",
     "make_meta_step",
+    "META_BATCH",
     "make_search_step",
     "make_joint_step",
     "make_eval_step",
@@ -209,9 +211,13 @@ def make_train_step(strategy, model, optimizer, variables: Sequence, *,
     return _distributed(strategy, replica_fn, configure, jit_compile, "train_step")
 
 
+META_BATCH = ("full", "split")
+
+
 def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: Sequence[int],
                    *, teacher=None, kd_temperature: float = 1.0, label_smoothing: float = 0.0,
-                   loss_fn: Callable | None = None, jit_compile: bool = False) -> Callable:
+                   loss_fn: Callable | None = None, jit_compile: bool = False,
+                   meta_batch: str = "full") -> Callable:
     """Bit-meta training: the same batch once per candidate bit-width, every searchable
     layer at that width (:func:`metamix_tf.quant.wrap.set_uniform`), losses averaged.
 
@@ -227,20 +233,37 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
     Each candidate's forward and backward is its own ``strategy.run`` (the bits are set
     between them, see :func:`_distributed`), so only one pass's activations are alive at a
     time.
+
+    ``meta_batch="split"`` (a shortcut, not the paper's): each replica's batch is cut into
+    ``K`` contiguous parts and part ``i`` runs at ``candidate_bits[i]``, so the step costs
+    one forward/backward instead of ``K``. Forward: ``L_meta = (1/N) sum_i sum_{x in part i}
+    l(model_{b_i}(x))`` (every example counted once, ``N`` the global batch); gradient as
+    above. ``meta<b>_*`` then report part ``i`` alone, and BatchNorm sees ``B/K`` examples.
     """
+    if meta_batch not in META_BATCH:
+        raise ValueError(f"`meta_batch` must be one of {META_BATCH}. "
+                         f"Received: meta_batch={meta_batch!r}")
     variables = list(variables)
     candidate_bits = tuple(int(b) for b in candidate_bits)
     if not candidate_bits:
         raise ValueError(f"`candidate_bits` must not be empty. Received: {candidate_bits}")
+    split = meta_batch == "split"
     k = float(len(candidate_bits))
     has_grad = [False] * len(variables)  # filled while tracing the passes
 
-    def grad_pass(images, labels, teacher_logits, *accumulated):
+    def grad_pass(part, images, labels, teacher_logits, *accumulated):
         n = _global_count(labels)
+        if split:  # this candidate's rows of the replica's batch
+            size = tf.shape(labels)[0]
+            begin = size * part // len(candidate_bits)
+            end = size * (part + 1) // len(candidate_bits)
+            images, labels = images[begin:end], labels[begin:end]
+            if teacher_logits is not None:
+                teacher_logits = teacher_logits[begin:end]
         with tf.GradientTape() as tape:
             logits, per_example = _task_forward(model, images, labels, teacher_logits,
                                                 kd_temperature, label_smoothing, loss_fn)
-            loss = losses.scale_loss(per_example, n) / k
+            loss = losses.scale_loss(per_example, n) / (1.0 if split else k)
         grads = tape.gradient(loss, variables)
         out = []
         for index, (grad, var) in enumerate(zip(grads, variables, strict=True)):
@@ -250,7 +273,8 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
                 has_grad[index] = True
                 grad = tf.convert_to_tensor(grad)
             out.append(grad + accumulated[index] if accumulated else grad)
-        metrics = {"loss_sum": tf.reduce_sum(per_example), "correct": _correct(labels, logits)}
+        metrics = {"loss_sum": tf.reduce_sum(per_example), "correct": _correct(labels, logits),
+                   "count": tf.cast(tf.shape(labels)[0], tf.float32)}
         return out, metrics
 
     def apply(*grads):
@@ -258,25 +282,26 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
                                     zip(grads, has_grad, strict=True)], variables)
         return tf.constant(0.0)
 
-    grad_pass_fn = _compiled(grad_pass, jit_compile)
+    grad_pass_fns = [_compiled(functools.partial(grad_pass, part), jit_compile)
+                     for part in range(len(candidate_bits))]
     apply_fn = _compiled(apply, jit_compile)
     teacher_fn = _compiled(lambda images: _teacher_logits(teacher, images), jit_compile)
 
     def step(images, labels):
         teacher_logits = None if teacher is None else strategy.run(teacher_fn, args=(images,))
         accumulated, totals = (), {}
-        for bits in candidate_bits:
+        share = 1.0 if split else 1.0 / k  # parts add up; full passes average
+        for bits, grad_pass_fn in zip(candidate_bits, grad_pass_fns, strict=True):
             wrap.set_uniform(model, bits)  # read while tracing this pass
             accumulated, metrics = strategy.run(
                 grad_pass_fn, args=(images, labels, teacher_logits, *accumulated))
             for key, value in _reduce(strategy, metrics).items():
                 totals[f"{META_PREFIX}{bits}_{key}"] = value  # this candidate's own
-                totals[key] = totals[key] + value / k if key in totals else value / k
+                if key != "count":
+                    totals[key] = totals.get(key, 0.0) + value * share
         strategy.run(apply_fn, args=tuple(accumulated))
         count = strategy.run(lambda y: tf.cast(tf.shape(y)[0], tf.float32), args=(labels,))
         totals["count"] = strategy.reduce(SUM, count, axis=None)
-        for bits in candidate_bits:
-            totals[f"{META_PREFIX}{bits}_count"] = totals["count"]
         return totals
 
     step.__name__ = "meta_step"
