@@ -1,34 +1,38 @@
-"""Training-step overhead of the MetaMix quantizers versus the float model.
+"""Training-step cost of quantization and of each searcher, timed on the library's own
+step functions (``metamix_tf.training.steps``), at two input sizes.
 
-Builds a float MobileNetV2 (``keras.applications``, random weights, 32x32x3 inputs, 10
-classes, batch 128 of random data) and two wrapped copies (``metamix_tf.apply``):
+For each setting (default: MobileNetV2 at 32x32 with batch 128, and at 224x224 with batch
+16; random weights, 10 classes, random data) it times, in interleaved rounds on one batch:
 
-* ``selected``: every activation quantizer in ``"selected"`` mode at one bit-width (4 bits;
-  8 for the first and last layer) and per-channel weight quantization on; the step trains
-  weights, BatchNorm and all step sizes (phase 2, weight training).
-* ``mixture``: every searchable activation quantizer in ``"mixture"`` mode over 3
-  candidates (2, 4, 8 bits), weights in float; the step trains weights, BatchNorm,
-  activation step sizes and bit logits (the joint-search step, the heaviest: MetaMix's own
-  bit-search step differentiates only the logits and skips the step-size terms).
+* ``float``: ``make_train_step`` on the float model (the reference);
+* ``selected``: ``make_train_step`` at fixed 4-bit activations (8 for the first and last
+  layer) with 4-bit weights: weight training;
+* ``joint``: ``make_joint_step``, the mixture of the 3 candidates (2/4/8) with weights, step
+  sizes and bit logits trained together (the EdMIPS/DNAS search step; the mixture step);
+* ``metamix``: one MetaMix iteration after the warm-up, ``make_meta_step`` (K = 3 full
+  passes, the paper's bit-meta) then ``make_search_step`` (bit-search);
+* ``metamix_split``: the same with ``meta_batch="split"`` (one pass, the batch cut into one
+  part per candidate).
 
-Each training step is one ``tf.function`` with ``jit_compile=False`` (the step itself is
-not XLA-compiled; the quantizers' elementwise kernels are, see :mod:`metamix_tf.quant.ops`), a
-``GradientTape`` and an SGD update. After warm-up, the variants run interleaved:
-``--rounds`` rounds, each running ``--steps`` steps of every variant in a rotating order.
-The result is the ratio to float: per round, the variant's median step time over the float
-model's in the same round (so changes in the machine's load mostly cancel), and the median
-over rounds. The table also gives the median and fastest milliseconds per step (machine
-dependent), the ratio of the fastest steps (the least disturbed by other processes) and
-the ratio of median process CPU time per step.
+A variant's time in a round is the median of ``--steps`` calls; its ratio to ``float`` and
+to ``joint`` is taken within the round (slow drifts of the machine's load cancel), and the
+median over rounds is reported beside the targets of issue 14. Run it on a quiet machine.
 
-Usage: ``python benchmarks/step_overhead.py [--batch 128] [--rounds 15] [--steps 2]``
+``--save FILE`` writes the ratios as JSON; ``--check FILE`` compares a run with such a
+file and exits 1 if a ratio grew by more than ``--tolerance`` (a regression guard, run by
+hand, not in CI: timings are not tests).
+
+Usage: ``python benchmarks/step_overhead.py [--settings 32x128,224x16] [--rounds 7]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -38,134 +42,164 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import metamix_tf  # noqa: E402
+from metamix_tf.quant.cost import CostModel  # noqa: E402
+from metamix_tf.training import steps  # noqa: E402
 
-TARGETS = {"selected": 1.25, "mixture": 1.6}
+CANDIDATES = (2, 4, 8)
+# issue 14's targets: (the variant it is compared with, the largest ratio)
+TARGETS = {"selected": ("float", 1.15), "joint": ("float", 1.30),
+           "metamix": ("joint", 1.5), "metamix_split": ("joint", 1.5)}
 
 
-def build_float(input_size: int) -> keras.Model:
-    return keras.applications.MobileNetV2(
+def _sgd(variables, learning_rate=1e-3):
+    optimizer = keras.optimizers.SGD(learning_rate)
+    optimizer.build(variables)
+    return optimizer
+
+
+def build_steps(input_size: int, images, labels) -> dict:
+    """``name -> callable(images, labels)`` built with the library's step factories."""
+    strategy = tf.distribute.get_strategy()
+    float_model = keras.applications.MobileNetV2(
         input_shape=(input_size, input_size, 3), weights=None, classes=10,
         classifier_activation=None)
-
-
-def trained_variables(name: str, model: keras.Model) -> list:
-    """What each variant steps: float: everything; selected (weight training): weights, BN
-    and every step size; mixture (joint search): weights, BN, activation step sizes and bit
-    logits (the disabled weight quantizers' steps have no gradient)."""
-    if name == "float":
-        return model.trainable_variables
-    groups = metamix_tf.variable_groups(model)
-    if name == "selected":
-        return groups.weights_and_steps
-    return (groups.weights + [q.step_size for q in metamix_tf.activation_quantizers(model)]
-            + groups.alphas)
-
-
-def make_step(model: keras.Model, variables: list, learning_rate: float = 1e-3):
-    optimizer = keras.optimizers.SGD(learning_rate)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    optimizer.build(variables)
-
-    @tf.function(jit_compile=False)
-    def step(images, labels):
-        with tf.GradientTape() as tape:
-            logits = model(images, training=True)
-            loss = loss_fn(labels, logits)
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables, strict=True))
-        return loss
-
-    return step
-
-
-def build_variants(input_size: int, images) -> dict:
-    float_model = build_float(input_size)
-    config = metamix_tf.QuantConfig(candidate_bits=(2, 4, 8), weight_bits=4)
+    config = metamix_tf.QuantConfig(candidate_bits=CANDIDATES, weight_bits=4)
+    out = {"float": steps.make_train_step(strategy, float_model,
+                                          _sgd(float_model.trainable_variables),
+                                          float_model.trainable_variables)}
 
     selected = metamix_tf.apply(float_model, config)
-    metamix_tf.calibrate(selected, images)
-    metamix_tf.select_bits(selected, {
-        q_layer.name: 4 for q_layer in metamix_tf.quant_layers(selected)
-        if q_layer.input_quantizer.searchable})
+    steps.make_calibrate_step(strategy, selected)(images, labels)
+    bits = {layer.name: 4 for layer in metamix_tf.quant_layers(selected)
+            if layer.input_quantizer.searchable}
+    metamix_tf.select_bits(selected, bits)
     metamix_tf.enable_weight_quantization(selected)
+    groups = metamix_tf.variable_groups(selected)
+    out["selected"] = steps.make_train_step(
+        strategy, selected, _sgd(groups.weights_and_steps), groups.weights_and_steps,
+        configure=steps.fixed_bits(selected, metamix_tf.get_bits(selected)))
 
-    mixture = metamix_tf.apply(float_model, config)
-    metamix_tf.calibrate(mixture, images)
-    metamix_tf.set_mode(mixture, "mixture")
-    return {"float": float_model, "selected": selected, "mixture": mixture}
+    def searching():
+        model = metamix_tf.apply(float_model, config)
+        steps.make_calibrate_step(strategy, model)(images, labels)
+        groups = metamix_tf.variable_groups(model)
+        cost = CostModel(model)
+        return model, groups, cost, cost.uniform_gbops(4)
+
+    model, groups, cost, target = searching()
+    out["joint"] = steps.make_joint_step(
+        strategy, model, _sgd(groups.weights_and_steps), groups.weights_and_steps,
+        _sgd(groups.alphas), groups.alphas, cost, target, 4.0)
+    for name, meta_batch in (("metamix", "full"), ("metamix_split", "split")):
+        model, groups, cost, target = searching()
+        meta = steps.make_meta_step(strategy, model, _sgd(groups.weights_and_steps),
+                                    groups.weights_and_steps, CANDIDATES,
+                                    meta_batch=meta_batch)
+        search = steps.make_search_step(strategy, model, _sgd(groups.alphas), groups.alphas,
+                                        cost, target, 4.0)
+
+        def iteration(x, y, meta=meta, search=search):
+            meta(x, y)
+            return search(x, y)
+
+        out[name] = iteration
+    return out
+
+
+def _sync(result) -> None:
+    for value in result.values():
+        value.numpy()
+
+
+def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int) -> dict:
+    """``{variant: {"ms", "float", "joint"}}``: median ms per call and median ratios."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(-1, 1, (batch, input_size, input_size, 3)), tf.float32)
+    labels = tf.constant(rng.integers(0, 10, batch), tf.int32)
+    fns = build_steps(input_size, images, labels)
+    for fn in fns.values():
+        for _ in range(warmup):
+            _sync(fn(images, labels))
+    names = list(fns)
+    times = {name: [] for name in names}
+    ratios = {name: {"float": [], "joint": []} for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        this_round = {}
+        for name in order:
+            taken = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                _sync(fns[name](images, labels))
+                taken.append(time.perf_counter() - start)
+            this_round[name] = statistics.median(taken)
+            times[name].extend(taken)
+        for name in names:
+            for base in ("float", "joint"):
+                ratios[name][base].append(this_round[name] / this_round[base])
+    return {name: {"ms": statistics.median(times[name]) * 1e3,
+                   **{base: statistics.median(v) for base, v in ratios[name].items()}}
+            for name in names}
+
+
+def _table(setting: str, result: dict) -> None:
+    print(f"\n{setting}")
+    print("| variant | ms/step (median) | vs float | vs joint | target |")
+    print("|---|---:|---:|---:|---|")
+    for name, r in result.items():
+        base_target = TARGETS.get(name)
+        target = f"<= {base_target[1]:.2f}x {base_target[0]}" if base_target else "-"
+        print(f"| {name} | {r['ms']:.0f} | {r['float']:.2f}x | {r['joint']:.2f}x | {target} |")
+
+
+def _check(results: dict, path: str, tolerance: float) -> int:
+    with open(path) as f:
+        committed = json.load(f)["results"]
+    failed = 0
+    for setting, variants in results.items():
+        for name, base_target in TARGETS.items():
+            base = base_target[0]
+            old = committed.get(setting, {}).get(name, {}).get(base)
+            new = variants[name][base]
+            if old is not None and new > old * (1 + tolerance):
+                print(f"regression: {setting} {name} vs {base}: {new:.2f}x > committed "
+                      f"{old:.2f}x (+{tolerance:.0%})")
+                failed = 1
+    print("regression check:", "FAILED" if failed else f"ok against {path}")
+    return failed
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--input-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--verbose", action="store_true", help="print every round's ratios")
+    parser.add_argument("--settings", default="32x128,224x16",
+                        help="comma-separated <input size>x<batch>")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=2, help="calls per variant per round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--save", help="write the ratios to this JSON file")
+    parser.add_argument("--check", help="compare with the ratios in this JSON file")
+    parser.add_argument("--tolerance", type=float, default=0.15)
     args = parser.parse_args(argv)
 
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    images = tf.constant(
-        rng.uniform(-1, 1, (args.batch, args.input_size, args.input_size, 3)), tf.float32)
-    labels = tf.constant(rng.integers(0, 10, args.batch), tf.int32)
-
-    models = build_variants(args.input_size, images)
-    steps = {name: make_step(model, trained_variables(name, model))
-             for name, model in models.items()}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step(images, labels).numpy()
-
-    # Interleaved rounds: every round runs one step of each variant, in a rotating order,
-    # and each variant's ratio for the round is its time over the float step of the same
-    # round, which cancels slow drifts of the machine's load (other processes).
-    names = list(steps)
-    times = {name: [] for name in names}
-    cpu_times = {name: [] for name in names}
-    ratios = {name: [] for name in names}
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        this_round = {}
-        for name in order:
-            this_round[name] = []
-            for _ in range(args.steps):
-                start, cpu_start = time.perf_counter(), time.process_time()
-                steps[name](images, labels).numpy()
-                this_round[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - cpu_start)
-        base = statistics.median(this_round["float"])
-        for name in names:
-            times[name].extend(this_round[name])
-            ratios[name].append(statistics.median(this_round[name]) / base)
-
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    cpu_medians = {name: statistics.median(t) for name, t in cpu_times.items()}
-    result = {name: statistics.median(ratios[name]) for name in names}
-    if args.verbose:
-        for name in names:
-            print(name, "per-round ratios:", " ".join(f"{r:.2f}" for r in ratios[name]))
-    print(f"MobileNetV2 {args.input_size}x{args.input_size}x3, batch {args.batch}, "
-          f"{os.cpu_count()} CPU cores, TF {tf.__version__}, Keras {keras.__version__}, "
-          f"jit_compile=False (training step); metamix_tf from "
-          f"{os.path.dirname(metamix_tf.__file__)}; {args.rounds} interleaved rounds x "
-          f"{args.steps} steps per variant")
-    fastest = {name: min(t) for name, t in times.items()}
-    print("| variant | ratio vs float | target | ms/step (median) | ms/step (fastest) "
-          "| ratio of fastest | CPU-time ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in names:
-        target = TARGETS.get(name)
-        target_text = f"<= {target:.2f}x" if target else "-"
-        print(f"| {name} | {result[name]:.2f}x | {target_text} | {medians[name] * 1e3:.1f} "
-              f"| {fastest[name] * 1e3:.1f} | {fastest[name] / fastest['float']:.2f}x "
-              f"| {cpu_medians[name] / cpu_medians['float']:.2f}x |")
-    print("ratio vs float (the result): median over rounds of the variant's median step time "
-          "over float's in the same round. Also: the fastest step of each variant (the least "
-          "disturbed by other processes) and the median process CPU time per step, each as a "
-          "ratio to float's.")
-    return result
+    results = {}
+    for setting in args.settings.split(","):
+        size, batch = (int(v) for v in setting.split("x"))
+        results[setting] = measure(size, batch, args.rounds, args.steps, args.warmup)
+    header = (f"MobileNetV2, candidates {CANDIDATES}, {os.cpu_count()} CPU cores "
+              f"({platform.machine()}), TF {tf.__version__}, Keras {keras.__version__}; "
+              f"{args.rounds} interleaved rounds x {args.steps} calls; load average at the "
+              f"end {os.getloadavg()[0]:.1f}")
+    print(header)
+    for setting, result in results.items():
+        _table(f"{setting} (input side x batch)", result)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump({"machine": header, "command": " ".join(sys.argv), "results": results},
+                      f, indent=1)
+    if args.check:
+        sys.exit(_check(results, args.check, args.tolerance))
+    return results
 
 
 if __name__ == "__main__":
