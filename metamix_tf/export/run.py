@@ -4,6 +4,8 @@
 on) and writes into ``output_dir``:
 
 * ``<name>_int8.tflite``, ``<name>_float16.tflite``, ``<name>_float32.tflite``;
+* ``<name>_int4.tflite`` with ``weight_storage="int4"``: the int8 model with its <= 4-bit
+  kernels packed as INT4 (:mod:`metamix_tf.export.int4`), verified beside the int8 one;
 * ``<name>.encodings.json``: the encodings sidecar (:mod:`metamix_tf.export.encodings`);
 * ``<name>_inference.keras`` and ``saved_model/``: the inference graph (the int8-ready,
   converter-native graph when int8 is exported, else the float one);
@@ -30,7 +32,7 @@ import tensorflow as tf
 from metamix_tf import config as config_lib
 from metamix_tf import wrap
 from metamix_tf.export import encodings as encodings_lib
-from metamix_tf.export import graph, tflite, verify
+from metamix_tf.export import graph, int4, tflite, verify
 
 __all__ = [
     "DEFAULT_RUN_ROOT",
@@ -201,19 +203,25 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
       eval_images / eval_labels: verification data (preprocessed images, int labels).
       verify_models: run the LiteRT checks (needs ``eval_images``).
       bits_info: the run's ``bits.json`` content, copied into the sidecar and the report.
-      weight_storage: ``"bits"`` or ``"spread"``, see :func:`graph.plan`.
+      weight_storage: ``"bits"``, ``"spread"`` or ``"int4"``, see :func:`graph.plan`;
+        ``"int4"`` also writes ``<name>_int4.tflite`` (needs the int8 format).
       tensor_costs: also measure the agreement each int8-only tensor costs on its own.
       report_extra: entries added to the report.
     Returns the report (also written to ``export_report.json``).
     """
     formats = parse_formats(formats)
+    int8 = "int8" in formats
+    if weight_storage == "int4" and not int8:
+        raise ValueError("weight_storage='int4' packs the int8 model's kernels: add int8 to "
+                         f"the formats. Received: formats={formats}")
+    # the TFLite files written: the formats, and the INT4-packed int8 model
+    outputs = formats + (("int4",) if weight_storage == "int4" else ())
     if model.inputs is None or len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError("The export takes a model with one input and one output. "
                          f"Received: inputs={len(model.inputs or [])}")
     began = time.time()
     os.makedirs(output_dir, exist_ok=True)
     wrap.set_mode(model, "selected")
-    int8 = "int8" in formats
     if calibration_data is None:
         calibration_data = eval_images
     log(f"Planning the inference graph of '{model.name}' ({', '.join(formats)})")
@@ -249,13 +257,19 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
             data = tflite.convert(source, fmt)
             files[fmt] = tflite.write_atomic(path(f"_{fmt}.tflite"), data)
             summaries[fmt] = tflite.graph_summary(data)
+            if fmt == "int8" and "int4" in outputs:
+                log("Packing the <= 4-bit kernels as INT4")
+                packed = int4.pack_int4_weights(data, export_plan)
+                files["int4"] = tflite.write_atomic(path("_int4.tflite"), packed.model)
+                summaries["int4"] = {**tflite.graph_summary(packed.model),
+                                     **packed.to_dict()}
     sidecar = encodings_lib.encodings(export_plan, bits_info,
                                       input_name=main.inputs[0].name if main.inputs else None)
     files["encodings"] = encodings_lib.write(path(".encodings.json"), sidecar)
 
     report = {
         **(report_extra or {}),
-        "model": model.name, "formats": list(formats), "output_dir": output_dir,
+        "model": model.name, "formats": list(outputs), "output_dir": output_dir,
         "weight_storage": weight_storage,
         "files": {k: {"path": v, "bytes": _size(v)} for k, v in files.items()},
         "graphs": summaries,
@@ -269,7 +283,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         "inexact_inputs": [n for n, p in export_plan.inputs.items() if not p.exact],
     }
     if verify_models and eval_images is not None:
-        report["verification"] = _verify(model, graphs, files, formats, export_plan,
+        report["verification"] = _verify(model, graphs, files, outputs, export_plan,
                                          np.asarray(eval_images, np.float32), eval_labels,
                                          grid_check_examples, latency_rounds, latency_runs,
                                          latency_threads, tensor_costs, log)
@@ -294,12 +308,25 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
     for fmt in formats:
         result = verify.run_tflite(files[fmt], images)
         out["tflite"][fmt] = verify.compare(reference, result, labels)
-        if fmt == "int8":
+        if fmt in ("int8", "int4"):
             out["tflite"][fmt]["vs_int8_keras_twin"] = verify.compare(
                 logits["int8_twin"], result, labels)
     if "int8" in formats:
         sample = images[:grid_examples]
         checks = [c.to_dict() for c in verify.check_grids(files["int8"], export_plan, sample)]
+        if "int4" in formats:
+            int4_checks = verify.check_grids(files["int4"], export_plan, sample)
+            # XNNPACK takes no INT4 filter with int8 activations: those ops run on the
+            # builtin kernels. Under the builtin kernels alone both files must agree bit
+            # for bit (the packing changes no value).
+            builtin = {k: verify.run_tflite(files[k], sample, delegates=False)
+                       for k in ("int8", "int4")}
+            out["int4_grid_check"] = {
+                "all_on_grid": all(c.on_grid for c in int4_checks), "layers": len(int4_checks),
+                "builtin_kernels_int4_vs_int8_max_abs_diff": float(
+                    np.abs(builtin["int4"] - builtin["int8"]).max()),
+                "builtin_kernels_int8_vs_keras": verify.compare(reference[:len(sample)],
+                                                                builtin["int8"])}
         with tempfile.TemporaryDirectory() as tmp:
             ints = verify.tflite_quantized_inputs(graphs["int8"], export_plan, sample, tmp)
         vs_keras = verify.match(
@@ -329,6 +356,8 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
     if "int8" in lat and "float32" in lat:
         out["latency"]["float32_over_int8"] = (lat["float32"]["median_ms"]
                                                / lat["int8"]["median_ms"])
+    if "int8" in lat and "int4" in lat:
+        out["latency"]["int4_over_int8"] = lat["int4"]["median_ms"] / lat["int8"]["median_ms"]
     return out
 
 
@@ -406,6 +435,15 @@ def format_report(report: dict) -> str:
         if ratio:
             lines.append(f"float32 / int8 latency: {ratio:.2f}x "
                          f"({v['latency']['int8']['num_threads']} thread(s), XNNPACK)")
+        ratio = v.get("latency", {}).get("int4_over_int8")
+        if ratio:
+            g4, c4 = report["graphs"]["int4"], v.get("int4_grid_check", {})
+            lines.append(f"int4 / int8 latency: {ratio:.2f}x; INT4 kernels: "
+                         f"{g4['int4_layers']}, <= 4-bit kernels kept int8: "
+                         f"{g4['int8_kept_layers']}; int4 quantized inputs on their grids: "
+                         f"{c4.get('all_on_grid')}; under the builtin kernels (XNNPACK "
+                         "takes no INT4 conv) int4 vs int8 max |dlogit| "
+                         f"{c4.get('builtin_kernels_int4_vs_int8_max_abs_diff')}")
         k = v["keras_graphs"]
         if "int8_twin" in k:
             twin = v["tflite"]["int8"]["vs_int8_keras_twin"]
