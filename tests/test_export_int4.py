@@ -1,6 +1,7 @@
 """Tests for metamix_tf.export.int4: ``weight_storage="int4"`` on the tiny mixed-precision
 model of test_export (4-bit weights everywhere but the 8-bit first and last layers), checked
-with the LiteRT interpreter."""
+with the LiteRT interpreter. Slow (a tiny model trained and exported, ~4 min on 2 busy
+cores): .ci/run runs it after the default suite."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from metamix_tf.export import graph, int4, run, verify
 
 pytest.importorskip("ai_edge_quantizer")  # the [int4] extra; .ci/run installs it
+pytestmark = pytest.mark.slow
 
 from test_export import _train_tiny  # noqa: E402
 
