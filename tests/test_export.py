@@ -33,7 +33,7 @@ import tensorflow as tf
 
 import metamix_tf as mm
 from metamix_tf import config as config_lib
-from metamix_tf.export import encodings, graph, grids, run, tflite, verify
+from metamix_tf.export import aimet, encodings, graph, grids, run, tflite, verify
 from metamix_tf.export.layers import FakeQuant
 
 L = keras.layers
@@ -468,6 +468,55 @@ def test_encodings_sidecar(exported):
                                                    "logits"}
     assert content["avg_activation_bits"] == pytest.approx(np.mean(list(
         content["activation_bits"].values())))
+
+
+# The field list of AIMET's quantization encoding specification, version 0.6.1
+# (github.com/quic/aimet, Docs/api_docs/quantization_encoding_specification.rst, section 4.1)
+AIMET_0_6_1_ENCODING = {"bitwidth": int, "dtype": str, "is_symmetric": str, "max": float,
+                        "min": float, "offset": int, "scale": float}
+AIMET_0_6_1_QUANTIZER_ARGS = {"activation_bitwidth": int, "dtype": str, "is_symmetric": str,
+                              "param_bitwidth": int, "per_channel_quantization": str,
+                              "quant_scheme": str}
+
+
+def test_aimet_encodings_follow_the_published_field_list(exported):
+    report, out, plan = exported
+    content = _json(report["files"]["aimet_encodings"]["path"])
+    assert set(content) == {"version", "activation_encodings", "param_encodings",
+                            "quantizer_args"}
+    assert content["version"] == "0.6.1"
+    args = content["quantizer_args"]
+    assert {k: type(v) for k, v in args.items()} == AIMET_0_6_1_QUANTIZER_ARGS
+    assert args["is_symmetric"] in ("True", "False")
+    interp = verify.interpreter(f"{out}/tiny_int8.tflite", delegates=False)
+    names = {t["name"] for t in interp.get_tensor_details()}
+    for section in ("activation_encodings", "param_encodings"):
+        assert content[section]
+        for name, entries in content[section].items():
+            assert name in names  # keyed by the .tflite's tensor names
+            assert isinstance(entries, list) and entries
+            for e in entries:
+                assert {k: type(v) for k, v in e.items()} == AIMET_0_6_1_ENCODING, name
+                assert e["dtype"] == "int" and e["is_symmetric"] in ("True", "False")
+                assert 4 <= e["bitwidth"] <= 32 and e["scale"] > 0
+                assert e["min"] == pytest.approx(e["offset"] * e["scale"])
+                assert e["max"] == pytest.approx(e["min"] + e["scale"] * (2 ** e["bitwidth"] - 1))
+    # the searched grids, on the tensors the int8 model runs them on
+    ops = verify._find_weight_ops((interp.allocate_tensors(), interp)[1], plan)
+    details = {t["index"]: t for t in interp.get_tensor_details()}
+    for layer, p in plan.inputs.items():
+        (act,) = content["activation_encodings"][details[ops[layer]["inputs"][0]]["name"]]
+        assert act["scale"] == pytest.approx(p.step)
+        assert act["bitwidth"] == max(p.bits, 4)
+        assert act["offset"] == (-(2 ** (act["bitwidth"] - 1)) if p.signed else 0)
+        kernel = content["param_encodings"][details[ops[layer]["inputs"][1]]["name"]]
+        w = plan.weights[layer]
+        assert len(kernel) == w.folded.scale.size
+        assert {e["bitwidth"] for e in kernel} <= {w.bits, 8}
+        if kernel[0]["bitwidth"] == w.bits:
+            np.testing.assert_allclose([e["scale"] for e in kernel], w.folded.grid_scale,
+                                       rtol=1e-6)
+    assert aimet.VERSION == "0.6.1"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ on) and writes into ``output_dir``:
 * ``<name>_int8.tflite``, ``<name>_float16.tflite``, ``<name>_float32.tflite``;
 * ``<name>_int4.tflite`` with ``weight_storage="int4"``: the int8 model with its <= 4-bit
   kernels packed as INT4 (:mod:`metamix_tf.export.int4`), verified beside the int8 one;
-* ``<name>.encodings.json``: the encodings sidecar (:mod:`metamix_tf.export.encodings`);
+* ``<name>.encodings.json``: the encodings summary, by Keras layer
+  (:mod:`metamix_tf.export.encodings`);
+* ``<name>_int8.encodings``: the int8 model's encodings by TFLite tensor name, in the AIMET /
+  QNN format (:mod:`metamix_tf.export.aimet`);
 * ``<name>_inference.keras`` and ``saved_model/``: the inference graph (the int8-ready,
   converter-native graph when int8 is exported, else the float one);
 * ``export_report.json``: verification against the Keras fake-quantized model.
@@ -31,8 +34,8 @@ import tensorflow as tf
 
 from metamix_tf import config as config_lib
 from metamix_tf import wrap
+from metamix_tf.export import aimet, graph, int4, tflite, verify
 from metamix_tf.export import encodings as encodings_lib
-from metamix_tf.export import graph, int4, tflite, verify
 
 __all__ = [
     "DEFAULT_RUN_ROOT",
@@ -266,6 +269,9 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
     sidecar = encodings_lib.encodings(export_plan, bits_info,
                                       input_name=main.inputs[0].name if main.inputs else None)
     files["encodings"] = encodings_lib.write(path(".encodings.json"), sidecar)
+    if int8:
+        files["aimet_encodings"] = encodings_lib.write(
+            path("_int8.encodings"), aimet.aimet_encodings(files["int8"], export_plan))
 
     report = {
         **(report_extra or {}),
