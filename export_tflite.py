@@ -40,6 +40,8 @@ flags.DEFINE_enum("weight_storage", "spread", ["bits", "spread", "int4"],
                   "weights, finer int32 biases, closer to the Keras model); 'int4' is 'bits' "
                   "and also writes <model>_int4.tflite, every <= 4-bit kernel a packed INT4 "
                   "tensor (needs pip install 'metamix_tf[int4]').")
+flags.DEFINE_list("integer_io", [], "Also write the int8 model with integer input and "
+                  "output tensors: uint8 and / or int8 (camera pipelines feed uint8).")
 flags.DEFINE_bool("tensor_costs", True, "Also measure the agreement each tensor that the "
                   "Keras model keeps in float costs when stored at 8 bits.")
 flags.DEFINE_integer("latency_threads", 1, "Interpreter threads for the latency comparison.")
@@ -59,7 +61,8 @@ def main(argv):
             verify_models=FLAGS.verify, max_eval_examples=FLAGS.max_eval_examples,
             max_calibration_examples=FLAGS.calibration_examples, run_root=FLAGS.run_root,
             latency_threads=FLAGS.latency_threads, latency_rounds=FLAGS.latency_rounds,
-            weight_storage=FLAGS.weight_storage, tensor_costs=FLAGS.tensor_costs)
+            weight_storage=FLAGS.weight_storage, tensor_costs=FLAGS.tensor_costs,
+            integer_io=FLAGS.integer_io)
     except export_run.tflite.ConversionError as e:
         cli.error_exit(argv[0], e, code=1)
     except (export_run.RunError, ValueError, FileNotFoundError) as e:

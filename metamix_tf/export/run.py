@@ -10,6 +10,10 @@ on) and writes into ``output_dir``:
   (:mod:`metamix_tf.export.encodings`);
 * ``<name>_int8.encodings``: the int8 model's encodings by TFLite tensor name, in the AIMET /
   QNN format (:mod:`metamix_tf.export.aimet`);
+* ``<name>_int8_<t>io.tflite`` for each ``t`` in ``integer_io`` (``"uint8"``, ``"int8"``): the
+  int8 model with integer input and output tensors and a ``metamix_io`` metadata entry, with
+  ``<name>_io.json`` (scales, zero points, normalisation, labels) and ``<name>_labels.txt``
+  (:mod:`metamix_tf.export.integer_io`);
 * ``<name>_inference.keras`` and ``saved_model/``: the inference graph (the int8-ready,
   converter-native graph when int8 is exported, else the float one);
 * ``export_report.json``: verification against the Keras fake-quantized model.
@@ -36,6 +40,7 @@ from metamix_tf import config as config_lib
 from metamix_tf import wrap
 from metamix_tf.export import aimet, graph, int4, tflite, verify
 from metamix_tf.export import encodings as encodings_lib
+from metamix_tf.export import integer_io as integer_io_lib
 
 __all__ = [
     "DEFAULT_RUN_ROOT",
@@ -173,7 +178,10 @@ def _run_data(run: Run, max_eval_examples: int | None, calibration_examples: int
     datasets = data_lib.load(data_config, image_size=image_size, preprocess=preprocess)
     calibration, _ = _arrays(datasets.train, calibration_examples)
     images, labels = _arrays(datasets.eval, max_eval_examples)
-    return calibration, images, labels
+    # the float preprocessing the integer-I/O models' input scale applies to
+    normalisation = (f"{preprocess.__name__.strip('_')}: {preprocess.__doc__.splitlines()[0]}"
+                     if preprocess is not None else None)
+    return calibration, images, labels, list(datasets.class_names), normalisation
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -194,6 +202,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
                  latency_rounds: int = 5, latency_runs: int = 20,
                  latency_threads: int | None = 1, weight_storage: str = "spread",
                  tensor_costs: bool = True, report_extra: dict | None = None,
+                 integer_io=(), labels: list | None = None, normalisation: str | None = None,
                  log=print) -> dict:
     """Exports ``model`` (module docstring) and, with ``eval_images``, verifies it.
 
@@ -209,6 +218,10 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
       weight_storage: ``"bits"``, ``"spread"`` or ``"int4"``, see :func:`graph.plan`;
         ``"int4"`` also writes ``<name>_int4.tflite`` (needs the int8 format).
       tensor_costs: also measure the agreement each int8-only tensor costs on its own.
+      integer_io: ``"uint8"`` and / or ``"int8"``: also write the int8 model with integer
+        input and output tensors (needs the int8 format).
+      labels / normalisation: class names and the float preprocessing (text), written into
+        the integer-I/O models' metadata and ``<name>_io.json``.
       report_extra: entries added to the report.
     Returns the report (also written to ``export_report.json``).
     """
@@ -217,6 +230,10 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
     if weight_storage == "int4" and not int8:
         raise ValueError("weight_storage='int4' packs the int8 model's kernels: add int8 to "
                          f"the formats. Received: formats={formats}")
+    integer_io = tuple(integer_io or ())
+    if any(t not in ("int8", "uint8") for t in integer_io) or (integer_io and not int8):
+        raise ValueError("`integer_io` takes 'int8' / 'uint8' and needs the int8 format. "
+                         f"Received: integer_io={integer_io}, formats={formats}")
     # the TFLite files written: the formats, and the INT4-packed int8 model
     outputs = formats + (("int4",) if weight_storage == "int4" else ())
     if model.inputs is None or len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -266,6 +283,21 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
                 files["int4"] = tflite.write_atomic(path("_int4.tflite"), packed.model)
                 summaries["int4"] = {**tflite.graph_summary(packed.model),
                                      **packed.to_dict()}
+            if fmt == "int8":
+                io_specs = {}
+                for io_type in integer_io:
+                    log(f"Converting int8 with {io_type} input and output")
+                    data = tflite.convert(source, "int8", io_type=io_type)
+                    spec = integer_io_lib.io_spec(data, labels, normalisation)
+                    key = f"int8_{io_type}io"
+                    files[key] = tflite.write_atomic(path(f"_{key}.tflite"),
+                                                     integer_io_lib.add_metadata(data, spec))
+                    io_specs[key] = spec
+                if io_specs:
+                    files["io_spec"] = encodings_lib.write(path("_io.json"), io_specs)
+                if io_specs and labels is not None:
+                    files["labels"] = tflite.write_atomic(
+                        path("_labels.txt"), "".join(f"{x}\n" for x in labels).encode())
     sidecar = encodings_lib.encodings(export_plan, bits_info,
                                       input_name=main.inputs[0].name if main.inputs else None)
     files["encodings"] = encodings_lib.write(path(".encodings.json"), sidecar)
@@ -287,6 +319,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
                                  "calibrated")},
         "float_prefix": export_plan.float_prefix,
         "inexact_inputs": [n for n, p in export_plan.inputs.items() if not p.exact],
+        "integer_io": io_specs if int8 else {},
     }
     if verify_models and eval_images is not None:
         report["verification"] = _verify(model, graphs, files, outputs, export_plan,
@@ -317,6 +350,11 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
         if fmt in ("int8", "int4"):
             out["tflite"][fmt]["vs_int8_keras_twin"] = verify.compare(
                 logits["int8_twin"], result, labels)
+        if fmt == "int8":
+            for key in [k for k in files if k.startswith("int8_") and k.endswith("io")]:
+                io_logits = integer_io_lib.run_integer_io(files[key], images)
+                out["tflite"][key] = {**verify.compare(reference, io_logits, labels),
+                                      "vs_float_io_int8": verify.compare(result, io_logits)}
     if "int8" in formats:
         sample = images[:grid_examples]
         checks = [c.to_dict() for c in verify.check_grids(files["int8"], export_plan, sample)]
@@ -404,7 +442,10 @@ def export_run(model_dir: str | None = None, output_dir: str | None = None,
     output_dir = output_dir or os.path.join(model_dir, "export")
     log(f"Run {model_dir}: {run.model.name}, searcher {run.bits_info.get('searcher')}, "
         f"{run.bits_info.get('gbops')} GBOPs")
-    calibration, images, labels = _run_data(run, max_eval_examples, max_calibration_examples)
+    calibration, images, labels, class_names, normalisation = _run_data(
+        run, max_eval_examples, max_calibration_examples)
+    kwargs.setdefault("labels", class_names)
+    kwargs.setdefault("normalisation", normalisation)
     report = export_model(
         run.model, output_dir, formats, name=run.config.model.name,
         calibration_data=calibration, eval_images=images, eval_labels=labels,
@@ -467,6 +508,12 @@ def format_report(report: dict) -> str:
                          f"model's: median {_pct(g['median_match_keras'])}, lowest "
                          f"{_pct(g['min_match_keras'])} (to the int8 twin's: lowest "
                          f"{_pct(g['min_match_int8_twin'])})")
+        for key in [k for k in v["tflite"] if k.endswith("io")]:
+            io, vs = report["integer_io"][key], v["tflite"][key]["vs_float_io_int8"]
+            lines.append(f"{key}: input {io['input']['dtype']} scale {io['input']['scale']:.6g} "
+                         f"zero point {io['input']['zero_point']}; top-1 agreement with the "
+                         f"float-I/O int8 model {_pct(vs['top1_agreement'])}, max |dlogit| "
+                         f"{vs['max_abs_logit_diff']:.3g}")
         costs = v.get("int8_tensor_costs")
         if costs:
             worst = ", ".join(f"{c['tensor']} {_pct(c['top1_agreement'])}" for c in costs[:3])
