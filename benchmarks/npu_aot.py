@@ -33,9 +33,11 @@ def _first_error(message: str) -> str:
     lines = []
     if path and os.path.exists(path):
         with open(path, errors="replace") as f:
-            lines = [x.strip() for x in f if "ERROR" in x or "Failed" in x]
+            text = [x.strip() for x in f if x.strip() and not x.startswith("INFO")]
         os.remove(path)
-    return (lines[0] if lines else message)[:400]
+        first = next((i for i, x in enumerate(text) if "ERROR" in x or "Failed" in x), None)
+        lines = [" ".join(text[first:first + 3])] if first is not None else []
+    return (lines[0] if lines else message)[:500]
 
 
 def compile_model(path: str) -> dict:
