@@ -15,6 +15,7 @@ from metamix_tf.export import (
     int4,
     integer_io,
     layers,
+    npu,
     tflite,
     verify,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "latest_run",
     "layers",
     "load_run",
+    "npu",
     "plan",
     "tflite",
     "verify",
