@@ -5,7 +5,8 @@
 
 writes ``<model>_int8.tflite`` (int8, each layer exactly on its searched b-bit grid),
 ``<model>_float16.tflite`` and ``<model>_float32.tflite`` (the same fake-quantized network
-for GPU delegates), ``<model>.encodings.json`` (per-tensor bit-widths and scales for an NPU
+for GPU delegates), with ``--weight_storage=int4`` ``<model>_int4.tflite`` (INT4 kernels),
+``<model>.encodings.json`` (per-tensor bit-widths and scales for an NPU
 compiler), ``<model>_inference.keras`` and ``saved_model/`` (the inference graph) and
 ``export_report.json`` (LiteRT verification against the Keras model) to ``--output_dir``
 (default ``<model_dir>/export``), and prints a short table.
@@ -33,10 +34,14 @@ flags.DEFINE_bool("verify", True, "Run the exported models with the LiteRT inter
 flags.DEFINE_integer("max_eval_examples", 5000, "Evaluation images used for verification.")
 flags.DEFINE_integer("calibration_examples", 1024, "Train images used to calibrate the "
                      "int8 ranges of the tensors the Keras model keeps in float.")
-flags.DEFINE_enum("weight_storage", "spread", ["bits", "spread"],
+flags.DEFINE_enum("weight_storage", "spread", ["bits", "spread", "int4"],
                   "int8 weights: 'bits' holds the b-bit integers with the learned per-channel "
                   "steps; 'spread' multiplies them per channel to fill [-127, 127] (same "
-                  "weights, finer int32 biases, closer to the Keras model).")
+                  "weights, finer int32 biases, closer to the Keras model); 'int4' is 'bits' "
+                  "and also writes <model>_int4.tflite, every <= 4-bit kernel a packed INT4 "
+                  "tensor (needs pip install 'metamix_tf[int4]').")
+flags.DEFINE_list("integer_io", [], "Also write the int8 model with integer input and "
+                  "output tensors: uint8 and / or int8 (camera pipelines feed uint8).")
 flags.DEFINE_bool("tensor_costs", True, "Also measure the agreement each tensor that the "
                   "Keras model keeps in float costs when stored at 8 bits.")
 flags.DEFINE_integer("latency_threads", 1, "Interpreter threads for the latency comparison.")
@@ -56,7 +61,8 @@ def main(argv):
             verify_models=FLAGS.verify, max_eval_examples=FLAGS.max_eval_examples,
             max_calibration_examples=FLAGS.calibration_examples, run_root=FLAGS.run_root,
             latency_threads=FLAGS.latency_threads, latency_rounds=FLAGS.latency_rounds,
-            weight_storage=FLAGS.weight_storage, tensor_costs=FLAGS.tensor_costs)
+            weight_storage=FLAGS.weight_storage, tensor_costs=FLAGS.tensor_costs,
+            integer_io=FLAGS.integer_io)
     except export_run.tflite.ConversionError as e:
         cli.error_exit(argv[0], e, code=1)
     except (export_run.RunError, ValueError, FileNotFoundError) as e:

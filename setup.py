@@ -39,6 +39,9 @@ setup(
         # (mlxtend pulls scikit-learn, scipy and pandas)
         "demo": ["mlxtend>=0.23"],
         "test": ["pytest>=8", "ruff>=0.6"],
+        # --weight_storage=int4: packs INT4 kernels with ai-edge-quantizer's packer (0.10
+        # pins ai-edge-litert==2.3.0 and pulls scipy, ml_dtypes, litert-lm-builder)
+        "int4": ["ai-edge-quantizer>=0.10"],
     },
     entry_points={"console_scripts": ["metamix-train=metamix_tf.cli:train",
                                       "metamix-export=metamix_tf.cli:export"]},

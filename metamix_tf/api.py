@@ -480,7 +480,8 @@ def export_tflite(qmodel, output_dir: str, *, representative_data, eval_data=Non
       eval_data: ``(x, y)`` or a dataset; with it, each file is run by LiteRT and compared
         with the Keras model (accuracy, agreement, grid checks, latency).
       options: :func:`metamix_tf.export.run.export_model` keywords (``name``,
-        ``weight_storage``, ``latency_runs``, ...).
+        ``weight_storage`` (``"int4"`` also writes INT4 kernels), ``integer_io``
+        (``("uint8",)``), ``labels``, ``latency_runs``, ...).
     """
     from metamix_tf.export import run as export_run
 

@@ -7,7 +7,18 @@ folded). See :mod:`metamix_tf.export.graph` for where the fake quants go and
 :mod:`metamix_tf.export.run` for the files written.
 """
 
-from metamix_tf.export import encodings, graph, grids, layers, tflite, verify
+from metamix_tf.export import (
+    aimet,
+    encodings,
+    graph,
+    grids,
+    int4,
+    integer_io,
+    layers,
+    npu,
+    tflite,
+    verify,
+)
 from metamix_tf.export.graph import ExportPlan, UnsupportedModelError, build, plan
 from metamix_tf.export.layers import FakeQuant, FoldedConv2D, FoldedDense, FoldedDepthwiseConv2D
 from metamix_tf.export.run import (
@@ -30,6 +41,7 @@ __all__ = [
     "FoldedDepthwiseConv2D",
     "RunError",
     "UnsupportedModelError",
+    "aimet",
     "build",
     "encodings",
     "export_model",
@@ -37,9 +49,12 @@ __all__ = [
     "format_report",
     "graph",
     "grids",
+    "int4",
+    "integer_io",
     "latest_run",
     "layers",
     "load_run",
+    "npu",
     "plan",
     "tflite",
     "verify",

@@ -1,6 +1,7 @@
-"""The encodings sidecar (``*.encodings.json``): every quantized tensor's bit-width, scale,
-offset and signedness, with the layer it belongs to, for a compiler that runs each layer at
-its true bit-width.
+"""The encodings summary (``*.encodings.json``): every quantized tensor's bit-width, scale,
+offset and signedness, keyed by the Keras layer it belongs to, for people and for a compiler
+that runs each layer at its true bit-width (the same grids keyed by the ``.tflite``'s tensor
+names, in the AIMET / QNN format: :mod:`metamix_tf.export.aimet`).
 
 The entries follow the AIMET encodings layout (``bitwidth``, ``dtype``, ``is_symmetric``,
 ``min``, ``max``, ``offset``, ``scale``; ``min = offset * scale``) with MetaMix's fields added:

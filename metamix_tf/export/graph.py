@@ -241,7 +241,9 @@ def _calibrate(model, nodes: list, data, limit: int | None) -> dict:
     return {n.name: (float(lo), float(hi)) for n, lo, hi in zip(nodes, lows, highs, strict=True)}
 
 
-WEIGHT_STORAGE = ("bits", "spread")
+# "int4" is "bits" (bias unit input_step * learned weight step) with the <= 4-bit kernels
+# packed afterwards (metamix_tf.export.int4).
+WEIGHT_STORAGE = ("bits", "spread", "int4")
 
 
 def plan(model: keras.Model, calibration_data=None, int8: bool = True,
@@ -261,7 +263,8 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
         multiplied per channel to fill ``[-127, 127]`` (:func:`grids.spread_to_int8`; the
         same real weights, with the multiplier in the encodings), which rounds the int32
         biases more finely; ``"bits"``: the b-bit integers with the learned per-channel
-        steps (BatchNorm folded).
+        steps (BatchNorm folded); ``"int4"``: planned as ``"bits"`` (same bias grid), the
+        <= 4-bit kernels then packed as INT4 (:mod:`metamix_tf.export.int4`).
     """
     if weight_storage not in WEIGHT_STORAGE:
         raise ValueError(f"`weight_storage` must be one of {WEIGHT_STORAGE}. "

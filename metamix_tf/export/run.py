@@ -4,7 +4,16 @@
 on) and writes into ``output_dir``:
 
 * ``<name>_int8.tflite``, ``<name>_float16.tflite``, ``<name>_float32.tflite``;
-* ``<name>.encodings.json``: the encodings sidecar (:mod:`metamix_tf.export.encodings`);
+* ``<name>_int4.tflite`` with ``weight_storage="int4"``: the int8 model with its <= 4-bit
+  kernels packed as INT4 (:mod:`metamix_tf.export.int4`), verified beside the int8 one;
+* ``<name>.encodings.json``: the encodings summary, by Keras layer
+  (:mod:`metamix_tf.export.encodings`);
+* ``<name>_int8.encodings``: the int8 model's encodings by TFLite tensor name, in the AIMET /
+  QNN format (:mod:`metamix_tf.export.aimet`);
+* ``<name>_int8_<t>io.tflite`` for each ``t`` in ``integer_io`` (``"uint8"``, ``"int8"``): the
+  int8 model with integer input and output tensors and a ``metamix_io`` metadata entry, with
+  ``<name>_io.json`` (scales, zero points, normalisation, labels) and ``<name>_labels.txt``
+  (:mod:`metamix_tf.export.integer_io`);
 * ``<name>_inference.keras`` and ``saved_model/``: the inference graph (the int8-ready,
   converter-native graph when int8 is exported, else the float one);
 * ``export_report.json``: verification against the Keras fake-quantized model.
@@ -28,8 +37,9 @@ import numpy as np
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
+from metamix_tf.export import aimet, graph, int4, tflite, verify
 from metamix_tf.export import encodings as encodings_lib
-from metamix_tf.export import graph, tflite, verify
+from metamix_tf.export import integer_io as integer_io_lib
 from metamix_tf.quant import wrap
 
 __all__ = [
@@ -168,7 +178,10 @@ def _run_data(run: Run, max_eval_examples: int | None, calibration_examples: int
     datasets = data_lib.load(data_config, image_size=image_size, preprocess=preprocess)
     calibration, _ = _arrays(datasets.train, calibration_examples)
     images, labels = _arrays(datasets.eval, max_eval_examples)
-    return calibration, images, labels
+    # the float preprocessing the integer-I/O models' input scale applies to
+    normalisation = (f"{preprocess.__name__.strip('_')}: {preprocess.__doc__.splitlines()[0]}"
+                     if preprocess is not None else None)
+    return calibration, images, labels, list(datasets.class_names), normalisation
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -189,6 +202,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
                  latency_rounds: int = 5, latency_runs: int = 20,
                  latency_threads: int | None = 1, weight_storage: str = "spread",
                  tensor_costs: bool = True, report_extra: dict | None = None,
+                 integer_io=(), labels: list | None = None, normalisation: str | None = None,
                  log=print) -> dict:
     """Exports ``model`` (module docstring) and, with ``eval_images``, verifies it.
 
@@ -201,19 +215,33 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
       eval_images / eval_labels: verification data (preprocessed images, int labels).
       verify_models: run the LiteRT checks (needs ``eval_images``).
       bits_info: the run's ``bits.json`` content, copied into the sidecar and the report.
-      weight_storage: ``"bits"`` or ``"spread"``, see :func:`graph.plan`.
+      weight_storage: ``"bits"``, ``"spread"`` or ``"int4"``, see :func:`graph.plan`;
+        ``"int4"`` also writes ``<name>_int4.tflite`` (needs the int8 format).
       tensor_costs: also measure the agreement each int8-only tensor costs on its own.
+      integer_io: ``"uint8"`` and / or ``"int8"``: also write the int8 model with integer
+        input and output tensors (needs the int8 format).
+      labels / normalisation: class names and the float preprocessing (text), written into
+        the integer-I/O models' metadata and ``<name>_io.json``.
       report_extra: entries added to the report.
     Returns the report (also written to ``export_report.json``).
     """
     formats = parse_formats(formats)
+    int8 = "int8" in formats
+    if weight_storage == "int4" and not int8:
+        raise ValueError("weight_storage='int4' packs the int8 model's kernels: add int8 to "
+                         f"the formats. Received: formats={formats}")
+    integer_io = tuple(integer_io or ())
+    if any(t not in ("int8", "uint8") for t in integer_io) or (integer_io and not int8):
+        raise ValueError("`integer_io` takes 'int8' / 'uint8' and needs the int8 format. "
+                         f"Received: integer_io={integer_io}, formats={formats}")
+    # the TFLite files written: the formats, and the INT4-packed int8 model
+    outputs = formats + (("int4",) if weight_storage == "int4" else ())
     if model.inputs is None or len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError("The export takes a model with one input and one output. "
                          f"Received: inputs={len(model.inputs or [])}")
     began = time.time()
     os.makedirs(output_dir, exist_ok=True)
     wrap.set_mode(model, "selected")
-    int8 = "int8" in formats
     if calibration_data is None:
         calibration_data = eval_images
     log(f"Planning the inference graph of '{model.name}' ({', '.join(formats)})")
@@ -249,13 +277,37 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
             data = tflite.convert(source, fmt)
             files[fmt] = tflite.write_atomic(path(f"_{fmt}.tflite"), data)
             summaries[fmt] = tflite.graph_summary(data)
+            if fmt == "int8" and "int4" in outputs:
+                log("Packing the <= 4-bit kernels as INT4")
+                packed = int4.pack_int4_weights(data, export_plan)
+                files["int4"] = tflite.write_atomic(path("_int4.tflite"), packed.model)
+                summaries["int4"] = {**tflite.graph_summary(packed.model),
+                                     **packed.to_dict()}
+            if fmt == "int8":
+                io_specs = {}
+                for io_type in integer_io:
+                    log(f"Converting int8 with {io_type} input and output")
+                    data = tflite.convert(source, "int8", io_type=io_type)
+                    spec = integer_io_lib.io_spec(data, labels, normalisation)
+                    key = f"int8_{io_type}io"
+                    files[key] = tflite.write_atomic(path(f"_{key}.tflite"),
+                                                     integer_io_lib.add_metadata(data, spec))
+                    io_specs[key] = spec
+                if io_specs:
+                    files["io_spec"] = encodings_lib.write(path("_io.json"), io_specs)
+                if io_specs and labels is not None:
+                    files["labels"] = tflite.write_atomic(
+                        path("_labels.txt"), "".join(f"{x}\n" for x in labels).encode())
     sidecar = encodings_lib.encodings(export_plan, bits_info,
                                       input_name=main.inputs[0].name if main.inputs else None)
     files["encodings"] = encodings_lib.write(path(".encodings.json"), sidecar)
+    if int8:
+        files["aimet_encodings"] = encodings_lib.write(
+            path("_int8.encodings"), aimet.aimet_encodings(files["int8"], export_plan))
 
     report = {
         **(report_extra or {}),
-        "model": model.name, "formats": list(formats), "output_dir": output_dir,
+        "model": model.name, "formats": list(outputs), "output_dir": output_dir,
         "weight_storage": weight_storage,
         "files": {k: {"path": v, "bytes": _size(v)} for k, v in files.items()},
         "graphs": summaries,
@@ -267,9 +319,10 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
                                  "calibrated")},
         "float_prefix": export_plan.float_prefix,
         "inexact_inputs": [n for n, p in export_plan.inputs.items() if not p.exact],
+        "integer_io": io_specs if int8 else {},
     }
     if verify_models and eval_images is not None:
-        report["verification"] = _verify(model, graphs, files, formats, export_plan,
+        report["verification"] = _verify(model, graphs, files, outputs, export_plan,
                                          np.asarray(eval_images, np.float32), eval_labels,
                                          grid_check_examples, latency_rounds, latency_runs,
                                          latency_threads, tensor_costs, log)
@@ -294,12 +347,30 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
     for fmt in formats:
         result = verify.run_tflite(files[fmt], images)
         out["tflite"][fmt] = verify.compare(reference, result, labels)
-        if fmt == "int8":
+        if fmt in ("int8", "int4"):
             out["tflite"][fmt]["vs_int8_keras_twin"] = verify.compare(
                 logits["int8_twin"], result, labels)
+        if fmt == "int8":
+            for key in [k for k in files if k.startswith("int8_") and k.endswith("io")]:
+                io_logits = integer_io_lib.run_integer_io(files[key], images)
+                out["tflite"][key] = {**verify.compare(reference, io_logits, labels),
+                                      "vs_float_io_int8": verify.compare(result, io_logits)}
     if "int8" in formats:
         sample = images[:grid_examples]
         checks = [c.to_dict() for c in verify.check_grids(files["int8"], export_plan, sample)]
+        if "int4" in formats:
+            int4_checks = verify.check_grids(files["int4"], export_plan, sample)
+            # XNNPACK takes no INT4 filter with int8 activations: those ops run on the
+            # builtin kernels. Under the builtin kernels alone both files must agree bit
+            # for bit (the packing changes no value).
+            builtin = {k: verify.run_tflite(files[k], sample, delegates=False)
+                       for k in ("int8", "int4")}
+            out["int4_grid_check"] = {
+                "all_on_grid": all(c.on_grid for c in int4_checks), "layers": len(int4_checks),
+                "builtin_kernels_int4_vs_int8_max_abs_diff": float(
+                    np.abs(builtin["int4"] - builtin["int8"]).max()),
+                "builtin_kernels_int8_vs_keras": verify.compare(reference[:len(sample)],
+                                                                builtin["int8"])}
         with tempfile.TemporaryDirectory() as tmp:
             ints = verify.tflite_quantized_inputs(graphs["int8"], export_plan, sample, tmp)
         vs_keras = verify.match(
@@ -329,6 +400,8 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
     if "int8" in lat and "float32" in lat:
         out["latency"]["float32_over_int8"] = (lat["float32"]["median_ms"]
                                                / lat["int8"]["median_ms"])
+    if "int8" in lat and "int4" in lat:
+        out["latency"]["int4_over_int8"] = lat["int4"]["median_ms"] / lat["int8"]["median_ms"]
     return out
 
 
@@ -369,7 +442,10 @@ def export_run(model_dir: str | None = None, output_dir: str | None = None,
     output_dir = output_dir or os.path.join(model_dir, "export")
     log(f"Run {model_dir}: {run.model.name}, searcher {run.bits_info.get('searcher')}, "
         f"{run.bits_info.get('gbops')} GBOPs")
-    calibration, images, labels = _run_data(run, max_eval_examples, max_calibration_examples)
+    calibration, images, labels, class_names, normalisation = _run_data(
+        run, max_eval_examples, max_calibration_examples)
+    kwargs.setdefault("labels", class_names)
+    kwargs.setdefault("normalisation", normalisation)
     report = export_model(
         run.model, output_dir, formats, name=run.config.model.name,
         calibration_data=calibration, eval_images=images, eval_labels=labels,
@@ -406,6 +482,15 @@ def format_report(report: dict) -> str:
         if ratio:
             lines.append(f"float32 / int8 latency: {ratio:.2f}x "
                          f"({v['latency']['int8']['num_threads']} thread(s), XNNPACK)")
+        ratio = v.get("latency", {}).get("int4_over_int8")
+        if ratio:
+            g4, c4 = report["graphs"]["int4"], v.get("int4_grid_check", {})
+            lines.append(f"int4 / int8 latency: {ratio:.2f}x; INT4 kernels: "
+                         f"{g4['int4_layers']}, <= 4-bit kernels kept int8: "
+                         f"{g4['int8_kept_layers']}; int4 quantized inputs on their grids: "
+                         f"{c4.get('all_on_grid')}; under the builtin kernels (XNNPACK "
+                         "takes no INT4 conv) int4 vs int8 max |dlogit| "
+                         f"{c4.get('builtin_kernels_int4_vs_int8_max_abs_diff')}")
         k = v["keras_graphs"]
         if "int8_twin" in k:
             twin = v["tflite"]["int8"]["vs_int8_keras_twin"]
@@ -423,6 +508,12 @@ def format_report(report: dict) -> str:
                          f"model's: median {_pct(g['median_match_keras'])}, lowest "
                          f"{_pct(g['min_match_keras'])} (to the int8 twin's: lowest "
                          f"{_pct(g['min_match_int8_twin'])})")
+        for key in [k for k in v["tflite"] if k.endswith("io")]:
+            io, vs = report["integer_io"][key], v["tflite"][key]["vs_float_io_int8"]
+            lines.append(f"{key}: input {io['input']['dtype']} scale {io['input']['scale']:.6g} "
+                         f"zero point {io['input']['zero_point']}; top-1 agreement with the "
+                         f"float-I/O int8 model {_pct(vs['top1_agreement'])}, max |dlogit| "
+                         f"{vs['max_abs_logit_diff']:.3g}")
         costs = v.get("int8_tensor_costs")
         if costs:
             worst = ", ".join(f"{c['tensor']} {_pct(c['top1_agreement'])}" for c in costs[:3])

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 __all__ = [
     "FORMATS",
+    "IO_TYPES",
     "ConversionError",
     "write_atomic",
     "atomic_directory",
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 FORMATS = ("int8", "float16", "float32")
+IO_TYPES = ("float32", "int8", "uint8")  # input / output tensor types of the int8 model
 # Ops an all-int8 model may run in float: the float input's QUANTIZE, the logits' DEQUANTIZE.
 _BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")
 
@@ -107,7 +109,7 @@ def export_saved_model(model, path: str) -> str:
     return path
 
 
-def convert(saved_model_dir: str, fmt: str) -> bytes:
+def convert(saved_model_dir: str, fmt: str, io_type: str = "float32") -> bytes:
     """Converts a SavedModel to TFLite.
 
     * ``"int8"``: the converter's quantization-aware path (``Optimize.DEFAULT`` on a graph
@@ -117,14 +119,23 @@ def convert(saved_model_dir: str, fmt: str) -> bytes:
       still runs in float.
     * ``"float16"``: float16 weights (``Optimize.DEFAULT`` with ``supported_types=[float16]``).
     * ``"float32"``: plain float.
+
+    ``io_type`` (int8 only): ``"int8"`` / ``"uint8"`` make the input and output tensors
+    integers (the converter's ``inference_input_type`` / ``inference_output_type``: the
+    input QUANTIZE and output DEQUANTIZE go, see :mod:`metamix_tf.export.integer_io`).
     """
     if fmt not in FORMATS:
         raise ValueError(f"`fmt` must be one of {FORMATS}. Received: fmt={fmt!r}")
+    if io_type not in IO_TYPES or (io_type != "float32" and fmt != "int8"):
+        raise ValueError(f"`io_type` must be one of {IO_TYPES}, integer types with the int8 "
+                         f"format only. Received: io_type={io_type!r}, fmt={fmt!r}")
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
     if fmt in ("int8", "float16"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if fmt == "float16":
         converter.target_spec.supported_types = [tf.float16]
+    if io_type != "float32":
+        converter.inference_input_type = converter.inference_output_type = tf.as_dtype(io_type)
     try:
         data = converter.convert()
     except Exception as e:  # the converter raises several unrelated types

@@ -65,9 +65,10 @@ def _resize(interp, batch: int) -> None:
 
 
 def run_tflite(model_path: str, images: np.ndarray, batch_size: int = 32,
-               num_threads: int | None = None) -> np.ndarray:
-    """Runs a single-input, single-output TFLite model over ``images`` in batches."""
-    interp = interpreter(model_path, num_threads=num_threads)
+               num_threads: int | None = None, delegates: bool = True) -> np.ndarray:
+    """Runs a single-input, single-output TFLite model over ``images`` in batches
+    (``delegates=False``: LiteRT's builtin kernels only, no XNNPACK)."""
+    interp = interpreter(model_path, num_threads=num_threads, delegates=delegates)
     interp.allocate_tensors()
     outputs = []
     for start in range(0, len(images), batch_size):

@@ -33,7 +33,7 @@ import tensorflow as tf
 
 import metamix_tf as mm
 from metamix_tf import config as config_lib
-from metamix_tf.export import encodings, graph, grids, run, tflite, verify
+from metamix_tf.export import aimet, encodings, graph, grids, integer_io, run, tflite, verify
 from metamix_tf.export.layers import FakeQuant
 
 L = keras.layers
@@ -41,6 +41,7 @@ BITS = {"dw": 2, "project": 3, "expand": 4, "project2": 8, "head": 2}
 SIGNED = {"stem": True, "dw": False, "project": False, "expand": True, "project2": False,
           "head": True, "logits": False}
 NUM_CLASSES = 4
+LABELS = ["top-left", "top-right", "bottom-left", "bottom-right"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +135,9 @@ def exported(tmp_path_factory):
     report = run.export_model(model, out, name="tiny", calibration_data=train_x,
                               eval_images=test_x, eval_labels=test_y,
                               bits_info={"searcher": "hand", "gbops": 0.001},
-                              latency_rounds=1, latency_runs=3, log=lambda _: None)
+                              latency_rounds=1, latency_runs=3, log=lambda _: None,
+                              integer_io=("uint8", "int8"), labels=LABELS,
+                              normalisation="x = image (already in [-1, 1])")
     plan = graph.plan(model, calibration_data=train_x)
     return report, out, plan
 
@@ -468,6 +471,99 @@ def test_encodings_sidecar(exported):
                                                    "logits"}
     assert content["avg_activation_bits"] == pytest.approx(np.mean(list(
         content["activation_bits"].values())))
+
+
+@pytest.mark.parametrize("io_type", ["uint8", "int8"])
+def test_integer_io_models_predict_what_the_float_io_model_predicts(exported, io_type):
+    report, out, plan = exported
+    key = f"int8_{io_type}io"
+    with open(f"{out}/tiny_{key}.tflite", "rb") as f:
+        data = f.read()
+    spec = integer_io.io_spec(data)
+    first = plan.inputs["stem"]  # the model input feeds the stem: its 8-bit signed grid
+    shift = 128 if io_type == "uint8" else 0
+    assert spec["input"]["dtype"] == spec["output"]["dtype"] == io_type
+    assert spec["input"]["scale"] == pytest.approx(first.step, rel=1e-6)
+    assert spec["input"]["zero_point"] == first.grid.zero_point + shift
+    # no float left: the app quantizes (uint8 I/O keeps two QUANTIZE ops, uint8 <-> int8)
+    assert "float32" not in tflite.graph_summary(data)["tensor_dtypes"]
+    # the same integers flow through: bit-equal logits (quantize() rounds as QUANTIZE does)
+    vs = report["verification"]["tflite"][key]["vs_float_io_int8"]
+    assert vs["top1_agreement"] == 1.0 and vs["max_abs_logit_diff"] == 0.0
+    meta = integer_io.read_metadata(data)
+    assert meta["labels"] == LABELS and meta["input"] == spec["input"]
+    assert meta["normalisation"].startswith("x = image")
+    assert _json(report["files"]["io_spec"]["path"])[key] == meta
+    with open(report["files"]["labels"]["path"]) as f:
+        assert f.read().splitlines() == LABELS
+
+
+
+def test_deploy_guide_python_snippet(exported):
+    """docs/deploy.md's Python snippet, on the tiny model's uint8-I/O file: the class it
+    returns for camera pixels is the float-I/O int8 model's for the same pixels."""
+    report, out, _ = exported
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "deploy.md")) as f:
+        guide = f.read()
+    snippet = guide.split("```python\n")[1].split("```")[0]
+    assert "export/mobilenet_v2" in snippet
+    scope = {}
+    exec(compile(snippet.replace("export/mobilenet_v2", f"{out}/tiny"), "deploy.md", "exec"),
+         scope)
+    images, _ = _data(16, 7)
+    pixels = np.round((images + 1.0) * 127.5).astype(np.uint8)  # the tiny model's "camera"
+    expected = verify.run_tflite(f"{out}/tiny_int8.tflite",
+                                 pixels.astype(np.float32) / 127.5 - 1.0).argmax(-1)
+    assert [scope["classify"](p) for p in pixels] == [LABELS[i] for i in expected]
+
+
+# The field list of AIMET's quantization encoding specification, version 0.6.1
+# (github.com/quic/aimet, Docs/api_docs/quantization_encoding_specification.rst, section 4.1)
+AIMET_0_6_1_ENCODING = {"bitwidth": int, "dtype": str, "is_symmetric": str, "max": float,
+                        "min": float, "offset": int, "scale": float}
+AIMET_0_6_1_QUANTIZER_ARGS = {"activation_bitwidth": int, "dtype": str, "is_symmetric": str,
+                              "param_bitwidth": int, "per_channel_quantization": str,
+                              "quant_scheme": str}
+
+
+def test_aimet_encodings_follow_the_published_field_list(exported):
+    report, out, plan = exported
+    content = _json(report["files"]["aimet_encodings"]["path"])
+    assert set(content) == {"version", "activation_encodings", "param_encodings",
+                            "quantizer_args"}
+    assert content["version"] == "0.6.1"
+    args = content["quantizer_args"]
+    assert {k: type(v) for k, v in args.items()} == AIMET_0_6_1_QUANTIZER_ARGS
+    assert args["is_symmetric"] in ("True", "False")
+    interp = verify.interpreter(f"{out}/tiny_int8.tflite", delegates=False)
+    names = {t["name"] for t in interp.get_tensor_details()}
+    for section in ("activation_encodings", "param_encodings"):
+        assert content[section]
+        for name, entries in content[section].items():
+            assert name in names  # keyed by the .tflite's tensor names
+            assert isinstance(entries, list) and entries
+            for e in entries:
+                assert {k: type(v) for k, v in e.items()} == AIMET_0_6_1_ENCODING, name
+                assert e["dtype"] == "int" and e["is_symmetric"] in ("True", "False")
+                assert 4 <= e["bitwidth"] <= 32 and e["scale"] > 0
+                assert e["min"] == pytest.approx(e["offset"] * e["scale"])
+                assert e["max"] == pytest.approx(e["min"] + e["scale"] * (2 ** e["bitwidth"] - 1))
+    # the searched grids, on the tensors the int8 model runs them on
+    ops = verify._find_weight_ops((interp.allocate_tensors(), interp)[1], plan)
+    details = {t["index"]: t for t in interp.get_tensor_details()}
+    for layer, p in plan.inputs.items():
+        (act,) = content["activation_encodings"][details[ops[layer]["inputs"][0]]["name"]]
+        assert act["scale"] == pytest.approx(p.step)
+        assert act["bitwidth"] == max(p.bits, 4)
+        assert act["offset"] == (-(2 ** (act["bitwidth"] - 1)) if p.signed else 0)
+        kernel = content["param_encodings"][details[ops[layer]["inputs"][1]]["name"]]
+        w = plan.weights[layer]
+        assert len(kernel) == w.folded.scale.size
+        assert {e["bitwidth"] for e in kernel} <= {w.bits, 8}
+        if kernel[0]["bitwidth"] == w.bits:
+            np.testing.assert_allclose([e["scale"] for e in kernel], w.folded.grid_scale,
+                                       rtol=1e-6)
+    assert aimet.VERSION == "0.6.1"
 
 
 # ---------------------------------------------------------------------------------------------
