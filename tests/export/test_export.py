@@ -503,7 +503,7 @@ def test_deploy_guide_python_snippet(exported):
     """docs/deploy.md's Python snippet, on the tiny model's uint8-I/O file: the class it
     returns for camera pixels is the float-I/O int8 model's for the same pixels."""
     report, out, _ = exported
-    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "deploy.md")) as f:
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "deploy.md")) as f:
         guide = f.read()
     snippet = guide.split("```python\n")[1].split("```")[0]
     assert "export/mobilenet_v2" in snippet
