@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from metamix_tf import wrap
+from metamix_tf import steps, wrap
 from metamix_tf.layers import QuantLayerMixin
 
 __all__ = [
@@ -163,15 +163,21 @@ class _Probe:
 
 # -- modes ---------------------------------------------------------------------------------
 def _label(bits):
+    if isinstance(bits, dict):  # per-layer bits (metamix_tf.stability_layerwise)
+        return bits
     return FLOAT if bits is None or bits == FLOAT else int(bits)
 
 
 def _set_bits(model, bits) -> None:
-    """Float mode for ``None``/``"float"``; otherwise every searchable quantizer at ``bits``."""
-    if _label(bits) == FLOAT:
+    """Float mode for ``None``/``"float"``; a dict: each quantized layer at its own bits
+    (:func:`metamix_tf.steps.fixed_bits`); otherwise every searchable quantizer at ``bits``."""
+    if isinstance(bits, dict):
+        steps.fixed_bits(model, bits)()
+    elif _label(bits) == FLOAT:
         wrap.set_mode(model, "float")
         return
-    wrap.set_uniform(model, int(bits))
+    else:
+        wrap.set_uniform(model, int(bits))
     uncalibrated = [q.name for q in wrap.activation_quantizers(model)
                     if q.built and float(keras.ops.convert_to_numpy(q.initialized)) == 0.0]
     if uncalibrated:
