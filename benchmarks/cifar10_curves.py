@@ -90,6 +90,12 @@ flags.DEFINE_string("weights", "weights/cifar10_resnet20.weights.h5",
 flags.DEFINE_string("results_dir", "docs/results/cifar10_curves",
                     "One JSON per finished method; the report's files.")
 flags.DEFINE_bool("report", False, "Only build the table, CIs and plot from results_dir.")
+flags.DEFINE_string("estimate", None, "A results_dir of a timing run (uniform_a4, joint_a3, "
+                    "metamix_a3 with >= 3 search epochs of a few steps, full test set): "
+                    "print the study's CPU time extrapolated to the current flags.")
+flags.DEFINE_float("quiet_float_images_per_s", 520.0, "Float ResNet-20 training throughput "
+                   "of the quiet machine (issue 12), against which --estimate measures the "
+                   "current load.")
 flags.DEFINE_list("seeds", ["0", "1"], "Search seeds (each also seeds the data order).")
 flags.DEFINE_list("methods", None, "Only the methods whose name starts with one of these "
                   "(e.g. uniform_a4,metamix_a3); default: all.")
@@ -101,6 +107,8 @@ flags.DEFINE_integer("warmup_epochs", 1, "MetaMix's bit-meta-only epochs (within
 flags.DEFINE_integer("finetune_epochs", 3, "Weight-training epochs after every search.")
 flags.DEFINE_integer("bn_batches", 50, "Training batches for the BatchNorm re-estimation.")
 flags.DEFINE_integer("stability_images", 256, "Test images for the stability metrics.")
+flags.DEFINE_list("swap_bits", None, "Bit-widths of the one-layer stability swaps (default: "
+                  "every other candidate; fewer: fewer forward passes).")
 flags.DEFINE_integer("bootstrap_resamples", 2000, "Resamples of the paired bootstrap.")
 flags.DEFINE_float("cost_weight", 4.0, "lambda of both searchers.")
 flags.DEFINE_enum("cost_normalization", "relative", ["relative", "absolute"],
@@ -205,7 +213,7 @@ class Study:
 
     def __init__(self):
         self.strategy = tf.distribute.get_strategy()
-        self._data = {}
+        self._data, self._bn = {}, {}
         self.preprocess = models.preprocess_input("resnet20")
 
     def data(self, seed: int) -> data_lib.Datasets:
@@ -216,6 +224,13 @@ class Study:
                 max_eval_examples=FLAGS.max_eval_examples)
             self._data[seed] = data_lib.load(cfg, preprocess=self.preprocess)
         return self._data[seed]
+
+    def bn_batches(self, seed: int) -> list:
+        """The BatchNorm re-estimation batches of a seed, drawn once: every method and
+        both selections of a method see the same images."""
+        if seed not in self._bn:
+            self._bn[seed] = list(self.data(seed).train.take(FLAGS.bn_batches))
+        return self._bn[seed]
 
     def model(self, data: data_lib.Datasets):
         float_model = models.build("resnet20", data.image_shape, data.num_classes,
@@ -228,7 +243,8 @@ class Study:
 
 
 def _batch_norm_state(model) -> list:
-    return [(np.array(bn.moving_mean), np.array(bn.moving_variance))
+    return [(keras.ops.convert_to_numpy(bn.moving_mean),
+             keras.ops.convert_to_numpy(bn.moving_variance))
             for bn in evaluation.batch_norm_layers(model)]
 
 
@@ -275,7 +291,7 @@ def run_method(study: Study, m: dict) -> dict:
     after = {}
     for kind, bits in (("argmax", argmax), ("lowered", selected)):
         _set_batch_norm_state(model, state)
-        evaluation.reestimate_batch_norm(model, data.train, bits=bits,
+        evaluation.reestimate_batch_norm(model, study.bn_batches(seed), bits=bits,
                                          num_batches=FLAGS.bn_batches)
         acc, correct, _ = _evaluate(model, data, bits)
         after[kind] = dict(gbops=cost.gbops(bits), acc=acc, correct=pack(correct),
@@ -287,7 +303,9 @@ def run_method(study: Study, m: dict) -> dict:
     images = np.concatenate([x.numpy() for x, _ in data.eval.take(
         -(-FLAGS.stability_images // 500))])[:FLAGS.stability_images]
     whole = stability.activation_shift(model, images, reference=max(CANDIDATE_BITS))
-    one = stability_layerwise.layer_swap_shift(model, images, bits=selected)
+    one = stability_layerwise.layer_swap_shift(
+        model, images, bits=selected,
+        swap_bits=[int(b) for b in FLAGS.swap_bits] if FLAGS.swap_bits else None)
     wrap.select_bits(model, selected)
     stability_s = time.time() - t0
 
@@ -531,9 +549,75 @@ def report() -> None:
     print(text)
 
 
+# ---------------------------------------------------------------------------------------------
+# CPU-time estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def _float_images_per_s(steps: int = 12) -> float:
+    """Float ResNet-20 training throughput now (batch 128, random data, after 2 traced
+    steps): the load the timing run saw, against --quiet_float_images_per_s."""
+    from metamix_tf import steps as steps_lib
+
+    model = models.build("resnet20", (32, 32, 3), 10)
+    optimizer = keras.optimizers.SGD(0.01)
+    step = steps_lib.train_step(tf.distribute.get_strategy(), model, optimizer,
+                                model.trainable_variables)
+    x = tf.random.normal((128, 32, 32, 3))
+    y = tf.zeros((128,), tf.int32)
+    for _ in range(2):
+        step(x, y)
+    began = time.time()
+    for _ in range(steps):
+        step(x, y)["loss_sum"].numpy()
+    return 128 * steps / (time.time() - began)
+
+
+def estimate(directory: str) -> dict:
+    """The study's CPU time at the current flags from a timing run's JSONs.
+
+    Per-step seconds from each phase's last epoch (earlier epochs carry the tracing);
+    MetaMix's warm-up (bit-meta only) epochs are counted at its full step time (an upper
+    bound); the ablation's step as MetaMix's plus the joint step (upper bound); the joint
+    searcher given MetaMix's wall time as MetaMix's search time. A method's fixed cost
+    (model build, tracing, BatchNorm re-estimation, test-set evaluations, stability) is its
+    total minus its steps."""
+    runs = {r["family"]: r for r in load_results(directory)}
+    missing = {"uniform", "joint", "metamix"} - set(runs)
+    if missing:
+        raise ValueError(f"The timing run in {directory} lacks {sorted(missing)}.")
+    step_s, fixed = {}, {}
+    for family, r in runs.items():
+        search = r["history"]["search"][-1]["time_s"] / r["steps_per_epoch"]
+        tune = r["history"]["finetune"][-1]["time_s"] / r["steps_per_epoch"]
+        step_s[family], step_s["finetune"] = search, tune
+        fixed[family] = r["wall_time_s"]["total"] - r["steps_per_epoch"] * (
+            r["search_epochs"] * search + r["finetune_epochs"] * tune)
+    steps = FLAGS.steps_per_epoch or 50_000 // 128
+    s, f = FLAGS.search_epochs, FLAGS.finetune_epochs
+    tune = steps * f * step_s["finetune"]
+    cost = {"uniform": fixed["uniform"] + steps * s * step_s["uniform"] + tune,
+            "joint": fixed["joint"] + steps * s * step_s["joint"] + tune,
+            "metamix": fixed["metamix"] + steps * s * step_s["metamix"] + tune,
+            "metamix_wsearch": fixed["metamix"] + steps * s * (step_s["metamix"]
+                                                                + step_s["joint"]) + tune,
+            "joint_walltime": fixed["joint"] + steps * s * step_s["metamix"] + tune}
+    methods = method_list([int(x) for x in FLAGS.seeds])
+    total = sum(cost[m["family"]] for m in methods)
+    load = FLAGS.quiet_float_images_per_s / _float_images_per_s()
+    return {"step_s_under_load": step_s, "fixed_s_under_load": fixed,
+            "method_s_under_load": cost, "methods": len(methods),
+            "total_h_under_load": total / 3600, "load_factor": load,
+            "total_h_quiet": total / 3600 / load,
+            "settings": {"steps_per_epoch": steps, "search_epochs": s, "finetune_epochs": f,
+                         "seeds": FLAGS.seeds}}
+
+
 def main(argv):
     del argv
-    if FLAGS.report:
+    if FLAGS.estimate:
+        print(json.dumps(estimate(FLAGS.estimate), indent=1))
+    elif FLAGS.report:
         report()
     else:
         run_study()
