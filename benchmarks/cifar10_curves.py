@@ -483,12 +483,14 @@ def markdown(rows: list[dict], comps: list[dict], n_images: int) -> str:
             f"{r['stability_all_layers_2bit_bn_mean']:.4f} |")
     lines += ["", "Paired bootstrap (over test images and seeds), final accuracy, "
               "difference a - b in points with its 95% CI:", "",
-              "| a | b | GBOPs a | GBOPs b | a - b | 95% CI | CI excludes 0 |",
-              "|---|---|---|---|---|---|---|"]
+              "| a | b | GBOPs a | GBOPs b | a at <= GBOPs of b | a - b | 95% CI | "
+              "CI excludes 0 |", "|---|---|---|---|---|---|---|---|"]
     for c in comps:
         excludes = c["low"] > 0 or c["high"] < 0
+        cheaper = c["gbops_a"] <= c["gbops_b"] * (1 + 1e-9)
         lines.append(f"| {c['a']} | {c['b']} | {c['gbops_a']:.4f} | {c['gbops_b']:.4f} | "
-                     f"{100 * c['diff']:+.2f} | [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
+                     f"{'yes' if cheaper else 'no'} | {100 * c['diff']:+.2f} | "
+                     f"[{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
                      f" | {'yes' if excludes else 'no'} |")
     return "\n".join(lines)
 
@@ -519,6 +521,11 @@ def plot(results: list[dict], path: str) -> None:
                        for k, g in groups.items() if k[0] == family)
         axes[0].plot(*zip(*means, strict=True), color=color, marker=marker, label=label)
         axes[1].scatter([], [], color=color, marker=marker, label=label)
+    float_json = results[0]["weights"].replace(".weights.h5", ".json")
+    if os.path.exists(float_json):
+        for ax in axes:
+            ax.axhline(100 * _read(float_json)["val_acc"], color="k", ls="--", lw=1,
+                       label="float")
     axes[0].set_xlabel("GBOPs (4-bit weights; first/last layer 8-bit)")
     axes[1].set_xlabel("search wall time (s, measured under load)")
     axes[1].set_xscale("log")
