@@ -94,8 +94,8 @@ flags.DEFINE_string("estimate", None, "A results_dir of a timing run (uniform_a4
                     "metamix_a3 with >= 3 search epochs of a few steps, full test set): "
                     "print the study's CPU time extrapolated to the current flags.")
 flags.DEFINE_float("quiet_float_images_per_s", 520.0, "Float ResNet-20 training throughput "
-                   "of the quiet machine (issue 12), against which --estimate measures the "
-                   "current load.")
+                   "of the quiet machine (issue 12): --estimate converts CPU time to quiet "
+                   "wall time with it.")
 flags.DEFINE_list("seeds", ["0", "1"], "Search seeds (each also seeds the data order).")
 flags.DEFINE_list("methods", None, "Only the methods whose name starts with one of these "
                   "(e.g. uniform_a4,metamix_a3); default: all.")
@@ -242,6 +242,21 @@ class Study:
         return min(FLAGS.steps_per_epoch, full) if FLAGS.steps_per_epoch else full
 
 
+class CpuClock(keras.callbacks.Callback):
+    """The process CPU seconds of every epoch (independent of the machine's load, unlike
+    the wall time), for --estimate."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs, self._start = [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.process_time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(time.process_time() - self._start)
+
+
 def _batch_norm_state(model) -> list:
     return [(keras.ops.convert_to_numpy(bn.moving_mean),
              keras.ops.convert_to_numpy(bn.moving_variance))
@@ -274,9 +289,12 @@ def run_method(study: Study, m: dict) -> dict:
     iterators = trainer.EpochIterators(study.strategy, data.train)
     loop = loop_lib.Loop(strategy=study.strategy, iterators=iterators, steps_per_epoch=steps)
     searcher = _searcher(m, epochs)
-    began = time.time()
+    began, cpu_began = time.time(), time.process_time()
+    search_clock, finetune_clock = CpuClock(), CpuClock()
     result = api.run_search(model, loop, searcher, epochs=epochs,
-                            options=search_options(m["bits"]), target_gbops=target)
+                            options=search_options(m["bits"]), target_gbops=target,
+                            callbacks=[search_clock])
+    cpu = {"search": time.process_time() - cpu_began}
     selected = dict(result.bits)
     searched = not isinstance(searcher, searchers.Uniform)
     argmax = {**selected, **{layer.name: layer.input_quantizer.argmax_bits
@@ -285,7 +303,7 @@ def run_method(study: Study, m: dict) -> dict:
                              and layer.input_quantizer.searchable}} if searched else selected
 
     # after search: as the search left BN, then BN re-estimated at argmax and at the lowered
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     acc_raw, _, labels = _evaluate(model, data, selected)
     state = _batch_norm_state(model)
     after = {}
@@ -296,10 +314,10 @@ def run_method(study: Study, m: dict) -> dict:
         acc, correct, _ = _evaluate(model, data, bits)
         after[kind] = dict(gbops=cost.gbops(bits), acc=acc, correct=pack(correct),
                            avg_bits=cost.report(bits)["avg_activation_bits"], bits=bits)
-    evaluate_s = time.time() - t0
+    evaluate_s, cpu["evaluate"] = time.time() - t0, time.process_time() - c0
 
     # stability of the searched model at the selected bits (weights not quantized yet)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     images = np.concatenate([x.numpy() for x, _ in data.eval.take(
         -(-FLAGS.stability_images // 500))])[:FLAGS.stability_images]
     whole = stability.activation_shift(model, images, reference=max(CANDIDATE_BITS))
@@ -307,13 +325,17 @@ def run_method(study: Study, m: dict) -> dict:
         model, images, bits=selected,
         swap_bits=[int(b) for b in FLAGS.swap_bits] if FLAGS.swap_bits else None)
     wrap.select_bits(model, selected)
-    stability_s = time.time() - t0
+    stability_s, cpu["stability"] = time.time() - t0, time.process_time() - c0
+    c0 = time.process_time()
 
     ft_loop = loop_lib.Loop(strategy=study.strategy, iterators=iterators,
                             steps_per_epoch=steps, slot_offset=epochs + 1)
     finetuned = api.run_finetune(model, ft_loop, epochs=FLAGS.finetune_epochs,
-                                 options=finetune_options(), bits=selected)
+                                 options=finetune_options(), bits=selected,
+                                 callbacks=[finetune_clock])
     final_acc, final_correct, _ = _evaluate(model, data, selected)
+    cpu["finetune_and_final_eval"] = time.process_time() - c0
+    cpu["total"] = time.process_time() - cpu_began
     return {
         "method": m["name"], "family": m["family"], "seed": seed, "target": m["target"],
         "uniform_bits": m["bits"], "target_gbops": target if target is not None
@@ -335,6 +357,10 @@ def run_method(study: Study, m: dict) -> dict:
         "wall_time_s": {"search": result.wall_time_s, "finetune": finetuned.wall_time_s,
                         "evaluate": evaluate_s, "stability": stability_s,
                         "total": time.time() - began},
+        "cpu_s": {**cpu, "search_epochs": search_clock.epochs,
+                  "finetune_epochs": finetune_clock.epochs},
+        "stability_images": int(len(images)),
+        "stability_swaps": len(one["per_swap"]), "bn_batches": FLAGS.bn_batches,
         "weights": FLAGS.weights, "train_images": data.train_size,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "tensorflow": tf.__version__},
@@ -561,63 +587,108 @@ def report() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _float_images_per_s(steps: int = 12) -> float:
-    """Float ResNet-20 training throughput now (batch 128, random data, after 2 traced
-    steps): the load the timing run saw, against --quiet_float_images_per_s."""
+def _cpu(fn) -> float:
+    began = time.process_time()
+    fn()
+    return time.process_time() - began
+
+
+def unit_costs() -> dict:
+    """Process CPU seconds, measured now on random data (load-independent up to cache
+    effects): one 500-image inference batch, one 128-image training-mode forward (the BN
+    re-estimation), one stability pass on --stability_images images, and one float
+    ResNet-20 training image (against --quiet_float_images_per_s: the ratio of quiet wall
+    time to CPU time)."""
     from metamix_tf import steps as steps_lib
 
+    strategy = tf.distribute.get_strategy()
     model = models.build("resnet20", (32, 32, 3), 10)
-    optimizer = keras.optimizers.SGD(0.01)
-    step = steps_lib.train_step(tf.distribute.get_strategy(), model, optimizer,
+    step = steps_lib.train_step(strategy, model, keras.optimizers.SGD(0.01),
                                 model.trainable_variables)
-    x = tf.random.normal((128, 32, 32, 3))
-    y = tf.zeros((128,), tf.int32)
+    x, y = tf.random.normal((128, 32, 32, 3)), tf.zeros((128,), tf.int32)
     for _ in range(2):
         step(x, y)
-    began = time.time()
-    for _ in range(steps):
-        step(x, y)["loss_sum"].numpy()
-    return 128 * steps / (time.time() - began)
+    float_per_image = _cpu(lambda: [step(x, y)["loss_sum"].numpy() for _ in range(8)]) / 1024
+    qmodel = wrap.apply(model, config_lib.QuantConfig(candidate_bits=CANDIDATE_BITS))
+    images = tf.random.normal((500, 32, 32, 3))
+    wrap.calibrate(qmodel, images[:128])
+    wrap.select_bits(qmodel, dict.fromkeys(wrap.get_bits(qmodel), 4))
+    bits = {**wrap.get_bits(qmodel)}
+
+    def batches(n, size):
+        return tf.data.Dataset.from_tensors((images[:size], tf.zeros((size,), tf.int32))
+                                            ).repeat(n)
+
+    def infer(n):
+        return _cpu(lambda: evaluation.predictions(qmodel, batches(n, 500), bits=bits))
+
+    def bn(n):
+        return _cpu(lambda: evaluation.reestimate_batch_norm(qmodel, batches(n, 128),
+                                                             bits=bits, num_batches=n))
+
+    stab = np.asarray(tf.random.normal((FLAGS.stability_images, 32, 32, 3)))
+    stability.activation_statistics(qmodel, stab[:8], 4)  # first-call costs
+    return {"inference_batch500": (infer(4) - infer(1)) / 3,
+            "bn_batch128": (bn(6) - bn(1)) / 5,
+            "stability_pass": _cpu(lambda: stability.activation_statistics(qmodel, stab, 4)),
+            "float_train_image": float_per_image,
+            "searchable_layers": len(wrap.activation_quantizers(qmodel, searchable_only=True))}
 
 
 def estimate(directory: str) -> dict:
-    """The study's CPU time at the current flags from a timing run's JSONs.
+    """The study's CPU time at the current flags, from a timing run's JSONs (uniform_a4,
+    joint_a3 and metamix_a3 with >= 3 search epochs of a few steps, any eval size) and
+    :func:`unit_costs`.
 
-    Per-step seconds from each phase's last epoch (earlier epochs carry the tracing);
-    MetaMix's warm-up (bit-meta only) epochs are counted at its full step time (an upper
-    bound); the ablation's step as MetaMix's plus the joint step (upper bound); the joint
-    searcher given MetaMix's wall time as MetaMix's search time. A method's fixed cost
-    (model build, tracing, BatchNorm re-estimation, test-set evaluations, stability) is its
-    total minus its steps."""
+    A method's CPU = its steps (per-step CPU of each phase from its last epoch; MetaMix's
+    warm-up epochs at its full step, an upper bound; the ablation's step as MetaMix's plus
+    the joint step, an upper bound; the joint searcher given MetaMix's wall time as
+    MetaMix's search) + its fixed cost measured in the timing run (tracing, calibration:
+    the run's CPU minus its steps, evaluations and stability passes) + 4 test-set
+    inferences, 2 x --bn_batches BN batches and the stability passes at unit cost."""
     runs = {r["family"]: r for r in load_results(directory)}
     missing = {"uniform", "joint", "metamix"} - set(runs)
     if missing:
         raise ValueError(f"The timing run in {directory} lacks {sorted(missing)}.")
-    step_s, fixed = {}, {}
+    unit = unit_costs()
+    step_cpu, fixed = {}, {}
     for family, r in runs.items():
-        search = r["history"]["search"][-1]["time_s"] / r["steps_per_epoch"]
-        tune = r["history"]["finetune"][-1]["time_s"] / r["steps_per_epoch"]
-        step_s[family], step_s["finetune"] = search, tune
-        fixed[family] = r["wall_time_s"]["total"] - r["steps_per_epoch"] * (
-            r["search_epochs"] * search + r["finetune_epochs"] * tune)
-    steps = FLAGS.steps_per_epoch or 50_000 // 128
+        c, n = r["cpu_s"], r["steps_per_epoch"]
+        step_cpu[family] = c["search_epochs"][-1] / n
+        step_cpu[f"finetune_{family}"] = c["finetune_epochs"][-1] / n
+        steps_cpu = n * (r["search_epochs"] * step_cpu[family]
+                         + r["finetune_epochs"] * step_cpu[f"finetune_{family}"])
+        measured = (4 * r["eval_images"] / 500 * unit["inference_batch500"]
+                    + 2 * r["bn_batches"] * unit["bn_batch128"])
+        fixed[family] = max(0.0, c["total"] - c["stability"] - steps_cpu - measured)
+    step_cpu["finetune"] = float(np.mean([v for k, v in step_cpu.items()
+                                          if k.startswith("finetune_")]))
+    n = FLAGS.steps_per_epoch or 50_000 // 128
     s, f = FLAGS.search_epochs, FLAGS.finetune_epochs
-    tune = steps * f * step_s["finetune"]
-    cost = {"uniform": fixed["uniform"] + steps * s * step_s["uniform"] + tune,
-            "joint": fixed["joint"] + steps * s * step_s["joint"] + tune,
-            "metamix": fixed["metamix"] + steps * s * step_s["metamix"] + tune,
-            "metamix_wsearch": fixed["metamix"] + steps * s * (step_s["metamix"]
-                                                                + step_s["joint"]) + tune,
-            "joint_walltime": fixed["joint"] + steps * s * step_s["metamix"] + tune}
+    swaps = (len(FLAGS.swap_bits) if FLAGS.swap_bits else len(CANDIDATE_BITS) - 1) * \
+        unit["searchable_layers"]
+    per_method = (4 * 10_000 / 500 * unit["inference_batch500"]
+                  + 2 * FLAGS.bn_batches * unit["bn_batch128"]
+                  + (swaps + 2 + len(CANDIDATE_BITS)) * unit["stability_pass"]
+                  + n * f * step_cpu["finetune"])
+    search = {"uniform": step_cpu["uniform"], "joint": step_cpu["joint"],
+              "metamix": step_cpu["metamix"],
+              "metamix_wsearch": step_cpu["metamix"] + step_cpu["joint"],
+              "joint_walltime": step_cpu["metamix"]}
+    base = {"uniform": "uniform", "joint": "joint", "metamix": "metamix",
+            "metamix_wsearch": "metamix", "joint_walltime": "joint"}
+    cost = {k: fixed[base[k]] + per_method + n * s * v for k, v in search.items()}
     methods = method_list([int(x) for x in FLAGS.seeds])
     total = sum(cost[m["family"]] for m in methods)
-    load = FLAGS.quiet_float_images_per_s / _float_images_per_s()
-    return {"step_s_under_load": step_s, "fixed_s_under_load": fixed,
-            "method_s_under_load": cost, "methods": len(methods),
-            "total_h_under_load": total / 3600, "load_factor": load,
-            "total_h_quiet": total / 3600 / load,
-            "settings": {"steps_per_epoch": steps, "search_epochs": s, "finetune_epochs": f,
-                         "seeds": FLAGS.seeds}}
+    quiet_wall_per_cpu = 1 / FLAGS.quiet_float_images_per_s / unit["float_train_image"]
+    unit = {k: v for k, v in unit.items() if k != "searchable_layers"}
+    return {"unit_cpu_s": unit, "step_cpu_s": step_cpu, "fixed_cpu_s": fixed,
+            "method_cpu_s": cost, "methods": len(methods), "total_cpu_h": total / 3600,
+            "quiet_wall_per_cpu_s": quiet_wall_per_cpu,
+            "total_quiet_wall_h": total / 3600 * quiet_wall_per_cpu,
+            "settings": {"steps_per_epoch": n, "search_epochs": s, "finetune_epochs": f,
+                         "seeds": FLAGS.seeds, "bn_batches": FLAGS.bn_batches,
+                         "stability_images": FLAGS.stability_images, "swaps": swaps}}
 
 
 def main(argv):
