@@ -33,19 +33,40 @@ Each method's result is written to ``<results_dir>/<method>.json`` as soon as it
 the methods whose file exists. ``--report`` reads them, writes ``report.md``,
 ``report.json`` and ``accuracy_vs_gbops.png`` into ``results_dir`` and prints the table.
 
-EPOCHS. Steps are counted in "epochs" of ``--steps_per_epoch`` batches of 128 (default
-100, 12,800 images: a partial pass over the training set, reshuffled each epoch). Measured
-under load on the 2-core machine (see the module's smoke command below and the report of
-the branch that added this script), the defaults (2 search epochs of which 1 MetaMix
-warm-up, 3 weight-training epochs, 2 seeds) take about EST_HOURS hours of CPU quiet.
+EPOCHS AND TIME. Defaults: full passes over the 50,000 training images (390 batches of
+128), 2 search epochs for every searcher (MetaMix: 1 bit-meta warm-up + 1 bit-search
+epoch; alpha lr from the displacement rule, so lr x alpha steps = 0.5 for both), 2
+weight-training epochs, seeds 0 and 1: 24 methods. Extrapolated from a timing run (process
+CPU seconds per step, measured under load, 2 shared cores):
 
-Smoke check (tiny settings, numbers mean nothing):
+    for m in uniform_a4 joint_a3 metamix_a3; do PYTHONPATH=. python \\
+        benchmarks/cifar10_curves.py --results_dir=/tmp/curves_cpu --seeds=0 \\
+        --steps_per_epoch=3 --search_epochs=3 --finetune_epochs=2 \\
+        --max_train_examples=2048 --max_eval_examples=500 --bn_batches=2 \\
+        --stability_images=32 --swap_bits=2 --methods=$m; done
+    PYTHONPATH=. python benchmarks/cifar10_curves.py --estimate=/tmp/curves_cpu
+
+CPU seconds per step: uniform 0.93, joint 1.35, MetaMix (bit-meta + bit-search) 5.31,
+weight training 1.04; per method fixed (tracing, BN re-estimation, four test-set
+inferences, about 65 stability passes) about 0.1 CPU-h. Per method: uniform 0.5 CPU-h,
+joint 0.6, MetaMix 1.5, the ablation 1.8, joint at MetaMix's wall time 1.5. Total 23.3
+CPU-hours; with the float ResNet-20's CPU seconds per image against its quiet 520 images/s
+(0.42 quiet wall seconds per CPU second, also measured under load) about 9.8 hours of
+quiet wall time. Both are estimates from a loaded machine (CPU time is inflated by
+contention too); ``--steps_per_epoch=200 --finetune_epochs=3``: 14.5 CPU-h, about 6 h.
+
+About 700 lines, one script for the study's three modes (run, --report, --estimate); what
+is reusable lives in the package (metamix_tf.evaluation, .paired_bootstrap,
+.stability_layerwise, MetaMix's ablation option).
+
+Smoke check (tiny settings, numbers mean nothing; run for uniform_a4, metamix_a3, joint_a3,
+metamix_wsearch_a3 and joint_walltime_a3, then --report):
 
     PYTHONPATH=. python benchmarks/cifar10_curves.py --data=folder:/tmp/cifar10 \\
         --weights=weights/cifar10_resnet20.weights.h5 --results_dir=/tmp/curves_smoke \\
         --seeds=0 --steps_per_epoch=2 --search_epochs=2 --finetune_epochs=1 \\
         --max_train_examples=2048 --max_eval_examples=500 --bn_batches=2 \\
-        --stability_images=32
+        --stability_images=32 --swap_bits=2
 """
 
 from __future__ import annotations
@@ -93,18 +114,20 @@ flags.DEFINE_bool("report", False, "Only build the table, CIs and plot from resu
 flags.DEFINE_string("estimate", None, "A results_dir of a timing run (uniform_a4, joint_a3, "
                     "metamix_a3 with >= 3 search epochs of a few steps, full test set): "
                     "print the study's CPU time extrapolated to the current flags.")
+flags.DEFINE_string("unit_costs", None, "A JSON of unit_costs() to reuse with --estimate "
+                    "(default: measure them now).")
 flags.DEFINE_float("quiet_float_images_per_s", 520.0, "Float ResNet-20 training throughput "
                    "of the quiet machine (issue 12): --estimate converts CPU time to quiet "
                    "wall time with it.")
 flags.DEFINE_list("seeds", ["0", "1"], "Search seeds (each also seeds the data order).")
 flags.DEFINE_list("methods", None, "Only the methods whose name starts with one of these "
                   "(e.g. uniform_a4,metamix_a3); default: all.")
-flags.DEFINE_integer("steps_per_epoch", 100, "Batches of 128 per epoch (0: a full pass).")
+flags.DEFINE_integer("steps_per_epoch", 0, "Batches of 128 per epoch (0: a full pass, 390).")
 flags.DEFINE_integer("search_epochs", 2, "Search epochs of every searcher (uniform LSQ: "
                      "training epochs at its bit-width).")
 flags.DEFINE_integer("warmup_epochs", 1, "MetaMix's bit-meta-only epochs (within "
                      "search_epochs).")
-flags.DEFINE_integer("finetune_epochs", 3, "Weight-training epochs after every search.")
+flags.DEFINE_integer("finetune_epochs", 2, "Weight-training epochs after every search.")
 flags.DEFINE_integer("bn_batches", 50, "Training batches for the BatchNorm re-estimation.")
 flags.DEFINE_integer("stability_images", 256, "Test images for the stability metrics.")
 flags.DEFINE_list("swap_bits", None, "Bit-widths of the one-layer stability swaps (default: "
@@ -191,7 +214,8 @@ def _walltime_epochs(seed) -> int | None:
     if not all(os.path.exists(p) for p in paths):
         return None
     metamix, joint = (_read(p) for p in paths)
-    per_epoch = joint["wall_time_s"]["search"] / joint["search_epochs"]
+    times = [h["time_s"] for h in joint["history"]["search"]]
+    per_epoch = float(np.median(times[1:] if len(times) > 1 else times))  # 1st: tracing
     return max(1, round(metamix["wall_time_s"]["search"] / per_epoch))
 
 
@@ -612,8 +636,9 @@ def unit_costs() -> dict:
     qmodel = wrap.apply(model, config_lib.QuantConfig(candidate_bits=CANDIDATE_BITS))
     images = tf.random.normal((500, 32, 32, 3))
     wrap.calibrate(qmodel, images[:128])
-    wrap.select_bits(qmodel, dict.fromkeys(wrap.get_bits(qmodel), 4))
-    bits = {**wrap.get_bits(qmodel)}
+    bits = wrap.select_bits(qmodel, {
+        layer.name: 4 for layer in wrap.quant_layers(qmodel)
+        if layer.input_quantizer is not None and layer.input_quantizer.searchable})
 
     def batches(n, size):
         return tf.data.Dataset.from_tensors((images[:size], tf.zeros((size,), tf.int32))
@@ -650,7 +675,7 @@ def estimate(directory: str) -> dict:
     missing = {"uniform", "joint", "metamix"} - set(runs)
     if missing:
         raise ValueError(f"The timing run in {directory} lacks {sorted(missing)}.")
-    unit = unit_costs()
+    unit = _read(FLAGS.unit_costs) if FLAGS.unit_costs else unit_costs()
     step_cpu, fixed = {}, {}
     for family, r in runs.items():
         c, n = r["cpu_s"], r["steps_per_epoch"]
