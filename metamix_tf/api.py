@@ -262,6 +262,11 @@ def run_search(model, loop: trainer.Loop, searcher: searchers.Searcher, *, epoch
         if shortened is not None:
             loop.say(f"[search] warm-up shortened to {shortened} epoch(s) to leave one "
                      f"bit-search epoch (epochs={epochs})")
+    search_weight_opt = None
+    search_weight_steps = searcher.search_weight_steps(epochs, loop.steps_per_epoch)
+    if search_weight_steps:
+        with strategy.scope():
+            search_weight_opt = _weight_optimizer(groups, options, search_weight_steps)
     uniform = searcher.uniform_bits(cost, candidates, target)
     # the steps' penalty is relative (w |G - T| / T): the weight that gives the configured form
     cost_weight = search_rules.relative_cost_weight(options.cost_weight, target,
@@ -275,7 +280,8 @@ def run_search(model, loop: trainer.Loop, searcher: searchers.Searcher, *, epoch
         strategy=strategy, model=model, groups=groups, cost=cost, target=target,
         candidate_bits=candidates, uniform_bits=uniform, weight_optimizer=weight_opt,
         alpha_optimizer=alpha_opt, cost_weight=cost_weight,
-        step_kwargs=_step_kwargs(teacher, loss, model, loop, options.kd_temperature))
+        step_kwargs=_step_kwargs(teacher, loss, model, loop, options.kd_temperature),
+        search_weight_optimizer=search_weight_opt)
     epoch_step = searcher.make_epoch_step(setup)
 
     def select(epoch):
@@ -310,6 +316,8 @@ def run_search(model, loop: trainer.Loop, searcher: searchers.Searcher, *, epoch
     objects = dict(model=model, optimizer=weight_opt)
     if alpha_opt is not None:
         objects["alpha_optimizer"] = alpha_opt
+    if search_weight_opt is not None:
+        objects["search_weight_optimizer"] = search_weight_opt
     low, high = cost.bounds()
     loop.say(f"[search] searcher={searcher.describe()}, {epochs} epoch(s) x "
              f"{loop.steps_per_epoch} steps, candidates {candidates}, target {target:.4f} "

@@ -40,6 +40,7 @@ import numpy as np
 
 from metamix_tf.quant import wrap
 from metamix_tf.quant.layers import QuantLayerMixin
+from metamix_tf.training import steps
 
 __all__ = [
     "FLOAT",
@@ -163,15 +164,22 @@ class _Probe:
 
 # -- modes ---------------------------------------------------------------------------------
 def _label(bits):
+    if isinstance(bits, dict):  # per-layer bits (metamix_tf.analysis.stability_layerwise)
+        return bits
     return FLOAT if bits is None or bits == FLOAT else int(bits)
 
 
 def _set_bits(model, bits) -> None:
-    """Float mode for ``None``/``"float"``; otherwise every searchable quantizer at ``bits``."""
-    if _label(bits) == FLOAT:
+    """Float mode for ``None``/``"float"``; a dict: each quantized layer at its own bits
+    (:func:`metamix_tf.training.steps.fixed_bits`); otherwise every searchable quantizer at
+    ``bits``."""
+    if isinstance(bits, dict):
+        steps.fixed_bits(model, bits)()
+    elif _label(bits) == FLOAT:
         wrap.set_mode(model, "float")
         return
-    wrap.set_uniform(model, int(bits))
+    else:
+        wrap.set_uniform(model, int(bits))
     uncalibrated = [q.name for q in wrap.activation_quantizers(model)
                     if q.built and float(keras.ops.convert_to_numpy(q.initialized)) == 0.0]
     if uncalibrated:

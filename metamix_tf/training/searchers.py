@@ -44,6 +44,9 @@ class SearchSetup:
     alpha_optimizer: object | None
     cost_weight: float
     step_kwargs: dict  # teacher, kd_temperature, jit_compile
+    # weights' optimizer of the bit-search step, for a searcher whose
+    # search_weight_steps() > 0 (MetaMix's fixed-meta-state ablation)
+    search_weight_optimizer: object | None = None
 
 
 class Searcher:
@@ -64,6 +67,11 @@ class Searcher:
     def searched(self, epoch: int) -> bool:
         return True
 
+    def search_weight_steps(self, epochs: int, steps_per_epoch: int) -> int:
+        """How many steps a second weight optimizer (``SearchSetup.search_weight_optimizer``)
+        takes; 0: the searcher needs none."""
+        return 0
+
     def make_epoch_step(self, setup: SearchSetup) -> Callable:
         raise NotImplementedError
 
@@ -73,11 +81,20 @@ class Searcher:
 
 class MetaMix(Searcher):
     """Per iteration a bit-meta step (weights, every candidate in turn) then a bit-search
-    step (logits on the mixture, weights fixed); bit-meta only during the warm-up."""
+    step (logits on the mixture, weights fixed); bit-meta only during the warm-up.
+
+    ``update_weights_in_search=True`` is the paper's fixed-meta-state ablation (reported
+    0.46 points below MetaMix): the bit-search step also steps the weights and step sizes
+    on the mixture loss (:func:`metamix_tf.training.steps.make_joint_step` with the BatchNorm moving
+    statistics frozen as in the bit-search step), with their own optimizer
+    (``SearchSetup.search_weight_optimizer``, a cosine over the bit-search steps) so that
+    the bit-meta step's schedule is the same as without the option.
+    """
 
     name = "metamix"
 
-    def __init__(self, warmup_epochs: int = 1, meta_batch: str = "full"):
+    def __init__(self, warmup_epochs: int = 1, meta_batch: str = "full",
+                 update_weights_in_search: bool = False):
         if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError("`warmup_epochs` must be an integer >= 0. "
                              f"Received: warmup_epochs={warmup_epochs!r}")
@@ -86,6 +103,12 @@ class MetaMix(Searcher):
                              f"Received: meta_batch={meta_batch!r}")
         self.warmup_epochs = warmup_epochs
         self.meta_batch = meta_batch
+        self.update_weights_in_search = bool(update_weights_in_search)
+
+    def search_weight_steps(self, epochs: int, steps_per_epoch: int) -> int:
+        if not self.update_weights_in_search:
+            return 0
+        return max(epochs - self.warmup_epochs, 1) * steps_per_epoch
 
     def fit_warmup(self, epochs: int) -> int | None:
         """Shortens the warm-up to leave one bit-search epoch; returns the new length when
@@ -103,9 +126,20 @@ class MetaMix(Searcher):
         meta = steps.make_meta_step(s.strategy, s.model, s.weight_optimizer,
                                     s.groups.weights_and_steps, s.candidate_bits,
                                     meta_batch=self.meta_batch, **s.step_kwargs)
-        search = steps.make_search_step(
-            s.strategy, s.model, s.alpha_optimizer, s.groups.alphas, s.cost, s.target,
-            s.cost_weight, **s.step_kwargs) if s.groups.alphas else None
+        if not s.groups.alphas:
+            search = None
+        elif self.update_weights_in_search:
+            if s.search_weight_optimizer is None:
+                raise ValueError("MetaMix(update_weights_in_search=True) needs "
+                                 "SearchSetup.search_weight_optimizer. Received: None")
+            search = steps.make_joint_step(
+                s.strategy, s.model, s.search_weight_optimizer, s.groups.weights_and_steps,
+                s.alpha_optimizer, s.groups.alphas, s.cost, s.target, s.cost_weight,
+                freeze_batch_norm=True, **s.step_kwargs)
+        else:
+            search = steps.make_search_step(
+                s.strategy, s.model, s.alpha_optimizer, s.groups.alphas, s.cost, s.target,
+                s.cost_weight, **s.step_kwargs)
 
         def both(images, labels):
             out = meta(images, labels)
@@ -116,8 +150,10 @@ class MetaMix(Searcher):
         return lambda epoch: meta if epoch < warmup or search is None else both
 
     def describe(self) -> str:
-        split = ", split-batch bit-meta" if self.meta_batch == "split" else ""
-        return f"{self.name} ({self.warmup_epochs} warm-up epoch(s){split})"
+        extras = [", split-batch bit-meta"] if self.meta_batch == "split" else []
+        if self.update_weights_in_search:
+            extras.append(", weights also stepped in the bit-search step")
+        return f"{self.name} ({self.warmup_epochs} warm-up epoch(s){''.join(extras)})"
 
 
 class Joint(Searcher):

@@ -354,12 +354,14 @@ def make_joint_step(strategy, model, weight_optimizer, weight_variables: Sequenc
                     alpha_optimizer, alphas: Sequence, cost_model, target_gbops: float,
                     cost_weight: float, *, teacher=None, kd_temperature: float = 1.0,
                     label_smoothing: float = 0.0, loss_fn: Callable | None = None,
-                    jit_compile: bool = False) -> Callable:
+                    jit_compile: bool = False, freeze_batch_norm: bool = False) -> Callable:
     """Joint search (EdMIPS/DNAS baseline): one tape on the mixture forward.
 
     Loss as in :func:`make_search_step`; gradients ``dL/dw`` stepped by ``weight_optimizer`` and
     ``dL/da`` by ``alpha_optimizer`` in the same step. BatchNorm updates its moving
-    statistics from the mixture.
+    statistics from the mixture, or with ``freeze_batch_norm`` keeps them as
+    :func:`make_search_step` does (MetaMix's bit-search step with the weights also stepped: the
+    fixed-meta-state ablation).
     """
     weight_variables, alphas = list(weight_variables), list(alphas)
     target_gbops, cost_weight = float(target_gbops), float(cost_weight)
@@ -381,7 +383,9 @@ def make_joint_step(strategy, model, weight_optimizer, weight_variables: Sequenc
                 "penalty": losses.scale_replica_term(penalty),
                 "gbops": losses.scale_replica_term(gbops)}
 
-    return _distributed(strategy, replica_fn, _mixture(model), jit_compile, "joint_step")
+    context = (lambda: frozen_batch_norm_statistics(model)) if freeze_batch_norm else None
+    return _distributed(strategy, replica_fn, _mixture(model), jit_compile, "joint_step",
+                        context=context)
 
 
 def make_eval_step(strategy, model, *, configure: Callable | None = None,
