@@ -129,6 +129,62 @@ def test_a_layer_without_rule_is_named_not_an_attribute_error():
         graph.plan(wrapped, int8=False)
 
 
+def _tiny_backbone() -> keras.Model:
+    """A functional backbone: conv + BN + ReLU, an inverted residual block, max pooling."""
+    inp = keras.Input((16, 16, 3), name="backbone_in")
+    x = L.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="b_stem")(inp)
+    x = L.BatchNormalization(name="b_stem_bn")(x)
+    x = L.ReLU(6.0, name="b_stem_relu")(x)
+    y = L.DepthwiseConv2D(3, padding="same", use_bias=False, name="b_dw")(x)
+    y = L.BatchNormalization(name="b_dw_bn")(y)
+    y = L.ReLU(6.0, name="b_dw_relu")(y)
+    y = L.Conv2D(8, 1, use_bias=False, name="b_project")(y)
+    y = L.BatchNormalization(name="b_project_bn")(y)
+    x = L.Add(name="b_add")([x, y])
+    x = L.MaxPooling2D(2, name="b_pool")(x)
+    return keras.Model(inp, x, name="backbone")
+
+
+def _with_head(backbone: keras.Model, shape: tuple) -> keras.Model:
+    """``backbone`` called as one layer inside a functional model with a classifier head."""
+    inp = keras.Input(shape, name="image")
+    x = backbone(inp)
+    x = L.GlobalAveragePooling2D(name="head_pool")(x)
+    x = L.Dropout(0.2, name="head_dropout")(x)
+    return keras.Model(inp, L.Dense(10, name="head_logits")(x), name="nested")
+
+
+def _export_nested(model: keras.Model, images: np.ndarray, tmp_path) -> dict:
+    wrapped, _ = families.quantize_at_random(model, images[:32])
+    assert {"b_stem", "b_dw", "b_project", "head_logits"} <= {
+        layer.name for layer in mm.quant_layers(wrapped)}
+    return families.export_quantized(wrapped, "nested", images[:32], images[32:],
+                                     str(tmp_path))
+
+
+def _assert_exact(report: dict) -> None:
+    v = report["verification"]
+    assert report["float_layers"] == []
+    assert report["graphs"]["int8"]["float_ops"] == []
+    assert v["grid_check"]["all_on_grid"]
+    assert v["tflite"]["int8"]["top1_agreement"] >= 0.995
+
+
+def test_nested_backbone_exports_like_the_flat_model(tmp_path):
+    keras.utils.set_random_seed(0)
+    images = np.random.default_rng(0).uniform(-1, 1, (96, 16, 16, 3)).astype(np.float32)
+    _assert_exact(_export_nested(_with_head(_tiny_backbone(), (16, 16, 3)), images, tmp_path))
+
+
+@pytest.mark.slow
+def test_nested_keras_applications_backbone_exports_to_int8(tmp_path):
+    keras.utils.set_random_seed(0)
+    backbone = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
+                                              include_top=False, weights=None)
+    images = families.images_for("MobileNetV2", 96, seed=0)
+    _assert_exact(_export_nested(_with_head(backbone, (32, 32, 3)), images, tmp_path))
+
+
 # Measured below 99.5% on 64 inputs (benchmarks/export_families.py, docs/results/
 # export_families.md): the int8 model agrees with the BN-folded float Keras graph as often
 # as that graph agrees with the Keras model (float32 rounding-boundary flips, see above).
