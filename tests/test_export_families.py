@@ -23,7 +23,7 @@ import pytest
 
 import metamix_tf as mm
 from metamix_tf import canonical, graph_rules, wrap
-from metamix_tf.export import families, graph, run
+from metamix_tf.export import divergence, families, graph, run
 
 L = keras.layers
 
@@ -170,10 +170,28 @@ def _assert_exact(report: dict) -> None:
     assert v["tflite"]["int8"]["top1_agreement"] >= 0.995
 
 
-def test_nested_backbone_exports_like_the_flat_model(tmp_path):
+@pytest.mark.slow  # ~100 s under load; the divergence test below covers the nested path fast
+def test_nested_backbone_exports_to_int8(tmp_path):
     keras.utils.set_random_seed(0)
     images = np.random.default_rng(0).uniform(-1, 1, (96, 16, 16, 3)).astype(np.float32)
     _assert_exact(_export_nested(_with_head(_tiny_backbone(), (16, 16, 3)), images, tmp_path))
+
+
+def test_divergence_finds_only_rounding_boundary_flips(tmp_path):
+    """Every tensor both models round on the same grid holds the same integers, or the first
+    one that differs does so where the Keras value sat within float32 noise of a rounding
+    boundary (a tie either way of which is no error of the graph rules)."""
+    keras.utils.set_random_seed(0)
+    images = np.random.default_rng(1).uniform(-1, 1, (40, 16, 16, 3)).astype(np.float32)
+    wrapped, _ = families.quantize_at_random(_with_head(_tiny_backbone(), (16, 16, 3)),
+                                             images[:32])
+    export_plan = graph.plan(wrapped, images[:32])
+    rows = divergence.stored_tensor_divergence(
+        wrapped, export_plan, graph.build(export_plan, native=True), images[32:], str(tmp_path))
+    assert {r["kind"] for r in rows} == {"grid", "quantized"}
+    assert sum(r["elements"] for r in rows) > 10_000
+    first = divergence.first_divergence(rows)
+    assert first is None or first["max_tie_distance"] < 1e-4, first
 
 
 @pytest.mark.slow
@@ -186,24 +204,26 @@ def test_nested_keras_applications_backbone_exports_to_int8(tmp_path):
 
 
 # Measured below 99.5% on 64 inputs (benchmarks/export_families.py, docs/results/
-# export_families.md): the int8 model agrees with the BN-folded float Keras graph as often
-# as that graph agrees with the Keras model (float32 rounding-boundary flips, see above).
+# export_families.md). Cause (benchmarks/export_divergence.py): the first tensor whose
+# integers differ is one the Keras model computed within ~2e-6 of a rounding boundary
+# (DenseNet121: the stem's 8-bit output, 1 integer of 1048576, x / step = 28.5000019);
+# the one-step flip then travels on through the random-weight network. The BN-folded
+# float graph, which differs from the Keras model only in float32 summation order, loses
+# about as many inputs. Not a graph-rule error: every other integer is equal.
 _BELOW = {
     "EfficientNetB0": "measured 98.4% (1/64; BN-folded float graph 98.4%)",
     "Xception": "measured 98.4% (1/64)",
     "ResNet50V2": "measured 96.9% (2/64; BN-folded float graph 98.4%)",
     "DenseNet121": "measured 95.3% (3/64; BN-folded float graph 98.4%)",
+    "InceptionV3": "measured 34.4% (42/64; BN-folded float graph 67.2%, so float32 noise "
+                   "alone flips a third; the first quantized input already differs in 1 of "
+                   "~1e6 integers; the 'same' average poolings, which Keras does not round, "
+                   "add their share; not traced further)",
 }
 
 
-_FAILING = {"InceptionV3": "conversion: two requantizations stay float (after the 'same' "
-                          "padded average pooling?), docs/results/export_families.md"}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=_FAILING[n])) if n in _FAILING else n
-    for n in sorted(families.FAMILIES)])
+@pytest.mark.parametrize("name", sorted(families.FAMILIES))
 def test_family_exports_to_int8(name):
     report = families.export_family(name)
     v = report["verification"]
