@@ -17,6 +17,11 @@ with their number (see docs/results/export_families.md).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -235,3 +240,32 @@ def test_family_exports_to_int8(name):
     if agreement < 0.995 and name in _BELOW:
         pytest.xfail(f"{name}: {100 * agreement:.1f}%, {_BELOW[name]}")
     assert agreement >= 0.995
+
+
+# -- the model zoo through the command-line scripts ------------------------------------------
+
+_TINY_RUN = ["--pretrain_epochs=1", "--search_epochs=2", "--finetune_epochs=1",
+             "--set", "search.warmup_epochs=1", "--set", "data.max_train_examples=128",
+             "--set", "data.max_eval_examples=64", "--set", "data.batch_size=32",
+             "--set", "data.eval_batch_size=64", "--quiet"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["mobilenet_v2", "mobilenet_v3_small",
+                                        "mobilenet_v3_large", "resnet18", "resnet50"])
+def test_zoo_model_trains_and_exports_with_full_agreement(model_name, tmp_path):
+    """``train.py --phase=all`` (tiny epochs) then ``export_tflite.py``: the int8 model
+    agrees with final.keras on every eval image, every quantized input on its grid."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=root)
+    for script, flags in (("train.py", [f"--model={model_name}", *_TINY_RUN]),
+                          ("export_tflite.py", ["--format=int8", "--latency_rounds=1",
+                                                "--notensor_costs"])):
+        subprocess.run([sys.executable, os.path.join(root, script), f"--model_dir={run_dir}",
+                        *flags], check=True, env=env, cwd=str(tmp_path))
+    with open(os.path.join(run_dir, "export", "export_report.json")) as f:
+        v = json.load(f)["verification"]
+    assert v["examples"] == 64
+    assert v["grid_check"]["all_on_grid"]
+    assert v["tflite"]["int8"]["top1_agreement"] == 1.0
