@@ -28,7 +28,7 @@ import pytest
 
 import metamix_tf as mm
 from metamix_tf import canonical, graph_rules, wrap
-from metamix_tf.export import divergence, families, graph, run
+from metamix_tf.export import divergence, families, graph, pool_steps, run
 
 L = keras.layers
 
@@ -147,6 +147,7 @@ def _tiny_backbone() -> keras.Model:
     y = L.BatchNormalization(name="b_project_bn")(y)
     x = L.Add(name="b_add")([x, y])
     x = L.MaxPooling2D(2, name="b_pool")(x)
+    x = L.ReLU(name="b_out_relu")(x)  # non-negative: the pooled step calibrates to its own
     return keras.Model(inp, x, name="backbone")
 
 
@@ -197,6 +198,29 @@ def test_divergence_finds_only_rounding_boundary_flips(tmp_path):
     assert sum(r["elements"] for r in rows) > 10_000
     first = divergence.first_divergence(rows)
     assert first is None or first["max_tie_distance"] < 1e-4, first
+
+
+@pytest.mark.parametrize("step_out, count, expected", [
+    (1.0, 16, 17 / 16), (1.0, 4, 5 / 4), (0.5, 16, 9 / 16), (1.2, 9, 11 / 9), (0.05, 16, 0.05)])
+def test_odd_ratio_step(step_out, count, expected):
+    assert pool_steps.odd_ratio_step(1.0, step_out, count) == pytest.approx(expected, rel=1e-6)
+
+
+def test_pooled_steps_are_snapped_off_exact_ties():
+    keras.utils.set_random_seed(0)
+    images = np.random.default_rng(0).uniform(-1, 1, (32, 16, 16, 3)).astype(np.float32)
+    model = _with_head(_tiny_backbone(), (16, 16, 3))
+    families.set_batch_norm_statistics(model, images)
+    wrapped = mm.apply(model, mm.QuantConfig())
+    mm.calibrate(wrapped, images)
+    mm.select_bits(wrapped)
+    mm.enable_weight_quantization(wrapped)
+    pool, source = wrapped.get_layer("head_pool_oq"), wrapped.get_layer("b_out_relu_oq")
+    assert pool.selected_step == pytest.approx(source.selected_step, rel=1e-5)  # the trap
+    changed = pool_steps.snap_pooled_steps(wrapped)
+    ratio = pool.selected_step * 16 / source.selected_step  # 4x4 pooled
+    assert set(changed) == {"head_pool_oq"} and round(ratio) % 2 == 1
+    assert ratio == pytest.approx(round(ratio), abs=1e-5)
 
 
 @pytest.mark.slow

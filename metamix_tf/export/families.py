@@ -21,7 +21,7 @@ import numpy as np
 
 from metamix_tf import wrap
 from metamix_tf.config import QuantConfig
-from metamix_tf.export import graph, run
+from metamix_tf.export import graph, pool_steps, run
 
 __all__ = ["FAMILIES", "build_family", "images_for", "set_batch_norm_statistics",
            "quantize_at_random", "prepare", "export_quantized", "export_family"]
@@ -89,8 +89,8 @@ def set_batch_norm_statistics(model: keras.Model, images: np.ndarray) -> None:
 def quantize_at_random(float_model: keras.Model, images: np.ndarray, seed: int = 0,
                        config: QuantConfig | None = None) -> tuple[keras.Model, dict]:
     """``float_model`` (random weights) with BatchNorm statistics from ``images``, wrapped,
-    calibrated on ``images``, random bits from each quantizer's candidates, weights quantized
-    and biases snapped; returns the wrapped model and the bits."""
+    calibrated on ``images``, random bits from each quantizer's candidates, weights quantized,
+    pooled-output steps and biases snapped; returns the wrapped model and the bits."""
     set_batch_norm_statistics(float_model, images)
     model = wrap.apply(float_model, config or QuantConfig())
     wrap.calibrate(model, images)
@@ -100,6 +100,7 @@ def quantize_at_random(float_model: keras.Model, images: np.ndarray, seed: int =
             if layer.input_quantizer is not None and layer.input_quantizer.searchable}
     wrap.select_bits(model, bits)
     wrap.enable_weight_quantization(model)
+    pool_steps.snap_pooled_steps(model)
     graph.snap_biases(model)
     return model, bits
 
