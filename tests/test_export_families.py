@@ -135,19 +135,20 @@ def test_a_layer_without_rule_is_named_not_an_attribute_error():
 
 
 def _tiny_backbone() -> keras.Model:
-    """A functional backbone: conv + BN + ReLU, an inverted residual block, max pooling."""
+    """A functional backbone: conv + BN + ReLU6, max pooling, an inverted residual block
+    whose sum goes through a ReLU (non-negative: the pooled step calibrates to its own)."""
     inp = keras.Input((16, 16, 3), name="backbone_in")
     x = L.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="b_stem")(inp)
     x = L.BatchNormalization(name="b_stem_bn")(x)
     x = L.ReLU(6.0, name="b_stem_relu")(x)
+    x = L.MaxPooling2D(2, name="b_pool")(x)
     y = L.DepthwiseConv2D(3, padding="same", use_bias=False, name="b_dw")(x)
     y = L.BatchNormalization(name="b_dw_bn")(y)
     y = L.ReLU(6.0, name="b_dw_relu")(y)
     y = L.Conv2D(8, 1, use_bias=False, name="b_project")(y)
     y = L.BatchNormalization(name="b_project_bn")(y)
     x = L.Add(name="b_add")([x, y])
-    x = L.MaxPooling2D(2, name="b_pool")(x)
-    x = L.ReLU(name="b_out_relu")(x)  # non-negative: the pooled step calibrates to its own
+    x = L.ReLU(name="b_out_relu")(x)
     return keras.Model(inp, x, name="backbone")
 
 
