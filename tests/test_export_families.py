@@ -186,8 +186,8 @@ def test_nested_backbone_exports_to_int8(tmp_path):
 
 def test_divergence_finds_only_rounding_boundary_flips(tmp_path):
     """Every tensor both models round on the same grid holds the same integers, or the first
-    one that differs does so where the Keras value sat within float32 noise of a rounding
-    boundary (a tie either way of which is no error of the graph rules)."""
+    one that differs does so at a rare value the Keras model computed within float32 noise
+    of a rounding boundary (not at systematic exact ties, not off by a real error)."""
     keras.utils.set_random_seed(0)
     images = np.random.default_rng(1).uniform(-1, 1, (40, 16, 16, 3)).astype(np.float32)
     wrapped, _ = families.quantize_at_random(_with_head(_tiny_backbone(), (16, 16, 3)),
@@ -198,7 +198,10 @@ def test_divergence_finds_only_rounding_boundary_flips(tmp_path):
     assert {r["kind"] for r in rows} == {"grid", "quantized"}
     assert sum(r["elements"] for r in rows) > 10_000
     first = divergence.first_divergence(rows)
-    assert first is None or first["max_tie_distance"] < 1e-4, first
+    # float32 noise puts about 1 value in 1e5 within 1e-4 of a boundary; many there means
+    # exact ties (without the pooled-step snap: 3 of head_pool's 64 integers at 7.4999986)
+    assert first is None or (first["max_tie_distance"] < 1e-4 and first["mismatches"] <= max(
+        1, 1e-3 * first["elements"])), first
 
 
 @pytest.mark.parametrize("step_out, count, expected", [
