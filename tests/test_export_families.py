@@ -248,9 +248,6 @@ _BELOW = {
     "Xception": "measured 98.4% (1/64)",
     "ResNet50V2": "measured 96.9% (2/64; BN-folded float graph 98.4%)",
     "DenseNet121": "measured 95.3% (3/64; BN-folded float graph 98.4%)",
-    "MobileNetV3Large": "measured 81.2% (12/64; BN-folded float graph 42.2%): exact ties at "
-                        "the SE average pooling, whose calibrated step equals its input's "
-                        "(docs/results/export_families.md)",
     "InceptionV3": "measured 34.4% (42/64; BN-folded float graph 67.2%, so float32 noise "
                    "alone flips a third; the first quantized input already differs in 1 of "
                    "~1e6 integers; the 'same' average poolings, which Keras does not round, "
