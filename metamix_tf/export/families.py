@@ -20,11 +20,11 @@ import keras
 import numpy as np
 
 from metamix_tf.config import QuantConfig
-from metamix_tf.export import graph, run
+from metamix_tf.export import graph, pool_steps, run
 from metamix_tf.quant import wrap
 
-__all__ = ["FAMILIES", "build_family", "prepare", "export_family",
-           "set_batch_norm_statistics"]
+__all__ = ["FAMILIES", "build_family", "images_for", "set_batch_norm_statistics",
+           "quantize_at_random", "prepare", "export_quantized", "export_family"]
 
 A = keras.applications
 # name -> (constructor, input size, extra constructor arguments)
@@ -86,12 +86,11 @@ def set_batch_norm_statistics(model: keras.Model, images: np.ndarray) -> None:
         bn.momentum = momentum
 
 
-def prepare(name: str, images: np.ndarray, seed: int = 0,
-            config: QuantConfig | None = None) -> tuple[keras.Model, dict]:
-    """The wrapped, calibrated model of family ``name`` with random bits from each
-    quantizer's candidates, weights quantized and biases snapped; returns it and the bits."""
-    keras.utils.set_random_seed(seed)
-    float_model = build_family(name)
+def quantize_at_random(float_model: keras.Model, images: np.ndarray, seed: int = 0,
+                       config: QuantConfig | None = None) -> tuple[keras.Model, dict]:
+    """``float_model`` (random weights) with BatchNorm statistics from ``images``, wrapped,
+    calibrated on ``images``, random bits from each quantizer's candidates, weights quantized,
+    pooled-output steps and biases snapped; returns the wrapped model and the bits."""
     set_batch_norm_statistics(float_model, images)
     model = wrap.apply(float_model, config or QuantConfig())
     wrap.calibrate(model, images)
@@ -101,23 +100,41 @@ def prepare(name: str, images: np.ndarray, seed: int = 0,
             if layer.input_quantizer is not None and layer.input_quantizer.searchable}
     wrap.select_bits(model, bits)
     wrap.enable_weight_quantization(model)
+    pool_steps.snap_pooled_steps(model)
     graph.snap_biases(model)
     return model, bits
+
+
+def prepare(name: str, images: np.ndarray, seed: int = 0,
+            config: QuantConfig | None = None) -> tuple[keras.Model, dict]:
+    """The wrapped, calibrated model of family ``name`` (:func:`quantize_at_random`)."""
+    keras.utils.set_random_seed(seed)
+    return quantize_at_random(build_family(name), images, seed, config)
+
+
+def export_quantized(model: keras.Model, name: str, calibration: np.ndarray,
+                     images: np.ndarray, output_dir: str | None = None, formats=("int8",),
+                     latency_rounds: int = 1, latency_runs: int = 3,
+                     log=lambda _: None) -> dict:
+    """Exports a model from :func:`quantize_at_random` and verifies it on ``images``;
+    returns the export report with ``"family"`` and ``"float_layers"`` (weighted layers
+    left float)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return run.export_model(
+            model, output_dir or tmp, formats, name=name, calibration_data=calibration,
+            eval_images=images, tensor_costs=False, latency_rounds=latency_rounds,
+            latency_runs=latency_runs, log=log,
+            report_extra={"family": name, "float_layers": wrap.unsupported_layers(model)})
 
 
 def export_family(name: str, output_dir: str | None = None, examples: int = 64,
                   formats=("int8",), seed: int = 0, latency_rounds: int = 1,
                   latency_runs: int = 3, log=lambda _: None) -> dict:
-    """Prepares family ``name`` (:func:`prepare`) and exports it; returns the export report
-    with ``"family"``, ``"bits"`` and ``"float_layers"`` (weighted layers left float)."""
+    """Prepares family ``name`` (:func:`prepare`) and exports it (:func:`export_quantized`);
+    the report also holds ``"bits"``."""
     calibration = images_for(name, 32, seed)
     model, bits = prepare(name, calibration, seed)
-    images = images_for(name, examples, seed + 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        report = run.export_model(
-            model, output_dir or tmp, formats, name=name, calibration_data=calibration,
-            eval_images=images, tensor_costs=False, latency_rounds=latency_rounds,
-            latency_runs=latency_runs, log=log,
-            report_extra={"family": name, "float_layers": wrap.unsupported_layers(model)})
+    report = export_quantized(model, name, calibration, images_for(name, examples, seed + 1),
+                              output_dir, formats, latency_rounds, latency_runs, log)
     report["bits"] = bits
     return report

@@ -529,6 +529,16 @@ def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool)
     return out
 
 
+def _pass_quant(export_plan: ExportPlan, node: Node, by_name: dict) -> FakeQuant:
+    """A fake quant on the output of a shape-only layer (max pooling, padding) that several
+    ops read, at its stored source's scale over the whole int8 range (a no-op on the values):
+    without it the converter gives some of those readers a float copy of the layer (seen
+    with InceptionV3's max pooling read by three requantizing convs and a pooling)."""
+    grid = export_plan.tensors[_stored_source(node.name, by_name)].grid
+    grid = dataclasses.replace(grid, qmin=grid.int8_min, qmax=grid.int8_max)
+    return FakeQuant.from_grid(grid, native=True, name=f"{node.name}_quant")
+
+
 def _rebuilt(node: Node):
     """A fresh copy of a weightless layer (or the stateless keras.ops operation itself)."""
     op = node.layer
@@ -562,6 +572,8 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None)
                          f"Received: native={native}")
     new: dict = {}
     inputs = []
+    by_name = {n.name: n for n in export_plan.nodes}
+    readers = node_readers(export_plan.nodes, export_plan.outputs)
     for node in export_plan.nodes:
         if node.kind == "input":
             shape = tuple(node.layer.batch_shape[1:])
@@ -583,6 +595,9 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None)
             t = _call(node, _rebuilt(node), _concat_inputs(export_plan, node, new, native))
         else:
             t = _call(node, _rebuilt(node), new)
+            if native and node.kind == "pass" and len(readers[node.name]) > 1 and \
+                    _stored_source(node.name, by_name) in export_plan.tensors:
+                t = _pass_quant(export_plan, node, by_name)(t)
         tensor = export_plan.tensors.get(node.name)
         if tensor is not None and (native or tensor.kind in EXACT_KINDS):
             t = FakeQuant.from_grid(tensor.grid, native=native, name=tensor.fake_quant)(t)

@@ -1,0 +1,52 @@
+"""Where the int8 export of a keras.applications family first departs from the Keras model.
+
+Runs the family recipe of ``metamix_tf.export.families`` (random weights, random bits from
+{2, 3, 4, 8}, 4-bit weights, biases snapped), then compares every tensor that both models
+round on the same grid, integer by integer, in graph order
+(``metamix_tf.export.divergence``), and prints the first ``--show`` tensors that differ with
+how far the Keras model's value was from a rounding boundary.
+
+Usage: ``python benchmarks/export_divergence.py --family DenseNet121 [--examples 64]
+[--show 4] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from metamix_tf.export import divergence, families, graph  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, choices=sorted(families.FAMILIES))
+    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--show", type=int, default=4)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    calibration = families.images_for(args.family, 32, 0)
+    model, _ = families.prepare(args.family, calibration, 0)
+    images = families.images_for(args.family, args.examples, 1)
+    export_plan = graph.plan(model, calibration)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = divergence.stored_tensor_divergence(
+            model, export_plan, graph.build(export_plan, native=True), images, tmp)
+    differing = [r for r in rows if r["mismatches"]]
+    print(f"{args.family}: {len(rows)} tensors compared, {len(differing)} differ")
+    for r in differing[:args.show]:
+        print(f"  {r['tensor']} ({r['kind']}, {r['bits']}-bit): {r['mismatches']} of "
+              f"{r['elements']} integers differ; max |frac(x/step) - 1/2| = "
+              f"{r['max_tie_distance']:.3g}; first: {r['first'][:2]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"family": args.family, "examples": args.examples, "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

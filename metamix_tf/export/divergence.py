@@ -1,0 +1,91 @@
+"""Where the int8 model first departs from the Keras model: every tensor both round on the
+same grid, compared integer by integer, in graph order.
+
+The tensors are the plan's exact ones (:data:`~metamix_tf.export.graph.EXACT_KINDS`
+``"grid"`` and ``"quantized"``): the int8 model's values come from a probe copy of the
+converter-native graph whose outputs are those tensors, run under the default (XNNPACK)
+kernels, as deployment runs; the Keras model's from its own quantizer applied to the float
+tensor it rounds. For each tensor that differs, ``max_tie_distance`` is the largest
+``| frac(x / step) - 1/2 |`` of the Keras model's float values where the integers differ:
+near 0 when the Keras model sat on a rounding boundary (float32 summation noise decides),
+large when the difference was carried in from an earlier tensor or is a real error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from metamix_tf.export import tflite, verify
+from metamix_tf.export.graph import ExportPlan
+
+__all__ = ["stored_tensor_divergence", "first_divergence"]
+
+
+def _keras_side(model: keras.Model, export_plan: ExportPlan) -> list:
+    """``[(tensor plan, keras float tensor, quantizer)]`` for the grid / quantized tensors."""
+    nodes = {n.name: n for n in export_plan.nodes}
+    out = []
+    for name, t in export_plan.tensors.items():
+        if t.kind == "grid":
+            q = model.get_layer(t.quant_readers[0]).input_quantizer
+        elif t.kind == "quantized":
+            q = nodes[name].output_quantizer
+        else:
+            continue
+        out.append((t, nodes[name].keras_output, q))
+    return out
+
+
+def stored_tensor_divergence(model: keras.Model, export_plan: ExportPlan,
+                             inference_graph: keras.Model, images: np.ndarray,
+                             workdir: str) -> list:
+    """One row per exact stored tensor, in graph order: ``{"tensor", "kind", "bits",
+    "elements", "mismatches", "max_tie_distance", "first": [(index, keras x / step, keras
+    integer, int8 integer), ...]}`` (module docstring). ``inference_graph``: the
+    converter-native graph of ``export_plan``."""
+    items = [(t, x, q) for t, x, q in _keras_side(model, export_plan)
+             if t.fake_quant in {layer.name for layer in inference_graph.layers}]
+    probe = keras.Model(inference_graph.inputs,
+                        [inference_graph.get_layer(t.fake_quant).output for t, _, _ in items])
+    saved = os.path.join(workdir, "divergence_saved_model")
+    probe.export(saved, verbose=False)
+    path = os.path.join(workdir, "divergence_int8.tflite")
+    with open(path, "wb") as f:
+        f.write(tflite.convert(saved, "int8"))
+    runner = verify.interpreter(path).get_signature_runner()
+    (input_name,) = runner.get_input_details()
+    int8 = runner(**{input_name: np.ascontiguousarray(images, np.float32)})
+    floats = keras.Model(model.inputs, [x for _, x, _ in items])(
+        tf.convert_to_tensor(images), training=False)
+    floats = floats if isinstance(floats, (list, tuple)) else [floats]
+    rows = []
+    for i, ((t, _, q), x) in enumerate(zip(items, floats, strict=True)):
+        step = float(q.selected_step)
+        x = keras.ops.convert_to_numpy(x)
+        reference = np.round(keras.ops.convert_to_numpy(q(x)) / step).astype(np.int64)
+        values = np.round(np.asarray(int8[f"output_{i}"]) / t.grid.scale).astype(np.int64)
+        ratio = x / step
+        if reference.shape != values.shape:  # a padding the converter folded into the op
+            reference = verify._crop_to(reference, values.shape)
+            ratio = verify._crop_to(ratio, values.shape)
+            if reference is None:
+                continue
+        bad = np.argwhere(reference != values)
+        at = tuple(bad.T)
+        ties = np.abs(ratio[at] - np.floor(ratio[at]) - 0.5) if len(bad) else np.zeros(0)
+        rows.append({
+            "tensor": t.name, "kind": t.kind, "bits": int(q.selected_bits),
+            "elements": int(values.size), "mismatches": int(len(bad)),
+            "max_tie_distance": float(ties.max()) if len(bad) else None,
+            "first": [(tuple(int(j) for j in b), float(ratio[tuple(b)]),
+                       int(reference[tuple(b)]), int(values[tuple(b)])) for b in bad[:4]]})
+    return rows
+
+
+def first_divergence(rows: list) -> dict | None:
+    """The first row (graph order) whose integers differ, or None."""
+    return next((r for r in rows if r["mismatches"]), None)
