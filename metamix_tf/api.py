@@ -25,8 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from metamix_tf import bias_grid, distribute, search_rules, searchers, steps, trainer, wrap
 from metamix_tf import config as config_lib
-from metamix_tf import distribute, search_rules, searchers, steps, trainer, wrap
 from metamix_tf import loop as loop_lib
 from metamix_tf.cost import CostModel
 from metamix_tf.export import graph as export_graph
@@ -396,35 +396,46 @@ def run_finetune(model, loop: loop_lib.Loop, *, epochs: int, options: config_lib
     selected = steps.fixed_bits(model, bits)  # the selected bits, as static branches
     step = steps.train_step(strategy, model, optimizer, variables, configure=selected,
                             **kwargs)
-    eval_fn = steps.eval_step(strategy, model, configure=selected,
-                              jit_compile=loop.jit_compile)
+    eval_fn = plain_eval = steps.eval_step(strategy, model, configure=selected,
+                                           jit_compile=loop.jit_compile)
     weight_bits = sorted({wq.bits for wq in wrap.weight_quantizers(model)})
     loop.say(f"[finetune] weight training at the selected bits with {weight_bits}-bit "
              f"weights: {epochs} epoch(s) x {loop.steps_per_epoch} steps"
              + (f", KD from {teacher.name}" if teacher is not None else ""))
+    grid = _bias_grid(loop, model, options)
+    first_on_grid = epochs
+    if grid is not None:
+        first_on_grid = max(0, epochs - (epochs if options.bias_grid_epochs is None
+                                         else options.bias_grid_epochs))
+        loop.say(f"[finetune] {len(grid.layers)} folded biases on the int8 export's int32 "
+                 f"grid ('{options.weight_storage}' weights) from epoch {first_on_grid + 1}"
+                 + (f"; float in training: {grid.skipped}" if grid.skipped else ""))
+        step_on_grid, eval_fn = grid.around(step), grid.around(eval_fn)
     result = loop_lib.run_phase(
         loop, model, callbacks, phase="finetune", epochs=epochs,
-        epoch_step=lambda epoch: step, eval_fn=eval_fn,
-        checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer))
+        epoch_step=lambda epoch: step_on_grid if epoch >= first_on_grid else step,
+        eval_fn=eval_fn, checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer))
 
     def evaluate():
-        return trainer.evaluate(strategy, eval_fn, loop.eval_dataset) if loop.eval_dataset \
-            else {}
+        return trainer.evaluate(strategy, plain_eval, loop.eval_dataset) \
+            if loop.eval_dataset else {}
 
     metrics = result.last if result.history else evaluate()
     report = CostModel(model).report()
     wrap.select_bits(model, bits)  # "selected" mode, as the exporter expects
     if on_trained is not None:
         on_trained(model)
-    snapped = _snap_biases(loop, model) if options.snap_biases else None
+    snapped = _snap_biases(loop, model, options.weight_storage) if options.snap_biases \
+        else None
     if snapped is not None:
         before = metrics.get("val_acc")
         metrics = evaluate()
-        snapped.update(val_acc_before=before, val_acc_after=metrics.get("val_acc"))
+        snapped.update(val_acc_before=before, val_acc_after=metrics.get("val_acc"),
+                       trained_on_grid=grid is not None and first_on_grid < epochs)
         if before is not None:
             loop.say(f"[finetune] biases moved onto the int8 model's int32 grid (at most "
-                     f"{snapped['max_shift_units']:.2f} units): val_acc {100 * before:.2f}% "
-                     f"-> {100 * metrics['val_acc']:.2f}%")
+                     f"{snapped['max_shift_units']:.2f} units, {snapped['moved']} layers): "
+                     f"val_acc {100 * before:.2f}% -> {100 * metrics['val_acc']:.2f}%")
     return FinetuneResult(
         bits=bits, gbops=report["gbops"], avg_activation_bits=report["avg_activation_bits"],
         history=result.history, val_acc=metrics.get("val_acc"),
@@ -432,11 +443,23 @@ def run_finetune(model, loop: loop_lib.Loop, *, epochs: int, options: config_lib
         epochs=epochs)
 
 
-def _snap_biases(loop: loop_lib.Loop, model) -> dict | None:
+def _bias_grid(loop: loop_lib.Loop, model, options: config_lib.FinetuneConfig):
+    """The :class:`~metamix_tf.bias_grid.BiasGrid` weight training uses, or None: turned
+    off (``bias_grid_epochs=0``) or no int8 export (a line says why)."""
+    if options.bias_grid_epochs == 0:
+        return None
+    try:
+        return bias_grid.BiasGrid(model, options.weight_storage)
+    except export_graph.UnsupportedModelError as error:
+        loop.say(f"[finetune] biases trained in float (no int8 export): {error}")
+        return None
+
+
+def _snap_biases(loop: loop_lib.Loop, model, weight_storage: str = "spread") -> dict | None:
     """``export.graph.snap_biases``, or None (and a line saying why) where the model has no
     int8 export."""
     try:
-        return export_graph.snap_biases(model)
+        return export_graph.snap_biases(model, weight_storage)
     except export_graph.UnsupportedModelError as error:
         loop.say(f"[finetune] biases left as trained (no int8 export): {error}")
         return None
