@@ -360,13 +360,15 @@ def finetune(qmodel, train_data, *, epochs: int, validation_data=None, loss=None
     """Weight training of ``qmodel`` at its selected bits with quantized weights.
 
     Turns weight quantization on (LSQ steps initialised from the kernels), trains weights,
-    BatchNorm and step sizes for ``epochs`` epochs, then (setting ``snap_biases``, default
-    on) moves each folded bias onto the int8 export's int32 grid. ``qmodel`` ends in
-    ``"selected"`` mode, ready for :func:`export_tflite`.
+    BatchNorm and step sizes for ``epochs`` epochs with the folded biases rounded onto the
+    int8 export's int32 grid (:mod:`metamix_tf.bias_grid`; setting ``bias_grid_epochs``,
+    default every epoch), then (setting ``snap_biases``, default on) writes the rounded
+    biases into the model. ``qmodel`` ends in ``"selected"`` mode, ready for
+    :func:`export_tflite`.
 
     Args: as :func:`search`; settings are :class:`metamix_tf.config.FinetuneConfig` fields
-    (``learning_rate``, ``weight_decay``, ``kd_temperature``, ``snap_biases``) and the loop
-    settings.
+    (``learning_rate``, ``weight_decay``, ``kd_temperature``, ``bias_grid_epochs``,
+    ``weight_storage``, ``snap_biases``) and the loop settings.
     """
     _check_model(qmodel)
     options, loop_settings = _split_settings(settings, config_lib.FinetuneConfig)
