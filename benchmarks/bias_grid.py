@@ -59,11 +59,10 @@ def _pct(value) -> str:
 
 def markdown(rows: list) -> str:
     lines = ["| run | bias grid in training | float | before snap | after snap (final.keras) "
-             "| snap moved (max units) | int8 accuracy | int8 top-1 agreement |",
+             "| snap: largest bias move (units) | int8 accuracy | int8 top-1 agreement |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        moved = "-" if r["snap_max_units"] is None else (
-            f"{r['snap_max_units']:.3f} ({r['snap_layers_moved']} layers)")
+        moved = "-" if r["snap_max_units"] is None else f"{r['snap_max_units']:.2f}"
         lines.append(f"| {r['run']} | {'on' if r['grid_in_training'] else 'off'} "
                      f"| {_pct(r['float'])} | {_pct(r['before_snap'])} "
                      f"| {_pct(r['after_snap'])} | {moved} | {_pct(r['int8_accuracy'])} "

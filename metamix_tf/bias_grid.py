@@ -82,6 +82,10 @@ def bias_unit(input_step: tf.Tensor, folded_scale: tf.Tensor, largest: tf.Tensor
     return unit
 
 
+def _read(variable) -> tf.Tensor:
+    return tf.convert_to_tensor(variable)
+
+
 def _num(variable) -> tf.Tensor:
     return tf.reshape(tf.convert_to_tensor(variable), [-1])
 
@@ -154,11 +158,19 @@ class BiasGrid:
 
         def step(images, labels):
             moves = self.shifts()
-            for variable, delta in moves:
-                variable.assign_add(delta)
-            out = step_fn(images, labels)
+            latent = [tf.identity(_read(variable)) for variable, _ in moves]
+            with tf.control_dependencies(latent):
+                ops_ = [variable.assign_add(delta) for variable, delta in moves]
+            with tf.control_dependencies(ops_):
+                shifted = [tf.identity(_read(variable)) for variable, _ in moves]
+            with tf.control_dependencies(shifted):
+                out = step_fn(images, labels)
             with tf.control_dependencies(tf.nest.flatten(out)):
-                undone = [variable.assign_sub(delta) for variable, delta in moves]
+                # latent + the step's update: exactly the latent value when nothing updated
+                # it (evaluation changes no state)
+                undone = [variable.assign(old + (_read(variable) - new))
+                          for (variable, _), old, new in zip(moves, latent, shifted,
+                                                              strict=True)]
             with tf.control_dependencies(undone):
                 return tf.nest.map_structure(tf.identity, out)
 

@@ -142,6 +142,21 @@ def test_after_training_on_the_grid_the_snap_moves_nothing(tuned):
         np.testing.assert_array_equal(old, new.numpy())
 
 
+def test_evaluation_on_the_grid_changes_no_variable():
+    model, _, (test_x, test_y) = _selected()
+    grid = bias_grid.BiasGrid(model)
+    before = [v.numpy().copy() for v in model.weights]
+
+    def evaluate(images, labels):
+        return tf.reduce_sum(model(images, training=False))
+
+    on_grid = grid.around(evaluate)(tf.constant(test_x), tf.constant(test_y))
+    for old, new in zip(before, model.weights, strict=True):
+        np.testing.assert_array_equal(old, new.numpy())
+    graph.snap_biases(model)
+    assert on_grid.numpy() == pytest.approx(float(evaluate(test_x, test_y)), rel=1e-5)
+
+
 def test_grid_off_trains_float_biases_and_snaps_after():
     model, train, test = _selected()
     result = mm.finetune(model, train, epochs=1, validation_data=test, bias_grid_epochs=0,
