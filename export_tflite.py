@@ -34,8 +34,10 @@ flags.DEFINE_bool("verify", True, "Run the exported models with the LiteRT inter
 flags.DEFINE_integer("max_eval_examples", 5000, "Evaluation images used for verification.")
 flags.DEFINE_integer("calibration_examples", 1024, "Train images used to calibrate the "
                      "int8 ranges of the tensors the Keras model keeps in float.")
-flags.DEFINE_enum("weight_storage", "spread", ["bits", "spread", "int4"],
-                  "int8 weights: 'bits' holds the b-bit integers with the learned per-channel "
+flags.DEFINE_enum("weight_storage", None, ["bits", "spread", "int4"],
+                  "Default: the storage the run's biases were trained for "
+                  "(finetune.weight_storage, 'spread' unless set). int8 weights: 'bits' "
+                  "holds the b-bit integers with the learned per-channel "
                   "steps; 'spread' multiplies them per channel to fill [-127, 127] (same "
                   "weights, finer int32 biases, closer to the Keras model); 'int4' is 'bits' "
                   "and also writes <model>_int4.tflite, every <= 4-bit kernel a packed INT4 "

@@ -50,9 +50,10 @@ flags.DEFINE_float("alpha_learning_rate", None, "Bit-logit learning rate of both
                    "(default: the config's); set for joint and MetaMix alike.")
 flags.DEFINE_float("cost_weight", None, "GBOPs penalty weight lambda of both searchers "
                    "(default: the config's).")
-flags.DEFINE_bool("snap_biases", False, "Snap the final biases onto the int8 grid "
-                  "(finetune.snap_biases). Off: the study compares bit selection, and the "
-                  "committed small-budget results were made without it.")
+flags.DEFINE_bool("snap_biases", False, "Train the biases on the int8 grid and snap them "
+                  "(finetune.bias_grid_epochs, finetune.snap_biases). Off: the study "
+                  "compares bit selection, and the committed small-budget results were made "
+                  "without it.")
 flags.DEFINE_string("tag", "", "Suffix of the searchers' run directories and of the result "
                     "files, for a variant (the float and uniform runs, which have no bit "
                     "logits, are shared).")
@@ -98,6 +99,7 @@ def base_config(budget: dict, seed: int) -> config_lib.ExperimentConfig:
     config.search.warmup_epochs = budget["warmup_epochs"]
     config.finetune.epochs = budget["finetune_epochs"]
     config.finetune.snap_biases = FLAGS.snap_biases
+    config.finetune.bias_grid_epochs = None if FLAGS.snap_biases else 0
     if FLAGS.alpha_learning_rate is not None:
         config.search.alpha_learning_rate = FLAGS.alpha_learning_rate
     if FLAGS.cost_weight is not None:

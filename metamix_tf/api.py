@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
+from metamix_tf.export import bias_grid
 from metamix_tf.export import graph as export_graph
 from metamix_tf.quant import wrap
 from metamix_tf.quant.cost import CostModel
@@ -372,13 +373,15 @@ def finetune(qmodel, train_data, *, epochs: int, validation_data=None, loss=None
     """Weight training of ``qmodel`` at its selected bits with quantized weights.
 
     Turns weight quantization on (LSQ steps initialised from the kernels), trains weights,
-    BatchNorm and step sizes for ``epochs`` epochs, then (setting ``snap_biases``, default
-    on) moves each folded bias onto the int8 export's int32 grid. ``qmodel`` ends in
-    ``"selected"`` mode, ready for :func:`export_tflite`.
+    BatchNorm and step sizes for ``epochs`` epochs with the folded biases rounded onto the
+    int8 export's int32 grid (:mod:`metamix_tf.export.bias_grid`; setting ``bias_grid_epochs``,
+    default every epoch), then (setting ``snap_biases``, default on) writes the rounded
+    biases into the model. ``qmodel`` ends in ``"selected"`` mode, ready for
+    :func:`export_tflite`.
 
     Args: as :func:`search`; settings are :class:`metamix_tf.config.FinetuneConfig` fields
-    (``learning_rate``, ``weight_decay``, ``kd_temperature``, ``snap_biases``) and the loop
-    settings.
+    (``learning_rate``, ``weight_decay``, ``kd_temperature``, ``bias_grid_epochs``,
+    ``weight_storage``, ``snap_biases``) and the loop settings.
     """
     _check_model(qmodel)
     options, loop_settings = _split_settings(settings, config_lib.FinetuneConfig)
@@ -408,34 +411,46 @@ def run_finetune(model, loop: trainer.Loop, *, epochs: int, options: config_lib.
     selected = steps.fixed_bits(model, bits)  # the selected bits, as static branches
     step = steps.make_train_step(strategy, model, optimizer, variables, configure=selected,
                                  **kwargs)
-    eval_fn = steps.make_eval_step(strategy, model, configure=selected,
-                                   jit_compile=loop.jit_compile)
+    eval_fn = plain_eval = steps.make_eval_step(strategy, model, configure=selected,
+                                                jit_compile=loop.jit_compile)
     weight_bits = sorted({wq.bits for wq in wrap.weight_quantizers(model)})
     loop.say(f"[finetune] weight training at the selected bits with {weight_bits}-bit "
              f"weights: {epochs} epoch(s) x {loop.steps_per_epoch} steps"
              + (f", KD from {teacher.name}" if teacher is not None else ""))
+    grid = _bias_grid(loop, model, options)
+    step_on_grid, first_on_grid = step, epochs
+    if grid is not None:
+        first_on_grid = max(0, epochs - (epochs if options.bias_grid_epochs is None
+                                         else options.bias_grid_epochs))
+        loop.say(f"[finetune] {len(grid.layers)} folded biases on the int8 export's int32 "
+                 f"grid ('{options.weight_storage}' weights) from epoch {first_on_grid + 1}"
+                 + (f"; float in training: {grid.skipped}" if grid.skipped else ""))
+        step_on_grid, eval_fn = grid.around(step), grid.around(eval_fn)
     result = loop_lib.run_phase(loop, model, callbacks, trainer.Phase(
-        "finetune", epochs, epoch_step=lambda epoch: step, eval_fn=eval_fn,
-        checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer)))
+        "finetune", epochs,
+        epoch_step=lambda epoch: step_on_grid if epoch >= first_on_grid else step,
+        eval_fn=eval_fn, checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer)))
 
     def evaluate():
-        return trainer.evaluate(strategy, eval_fn, loop.eval_dataset) if loop.eval_dataset \
-            else {}
+        return trainer.evaluate(strategy, plain_eval, loop.eval_dataset) \
+            if loop.eval_dataset else {}
 
     metrics = result.last if result.history else evaluate()
     report = CostModel(model).report()
     wrap.select_bits(model, bits)  # "selected" mode, as the exporter expects
     if on_trained is not None:
         on_trained(model)
-    snapped = _snap_biases(loop, model) if options.snap_biases else None
+    snapped = _snap_biases(loop, model, options.weight_storage) if options.snap_biases \
+        else None
     if snapped is not None:
         before = metrics.get("val_acc")
         metrics = evaluate()
-        snapped.update(val_acc_before=before, val_acc_after=metrics.get("val_acc"))
+        snapped.update(val_acc_before=before, val_acc_after=metrics.get("val_acc"),
+                       trained_on_grid=grid is not None and first_on_grid < epochs)
         if before is not None:
             loop.say(f"[finetune] biases moved onto the int8 model's int32 grid (at most "
-                     f"{snapped['max_shift_units']:.2f} units): val_acc {100 * before:.2f}% "
-                     f"-> {100 * metrics['val_acc']:.2f}%")
+                     f"{snapped['max_shift_units']:.2f} units, {snapped['moved']} layers): "
+                     f"val_acc {100 * before:.2f}% -> {100 * metrics['val_acc']:.2f}%")
     return FinetuneResult(
         bits=bits, gbops=report["gbops"], avg_activation_bits=report["avg_activation_bits"],
         history=result.history, val_acc=metrics.get("val_acc"),
@@ -443,11 +458,23 @@ def run_finetune(model, loop: trainer.Loop, *, epochs: int, options: config_lib.
         epochs=epochs)
 
 
-def _snap_biases(loop: trainer.Loop, model) -> dict | None:
+def _bias_grid(loop: trainer.Loop, model, options: config_lib.FinetuneConfig):
+    """The :class:`~metamix_tf.export.bias_grid.BiasGrid` weight training uses, or None: turned
+    off (``bias_grid_epochs=0``) or no int8 export (a line says why)."""
+    if options.bias_grid_epochs == 0:
+        return None
+    try:
+        return bias_grid.BiasGrid(model, options.weight_storage)
+    except export_graph.UnsupportedModelError as error:
+        loop.say(f"[finetune] biases trained in float (no int8 export): {error}")
+        return None
+
+
+def _snap_biases(loop: trainer.Loop, model, weight_storage: str = "spread") -> dict | None:
     """``export.graph.snap_biases``, or None (and a line saying why) where the model has no
     int8 export."""
     try:
-        return export_graph.snap_biases(model)
+        return export_graph.snap_biases(model, weight_storage)
     except export_graph.UnsupportedModelError as error:
         loop.say(f"[finetune] biases left as trained (no int8 export): {error}")
         return None

@@ -227,10 +227,26 @@ class FinetuneConfig:
     weight_decay: float = 5e-6
     teacher: str | None = None  # None | "self" | path to a .keras model
     kd_temperature: float = 1.0
+    # The int32 bias grid of the int8 export inside training (metamix_tf.export.bias_grid): the
+    # folded biases are rounded onto it (straight-through gradient) in the last
+    # `bias_grid_epochs` epochs; None: every epoch; 0: never (only snapped after training).
+    bias_grid_epochs: int | None = None
+    # The export's weight storage ("spread" or "bits", export_tflite.py --weight_storage)
+    # whose bias grid training and the snap use.
+    weight_storage: str = "spread"
     # After training, move each folded bias onto the int32 grid of an int8 TFLite conv
     # (metamix_tf.export.graph.snap_biases), so that final.keras computes what the int8
-    # export computes; evaluated after the move.
+    # export computes; evaluated after the move. With the grid in training it writes the
+    # rounded biases the training computed with into the variables (outputs unchanged).
     snap_biases: bool = True
+
+    def __post_init__(self):
+        from metamix_tf.export.bias_grid import check_storage
+
+        check_storage(self.weight_storage)
+        if self.bias_grid_epochs is not None and self.bias_grid_epochs < 0:
+            raise ValueError("`bias_grid_epochs` must be None (every epoch) or >= 0. "
+                             f"Received: bias_grid_epochs={self.bias_grid_epochs}")
 
 
 @dataclass

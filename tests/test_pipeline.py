@@ -263,7 +263,7 @@ def test_a_failing_bias_snap_keeps_the_trained_weights(tmp_path, reference, monk
 
     from metamix_tf import api
 
-    def broken(loop, model):
+    def broken(*args):
         raise RuntimeError("post-processing failed")
 
     monkeypatch.setattr(api, "_snap_biases", broken)

@@ -85,6 +85,8 @@ __all__ = [
     "WEIGHT_STORAGE",
     "plan",
     "with_int32_biases",
+    "int8_bias_plan",
+    "bias_target",
     "snap_biases",
     "build",
     "image_batches",
@@ -429,44 +431,68 @@ def with_int32_biases(export_plan: ExportPlan) -> ExportPlan:
                                affine=_round_biases(export_plan, export_plan.affine))
 
 
-def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
-    """Moves every quantized layer's folded bias onto the int32 grid an int8 TFLite conv
-    stores it on (units of ``input_step * weight_scale`` per output channel), in place.
-
-    The shift ``delta_c = round(b_c / u_c) * u_c - b_c`` (at most half a unit) goes into the
-    BatchNorm's ``beta`` when the layer has one, else into the layer's bias, so the Keras
-    model then computes what the int8 model computes (up to float32 rounding). Run it after
-    weight training, then evaluate; the export's bias rounding becomes a no-op. Raises
-    :class:`UnsupportedModelError` where the model has no int8 export. Returns
-    ``{"layers", "skipped", "max_abs_shift", "max_shift_units"}``.
-    """
+def int8_bias_plan(model: keras.Model, weight_storage: str = "spread") -> ExportPlan:
+    """The float plan whose folded biases an int8 export stores on int32 grids (what
+    :func:`snap_biases` and :class:`metamix_tf.export.bias_grid.BiasGrid` read). Raises
+    :class:`UnsupportedModelError` where the model has no int8 export."""
     export_plan = plan(model, int8=False, weight_storage=weight_storage)
     wide = [name for name, p in export_plan.inputs.items() if not p.grid.fits_int8]
     if wide:
         raise UnsupportedModelError(
             f"Layer '{wide[0]}' has a {export_plan.inputs[wide[0]].bits}-bit input: no int8 "
             f"model, so no int32 bias grid to snap to. Received: layer={wide[0]!r}")
+    return export_plan
+
+
+def bias_target(model: keras.Model, weights: WeightPlan):
+    """The variable a folded bias shift goes into: the BatchNorm's ``beta`` when the layer
+    has one, else the layer's bias; None where no variable adds to the folded bias."""
+    bn = model.get_layer(weights.batch_norm) if weights.batch_norm else None
+    if bn is not None:
+        return bn.beta if bn.center else None
+    layer = model.get_layer(weights.layer)
+    return layer.bias if getattr(layer, "use_bias", False) else None
+
+
+def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
+    """Moves every quantized layer's folded bias onto the int32 grid an int8 TFLite conv
+    stores it on (units of ``input_step * weight_scale`` per output channel), in place.
+
+    The shift ``delta_c = round(b_c / u_c) * u_c - b_c`` (at most half a unit) goes into the
+    variable :func:`bias_target` names, so the Keras model then computes what the int8
+    model computes (up to float32 rounding). A bias already on its grid up to the float32
+    rounding of that variable and of the unit (``|delta_c| <= 4 ulp(target_c) + 8 eps32
+    |b_c|``: the int8 export stores the same integer) is left as it is, so a second call
+    changes nothing. Run it after weight training, then evaluate; the
+    export's bias rounding becomes a no-op. Raises :class:`UnsupportedModelError` where the
+    model has no int8 export. Returns ``{"layers", "skipped", "moved", "max_abs_shift",
+    "max_shift_units"}`` (``moved``: layers with a bias that changed).
+    """
+    export_plan = int8_bias_plan(model, weight_storage)
     twin = with_int32_biases(export_plan)
-    skipped, max_shift, max_units = [], 0.0, 0.0
+    skipped, moved, max_shift, max_units = [], 0, 0.0, 0.0
     every = {**export_plan.weights, **export_plan.affine}
     snapped = {**twin.weights, **twin.affine}
     for name, w in every.items():
         delta = snapped[name].folded.bias - w.folded.bias
         if not np.any(delta):
             continue
-        layer = model.get_layer(name)
-        bn = model.get_layer(w.batch_norm) if w.batch_norm else None
-        if bn is not None and bn.center:
-            target = bn.beta
-        elif bn is None and layer.use_bias:
-            target = layer.bias
-        else:  # a BatchNorm without beta: no variable adds to the folded bias
+        target = bias_target(model, w)
+        if target is None:  # a BatchNorm without beta: no variable adds to the folded bias
             skipped.append(name)
             continue
-        target.assign(target + delta.astype(np.float32))
+        unit = _bias_unit(export_plan, name)
+        value = keras.ops.convert_to_numpy(target)
+        tolerance = (4 * np.spacing(np.abs(value)).astype(np.float64)
+                     + 8 * np.finfo(np.float32).eps * np.abs(w.folded.bias))
+        delta = np.where(np.abs(delta) <= tolerance, 0.0, delta)
+        if not np.any(delta):
+            continue
+        target.assign(value + delta.astype(np.float32))
+        moved += 1
         max_shift = max(max_shift, float(np.abs(delta).max()))
-        max_units = max(max_units, float(np.abs(delta / _bias_unit(export_plan, name)).max()))
-    return {"layers": len(every) - len(skipped), "skipped": skipped,
+        max_units = max(max_units, float(np.abs(delta / unit).max()))
+    return {"layers": len(every) - len(skipped), "skipped": skipped, "moved": moved,
             "max_abs_shift": max_shift, "max_shift_units": max_units}
 
 

@@ -32,6 +32,10 @@ __all__ = [
     "is_exact_requantization",
     "FoldedWeights",
     "fold_batch_norm",
+    "batch_norm_factor",
+    "folded_scale",
+    "spread_multiplier",
+    "spread_multiplier_for_bias",
     "spread_to_int8",
     "kernel_integers",
 ]
@@ -236,6 +240,41 @@ class FoldedWeights:
         return int(grid.min()), int(grid.max())
 
 
+# The formulas below are written once for numpy (the export, float64) and for TensorFlow
+# (``xp=metamix_tf.export.bias_grid.TF_NUMPY``: the bias grid inside training, float32).
+
+
+def batch_norm_factor(gamma, variance, epsilon: float, xp=np):
+    """A BatchNorm's per-channel factor ``f_c = gamma_c / sqrt(var_c + eps)``."""
+    return gamma / xp.sqrt(variance + float(epsilon))
+
+
+def folded_scale(step, factor, xp=np):
+    """Per-channel scale of a kernel ``integers * step`` folded with BatchNorm factor
+    ``factor``: ``|step_c f_c|``, or ``|step_c|`` where ``f_c = 0``, or 1 where that is 0."""
+    total = step * factor
+    scale = xp.where(total == 0, xp.abs(step), xp.abs(total))
+    return xp.where(scale > 0, scale, xp.ones_like(scale))
+
+
+def spread_multiplier(largest, xp=np):
+    """The largest ``m_c`` with ``m_c * largest_c <= 127`` (at least 1), ``largest_c`` the
+    channel's largest absolute integer (a channel of zeros counts as 1)."""
+    return xp.maximum(xp.floor(WEIGHT_QMAX / xp.maximum(largest, 1.0)), 1.0)
+
+
+def spread_multiplier_for_bias(bias, unit, largest, xp=np):
+    """Per channel, the multiplier ``m_c`` in ``[1, spread_multiplier(largest_c)]`` whose
+    int32 bias grid ``unit_c / m_c`` (``unit_c = input_scale * scale_c``) has a point
+    closest to ``bias_c``; on ties the larger ``m_c`` (the finer grid)."""
+    candidates = xp.asarray(range(WEIGHT_QMAX, 0, -1), dtype=unit.dtype)  # larger first
+    units = unit / xp.reshape(candidates, (-1, 1))  # [127, channels]
+    error = xp.abs(bias - xp.round(bias / units) * units)
+    allowed = xp.reshape(candidates, (-1, 1)) <= spread_multiplier(largest, xp)
+    error = xp.where(allowed, error, xp.full_like(error, np.inf))
+    return xp.take(candidates, xp.argmin(error, axis=0))
+
+
 def spread_to_int8(folded: FoldedWeights, input_scale: float | None = None) -> FoldedWeights:
     """The same kernel with each channel's integers multiplied by an ``m_c`` that keeps them
     within ``[-127, 127]`` and the scale divided by ``m_c``.
@@ -246,16 +285,11 @@ def spread_to_int8(folded: FoldedWeights, input_scale: float | None = None) -> F
     given ``input_scale``, the allowed value whose int32 bias is closest to the real bias.
     """
     flat = folded.integers.reshape(-1, folded.scale.size)
-    largest = np.maximum(np.abs(flat).max(axis=0), 1.0) if flat.size else np.ones(
-        folded.scale.size)
-    m_max = np.maximum(np.floor(WEIGHT_QMAX / largest), 1.0).astype(np.int64)
-    m = m_max.copy()
+    largest = np.abs(flat).max(axis=0) if flat.size else np.ones(folded.scale.size)
+    m = spread_multiplier(largest).astype(np.int64)
     if input_scale is not None:
-        for c in range(folded.scale.size):
-            candidates = np.arange(m_max[c], 0, -1)  # larger first: ties keep the finer
-            unit = input_scale * folded.scale[c] / candidates
-            error = np.abs(folded.bias[c] - np.round(folded.bias[c] / unit) * unit)
-            m[c] = candidates[int(np.argmin(error))]
+        m = spread_multiplier_for_bias(folded.bias, input_scale * folded.scale,
+                                       largest).astype(np.int64)
     total = m * folded.multiplier
     return FoldedWeights(integers=(flat * m).reshape(folded.integers.shape),
                          scale=folded.scale / m, bias=folded.bias, negated=folded.negated,
@@ -286,13 +320,12 @@ def fold_batch_norm(integers: np.ndarray, step: np.ndarray, bias: np.ndarray | N
     else:
         gamma = np.ones(channels) if gamma is None else np.asarray(gamma, np.float64)
         beta = np.zeros(channels) if beta is None else np.asarray(beta, np.float64)
-        factor = gamma / np.sqrt(np.asarray(variance, np.float64) + float(epsilon))
+        factor = batch_norm_factor(gamma, np.asarray(variance, np.float64), epsilon)
         new_bias = (bias - np.asarray(mean, np.float64)) * factor + beta
     total = step * factor
     negated = total < 0
     zero = total == 0
-    scale = np.where(zero, np.abs(step), np.abs(total))
-    scale = np.where(scale > 0, scale, 1.0)
+    scale = folded_scale(step, factor)
     sign = np.where(negated, -1.0, 1.0)
     flat = np.where(zero, 0.0, flat * sign)
     return FoldedWeights(integers=flat.reshape(integers.shape), scale=scale, bias=new_bias,

@@ -446,6 +446,7 @@ def export_run(model_dir: str | None = None, output_dir: str | None = None,
         run, max_eval_examples, max_calibration_examples)
     kwargs.setdefault("labels", class_names)
     kwargs.setdefault("normalisation", normalisation)
+    kwargs["weight_storage"] = _run_storage(run, kwargs.get("weight_storage"), log)
     report = export_model(
         run.model, output_dir, formats, name=run.config.model.name,
         calibration_data=calibration, eval_images=images, eval_labels=labels,
@@ -453,6 +454,21 @@ def export_run(model_dir: str | None = None, output_dir: str | None = None,
         max_calibration_examples=max_calibration_examples,
         report_extra={"model_dir": model_dir}, log=log, **kwargs)
     return report
+
+
+def _run_storage(run, requested: str | None, log) -> str:
+    """The weight storage of a run's export: ``requested``, else the one its biases were
+    trained on (``finetune.weight_storage``); a line says when their bias grids differ."""
+    from metamix_tf.export.bias_grid import STORAGE_GRIDS
+
+    trained = getattr(run.config.finetune, "weight_storage", "spread")
+    if requested is None:
+        return trained
+    if STORAGE_GRIDS.get(requested) != STORAGE_GRIDS.get(trained):
+        log(f"Note: the biases were trained on the '{trained}' storage's int32 grid; "
+            f"'{requested}' has another, so the export moves them (agreement may fall below "
+            f"100%). Retrain with --set finetune.weight_storage={requested} for an exact file.")
+    return requested
 
 
 def _pct(value) -> str:
