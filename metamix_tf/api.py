@@ -12,8 +12,8 @@ phase runs the project's own loop (:mod:`metamix_tf.training.trainer`) on ``tf.d
 ``strategy.scope()``). The pipeline's search and weight-training phases run the same
 functions (:func:`run_search`, :func:`run_finetune`) on its run directory's loop.
 
-About 470 lines: the three entry points, their result types and the helpers they share
-(settings, targets, loss, optimizers).
+About 520 lines: the three entry points, their result types and the helpers they share
+(settings, targets, loss, optimizers, the bias grid).
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ Searchers (``config.search.searcher``): ``"metamix"`` (per iteration a bit-meta 
 bit-search step, bit-meta only during the warm-up epochs), ``"joint"`` (EdMIPS/DNAS: weights
 and alphas stepped together on the mixture) and ``"none"`` (uniform LSQ: every searchable
 layer at ``search.uniform_bits``, weights and step sizes trained for the same epochs).
+
+About 460 lines: the three phases and the run they make up (checks in
+:mod:`metamix_tf.run_checks`, files in :mod:`metamix_tf.run_files`).
 """
 
 from __future__ import annotations

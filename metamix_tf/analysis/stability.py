@@ -26,6 +26,9 @@ nothing in an inference pass depends on the batch). Shifts against a reference b
 * BatchNorm inputs, averaged over channels: ``|mu_b - mu_ref| / sigma_ref`` and
   ``|log(sigma_b^2 + e) - log(sigma_ref^2 + e)|`` with ``sigma_ref = sqrt(var_ref + e)`` and
   ``e`` that BN layer's ``epsilon``, so the mean shift is in units of the normalised output.
+
+About 520 lines, one idea: per-layer activation and BatchNorm statistics at given bits
+(the probe, the moments, the shift metric) and the histograms and plot built on the same probe.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ on) and writes into ``output_dir``:
 :func:`export_run` does the same for a run directory of :mod:`metamix_tf.pipeline` (its
 ``config.yaml``, ``bits.json`` and ``final.keras``), with calibration images from the
 train split and verification on the eval split.
+
+About 530 lines: the export of a model and of a run directory share their verification and
+report (one file keeps the report's fields in one place).
 """
 
 from __future__ import annotations
