@@ -5,6 +5,8 @@ import hashlib
 import os
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 L = keras.layers
 
@@ -31,3 +33,34 @@ def three_conv_model(outputs: int = 1, head_name: str = "fc{i}") -> keras.Model:
     x = L.GlobalAveragePooling2D()(x)
     heads = [L.Dense(4, name=head_name.format(i=i))(x) for i in range(outputs)]
     return keras.Model(inp, heads[0] if outputs == 1 else heads)
+
+
+CANDIDATES = (2, 4, 8)
+
+
+def tiny_net(input_shape=(16, 16, 3), num_classes=4):
+    """Convs without bias before BatchNorm, as in the real networks (a bias there has a
+    zero gradient in exact arithmetic, so it would only move with float noise)."""
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv0")(inputs)
+    x = keras.layers.BatchNormalization(name="bn0")(x)
+    x = keras.layers.ReLU(name="relu0")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    x = keras.layers.Conv2D(16, 1, use_bias=False, name="pw1")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.ReLU(name="relu2")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False,
+                            name="conv3")(x)
+    x = keras.layers.BatchNormalization(name="bn3")(x)
+    x = keras.layers.ReLU(name="relu3")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="tiny")
+
+
+def random_batch(n=16, seed=0, shape=(16, 16, 3), num_classes=4):
+    rng = np.random.default_rng(seed)
+    return (tf.constant(rng.normal(size=(n, *shape)).astype(np.float32)),
+            tf.constant(rng.integers(0, num_classes, n).astype(np.int32)))

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_steps import CANDIDATES, random_batch, tiny_net
+from helpers import CANDIDATES, random_batch, tiny_net
 
 from metamix_tf.analysis import evaluation, stability
 from metamix_tf.config import QuantConfig

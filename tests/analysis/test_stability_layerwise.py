@@ -2,7 +2,7 @@
 bits."""
 
 import numpy as np
-from test_steps import CANDIDATES, random_batch, tiny_net
+from helpers import CANDIDATES, random_batch, tiny_net
 
 from metamix_tf.analysis import stability, stability_layerwise
 from metamix_tf.config import QuantConfig

@@ -53,7 +53,7 @@ def test_ablation_needs_its_optimizer_and_counts_its_steps():
 
 
 def test_search_runs_the_ablation_end_to_end():
-    from test_steps import tiny_net
+    from helpers import tiny_net
 
     x, y = (np.asarray(t) for t in random_batch(n=16))
     qmodel = metamix_tf.apply(tiny_net(), metamix_tf.QuantConfig(candidate_bits=CANDIDATES))
