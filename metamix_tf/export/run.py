@@ -43,6 +43,7 @@ from metamix_tf import config as config_lib
 from metamix_tf.export import aimet, graph, int4, tflite, verify
 from metamix_tf.export import encodings as encodings_lib
 from metamix_tf.export import integer_io as integer_io_lib
+from metamix_tf.export.bias_grid import STORAGE_GRIDS
 from metamix_tf.quant import wrap
 
 __all__ = [
@@ -462,8 +463,6 @@ def export_run(model_dir: str | None = None, output_dir: str | None = None,
 def _run_storage(run, requested: str | None, log) -> str:
     """The weight storage of a run's export: ``requested``, else the one its biases were
     trained on (``finetune.weight_storage``); a line says when their bias grids differ."""
-    from metamix_tf.export.bias_grid import STORAGE_GRIDS
-
     trained = getattr(run.config.finetune, "weight_storage", "spread")
     if requested is None:
         return trained
