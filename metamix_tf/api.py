@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf.export import bias_grid
+from metamix_tf.export import bias_grid, pool_steps
 from metamix_tf.export import graph as export_graph
 from metamix_tf.quant import wrap
 from metamix_tf.quant.cost import CostModel
@@ -93,6 +93,8 @@ class FinetuneResult:
     bias_snap: dict | None
     wall_time_s: float
     epochs: int
+    # pooled-output quantizer -> (old step, new step) moved by the post-processing
+    pooled_steps: dict = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,8 +442,15 @@ def run_finetune(model, loop: trainer.Loop, *, epochs: int, options: config_lib.
     wrap.select_bits(model, bits)  # "selected" mode, as the exporter expects
     if on_trained is not None:
         on_trained(model)
-    snapped = _snap_biases(loop, model, options.weight_storage) if options.snap_biases \
-        else None
+    pooled = _export_rule(loop, "pooled steps left as trained", pool_steps.snap_pooled_steps,
+                          model) if options.snap_pooled_steps else None
+    if pooled:
+        loop.say(f"[finetune] {len(pooled)} pooled-output step(s) moved to an odd ratio of "
+                 "their input's step (no rounding ties in the int8 mean)")
+    snapped = _export_rule(loop, "biases left as trained", export_graph.snap_biases, model,
+                           options.weight_storage) if options.snap_biases else None
+    if pooled and snapped is None and loop.eval_dataset:
+        metrics = evaluate()
     if snapped is not None:
         before = metrics.get("val_acc")
         metrics = evaluate()
@@ -455,7 +464,7 @@ def run_finetune(model, loop: trainer.Loop, *, epochs: int, options: config_lib.
         bits=bits, gbops=report["gbops"], avg_activation_bits=report["avg_activation_bits"],
         history=result.history, val_acc=metrics.get("val_acc"),
         val_loss=metrics.get("val_loss"), bias_snap=snapped, wall_time_s=result.wall_time_s,
-        epochs=epochs)
+        epochs=epochs, pooled_steps=pooled or {})
 
 
 def _bias_grid(loop: trainer.Loop, model, options: config_lib.FinetuneConfig):
@@ -463,20 +472,17 @@ def _bias_grid(loop: trainer.Loop, model, options: config_lib.FinetuneConfig):
     off (``bias_grid_epochs=0``) or no int8 export (a line says why)."""
     if options.bias_grid_epochs == 0:
         return None
-    try:
-        return bias_grid.BiasGrid(model, options.weight_storage)
-    except export_graph.UnsupportedModelError as error:
-        loop.say(f"[finetune] biases trained in float (no int8 export): {error}")
-        return None
+    return _export_rule(loop, "biases trained in float", bias_grid.BiasGrid, model,
+                        options.weight_storage)
 
 
-def _snap_biases(loop: trainer.Loop, model, weight_storage: str = "spread") -> dict | None:
-    """``export.graph.snap_biases``, or None (and a line saying why) where the model has no
-    int8 export."""
+def _export_rule(loop: trainer.Loop, fallback: str, fn, *args):
+    """``fn(*args)`` (a post-processing onto the int8 export's grids), or None and a line
+    saying ``fallback`` where the model has no int8 export."""
     try:
-        return export_graph.snap_biases(model, weight_storage)
+        return fn(*args)
     except export_graph.UnsupportedModelError as error:
-        loop.say(f"[finetune] biases left as trained (no int8 export): {error}")
+        loop.say(f"[finetune] {fallback} (no int8 export): {error}")
         return None
 
 

@@ -239,6 +239,10 @@ class FinetuneConfig:
     # export computes; evaluated after the move. With the grid in training it writes the
     # rounded biases the training computed with into the variables (outputs unchanged).
     snap_biases: bool = True
+    # After training, before the bias snap: move each average-pooled output's step to an odd
+    # ratio of its input's step (metamix_tf.export.pool_steps), so the int8 mean never lands
+    # on a rounding tie the Keras model resolves otherwise (squeeze-and-excitation pooling).
+    snap_pooled_steps: bool = True
 
     def __post_init__(self):
         from metamix_tf.export.bias_grid import check_storage

@@ -266,7 +266,7 @@ def test_a_failing_bias_snap_keeps_the_trained_weights(tmp_path, reference, monk
     def broken(*args):
         raise RuntimeError("post-processing failed")
 
-    monkeypatch.setattr(api, "_snap_biases", broken)
+    monkeypatch.setattr(api, "_export_rule", broken)
     with pytest.raises(RuntimeError, match="post-processing failed"):
         run(tiny_config(model_dir), "finetune")
     assert (model_dir / "final.keras").exists()
