@@ -10,6 +10,8 @@ import tensorflow as tf
 
 L = keras.layers
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
 
 def snapshot(directory) -> dict:
     """``{relative path: sha1}`` of every file under ``directory``."""

@@ -17,7 +17,7 @@ import traceback
 
 import pytest
 from absl import flags
-from helpers import snapshot
+from helpers import ROOT, snapshot
 from test_pipeline import tiny_config, tiny_net
 
 from metamix_tf import cli, models, pipeline, run_state
@@ -25,7 +25,6 @@ from metamix_tf import config as config_lib
 from metamix_tf.export import run as export_run
 from metamix_tf.quant import wrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 
 

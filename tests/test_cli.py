@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from metamix_tf import cli, config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_set_values_are_yaml_with_exponent_numbers_as_floats():

@@ -12,14 +12,13 @@ import tempfile
 import keras
 import numpy as np
 import pytest
-from helpers import snapshot
+from helpers import ROOT, snapshot
 from multi_worker_run import run_and_capture, small_config
 from test_pipeline import tiny_net
 
 from metamix_tf import pipeline
 from metamix_tf.training import distribute
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -11,14 +11,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import ROOT
 
 from metamix_tf import config as config_lib
 from metamix_tf import pipeline, run_checks
 from metamix_tf.quant import wrap
 from metamix_tf.quant.quantizers import ActivationQuantizer, WeightQuantizer
 from metamix_tf.training.trainer import NonFiniteLossError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_net(input_shape, num_classes):

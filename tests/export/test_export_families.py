@@ -25,6 +25,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from helpers import ROOT
 
 import metamix_tf as mm
 from metamix_tf.export import divergence, families, graph, pool_steps, run
@@ -284,13 +285,12 @@ _TINY_RUN = ["--pretrain_epochs=1", "--search_epochs=2", "--finetune_epochs=1",
 def test_zoo_model_trains_and_exports_with_full_agreement(model_name, tmp_path):
     """``train.py --phase=all`` (tiny epochs) then ``export_tflite.py``: the int8 model
     agrees with final.keras on every eval image, every quantized input on its grid."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run_dir = str(tmp_path / "run")
-    env = dict(os.environ, PYTHONPATH=root)
+    env = dict(os.environ, PYTHONPATH=ROOT)
     for script, flags in (("train.py", [f"--model={model_name}", *_TINY_RUN]),
                           ("export_tflite.py", ["--format=int8", "--latency_rounds=1",
                                                 "--notensor_costs"])):
-        subprocess.run([sys.executable, os.path.join(root, script), f"--model_dir={run_dir}",
+        subprocess.run([sys.executable, os.path.join(ROOT, script), f"--model_dir={run_dir}",
                         *flags], check=True, env=env, cwd=str(tmp_path))
     with open(os.path.join(run_dir, "export", "export_report.json")) as f:
         v = json.load(f)["verification"]
