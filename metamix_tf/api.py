@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf.export import bias_grid, pool_steps
+from metamix_tf.export import bias_grid
 from metamix_tf.export import graph as export_graph
 from metamix_tf.quant import wrap
 from metamix_tf.quant.cost import CostModel
@@ -93,8 +93,6 @@ class FinetuneResult:
     bias_snap: dict | None
     wall_time_s: float
     epochs: int
-    # pooled-output quantizer -> (old step, new step) moved by the post-processing
-    pooled_steps: dict = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,15 +440,8 @@ def run_finetune(model, loop: trainer.Loop, *, epochs: int, options: config_lib.
     wrap.select_bits(model, bits)  # "selected" mode, as the exporter expects
     if on_trained is not None:
         on_trained(model)
-    pooled = _export_rule(loop, "pooled steps left as trained", pool_steps.snap_pooled_steps,
-                          model) if options.snap_pooled_steps else None
-    if pooled:
-        loop.say(f"[finetune] {len(pooled)} pooled-output step(s) moved to an odd ratio of "
-                 "their input's step (no rounding ties in the int8 mean)")
     snapped = _export_rule(loop, "biases left as trained", export_graph.snap_biases, model,
                            options.weight_storage) if options.snap_biases else None
-    if pooled and snapped is None and loop.eval_dataset:
-        metrics = evaluate()
     if snapped is not None:
         before = metrics.get("val_acc")
         metrics = evaluate()
@@ -464,7 +455,7 @@ def run_finetune(model, loop: trainer.Loop, *, epochs: int, options: config_lib.
         bits=bits, gbops=report["gbops"], avg_activation_bits=report["avg_activation_bits"],
         history=result.history, val_acc=metrics.get("val_acc"),
         val_loss=metrics.get("val_loss"), bias_snap=snapped, wall_time_s=result.wall_time_s,
-        epochs=epochs, pooled_steps=pooled or {})
+        epochs=epochs)
 
 
 def _bias_grid(loop: trainer.Loop, model, options: config_lib.FinetuneConfig):

@@ -30,9 +30,24 @@ __all__ = [
     "load",
     "save",
     "validate_bits",
+    "WEIGHT_STORAGES",
+    "check_weight_storage",
 ]
 
 MIN_BITS, MAX_BITS = 2, 16
+
+# How the int8 export stores conv / dense weights (metamix_tf.export): "bits" the b-bit
+# integers with the learned steps, "spread" the same integers times a per-channel multiplier
+# filling [-127, 127], "int4" as "bits" with the <= 4-bit kernels packed as INT4.
+WEIGHT_STORAGES = ("bits", "spread", "int4")
+
+
+def check_weight_storage(weight_storage: str) -> str:
+    """``weight_storage`` if it is one of :data:`WEIGHT_STORAGES`, else a ValueError."""
+    if weight_storage not in WEIGHT_STORAGES:
+        raise ValueError(f"`weight_storage` must be one of {list(WEIGHT_STORAGES)}. "
+                         f"Received: weight_storage={weight_storage!r}")
+    return weight_storage
 
 
 def validate_bits(name: str, bits: Any) -> int:
@@ -239,15 +254,9 @@ class FinetuneConfig:
     # export computes; evaluated after the move. With the grid in training it writes the
     # rounded biases the training computed with into the variables (outputs unchanged).
     snap_biases: bool = True
-    # After training, before the bias snap: move each average-pooled output's step to an odd
-    # ratio of its input's step (metamix_tf.export.pool_steps), so the int8 mean never lands
-    # on a rounding tie the Keras model resolves otherwise (squeeze-and-excitation pooling).
-    snap_pooled_steps: bool = True
 
     def __post_init__(self):
-        from metamix_tf.export.bias_grid import check_storage
-
-        check_storage(self.weight_storage)
+        check_weight_storage(self.weight_storage)
         if self.bias_grid_epochs is not None and self.bias_grid_epochs < 0:
             raise ValueError("`bias_grid_epochs` must be None (every epoch) or >= 0. "
                              f"Received: bias_grid_epochs={self.bias_grid_epochs}")

@@ -260,8 +260,7 @@ def _finetune(ctx: RunContext) -> dict:
                               on_trained=lambda trained: run_files.save_model(trained, final))
     run_files.save_model(model, final)
     return {"val_acc": result.val_acc, "val_loss": result.val_loss,
-            "bias_snap": result.bias_snap, "pooled_steps": result.pooled_steps,
-            "gbops": result.gbops,
+            "bias_snap": result.bias_snap, "gbops": result.gbops,
             "avg_activation_bits": result.avg_activation_bits,
             "wall_time_s": result.wall_time_s, "epochs": f.epochs, "history": result.history}
 

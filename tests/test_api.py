@@ -45,24 +45,6 @@ def test_search_then_finetune_on_arrays():
     assert tuned.val_acc is not None
 
 
-@pytest.mark.parametrize("snap", [True, False])
-def test_finetune_moves_pooled_steps_to_an_odd_ratio(snap):
-    """The pooled output's step ends at ``input_step * k / 64`` with ``k`` odd (no
-    rounding ties in the int8 mean; export/pool_steps.py), and the result says so."""
-    qmodel, (x, y) = _qmodel(), _data()
-    mm.search(qmodel, (x, y), searcher="uniform", epochs=1, uniform_bits=4, verbose=False)
-    pool = qmodel.get_layer("global_average_pooling2d_oq")
-    tuned = mm.finetune(qmodel, (x, y), epochs=1, validation_data=(x, y),
-                        snap_pooled_steps=snap, **QUIET)
-    if not snap:
-        assert tuned.pooled_steps == {}
-        return
-    assert set(tuned.pooled_steps) == {pool.name}
-    assert tuned.pooled_steps[pool.name][1] == pool.selected_step
-    ratio = pool.selected_step * 64 / qmodel.get_layer("c3_oq").selected_step  # 8x8 pooled
-    assert ratio == pytest.approx(round(ratio), abs=1e-4) and round(ratio) % 2 == 1
-
-
 def test_uniform_searcher_on_a_dataset_selects_its_bits():
     qmodel, (x, y) = _qmodel(), _data()
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from metamix_tf.config import check_weight_storage
 from metamix_tf.export import grids
 from metamix_tf.quant import ops
 
@@ -52,12 +53,7 @@ TF_NUMPY = types.SimpleNamespace(
     full_like=lambda x, value: tf.fill(tf.shape(x), tf.constant(value, x.dtype)))
 
 
-def check_storage(weight_storage: str) -> str:
-    """``weight_storage`` if :data:`STORAGE_GRIDS` knows it, else a ValueError."""
-    if weight_storage not in STORAGE_GRIDS:
-        raise ValueError(f"`weight_storage` must be one of {sorted(STORAGE_GRIDS)}. "
-                         f"Received: weight_storage={weight_storage!r}")
-    return weight_storage
+check_storage = check_weight_storage  # the export's storages (metamix_tf.config)
 
 
 def round_to_grid(x: tf.Tensor, unit: tf.Tensor) -> tf.Tensor:

@@ -63,6 +63,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from metamix_tf.config import WEIGHT_STORAGES, check_weight_storage
 from metamix_tf.export import grids
 from metamix_tf.export.grids import Grid
 from metamix_tf.export.layers import FOLDED_LAYERS, FakeQuant
@@ -247,9 +248,7 @@ def _calibrate(model, nodes: list, data, limit: int | None) -> dict:
     return {n.name: (float(lo), float(hi)) for n, lo, hi in zip(nodes, lows, highs, strict=True)}
 
 
-# "int4" is "bits" (bias unit input_step * learned weight step) with the <= 4-bit kernels
-# packed afterwards (metamix_tf.export.int4).
-WEIGHT_STORAGE = ("bits", "spread", "int4")
+WEIGHT_STORAGE = WEIGHT_STORAGES  # "int4" plans as "bits", then packs (export.int4)
 
 
 def plan(model: keras.Model, calibration_data=None, int8: bool = True,
@@ -272,9 +271,7 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
         steps (BatchNorm folded); ``"int4"``: planned as ``"bits"`` (same bias grid), the
         <= 4-bit kernels then packed as INT4 (:mod:`metamix_tf.export.int4`).
     """
-    if weight_storage not in WEIGHT_STORAGE:
-        raise ValueError(f"`weight_storage` must be one of {WEIGHT_STORAGE}. "
-                         f"Received: weight_storage={weight_storage!r}")
+    check_weight_storage(weight_storage)
     nodes, outputs = read_graph(model)
     by_name = {n.name: n for n in nodes}
     readers = node_readers(nodes, outputs)
