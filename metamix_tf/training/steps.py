@@ -34,6 +34,10 @@ The steps (``w``: weights, BatchNorm parameters and LSQ step sizes; ``a``: bit l
 * :func:`make_joint_step` (EdMIPS/DNAS baseline): the same loss on the mixture, one tape, ``w``
   and ``a`` both stepped by their own optimizers.
 * :func:`make_eval_step`: inference forward, no state change.
+
+About 425 lines: the builders are one family over three private pieces (``_distributed``,
+``_task_forward``, ``_reduce``) that fix how a step is traced and reduced; split across
+modules, those would become public for no caller outside this one.
 """
 
 from __future__ import annotations
