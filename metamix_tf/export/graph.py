@@ -11,7 +11,12 @@ Where the fake quants go. A quantized layer's input quantizer moves onto the ten
 produces its input (looking through zero padding, max pooling, flatten and reshape, which
 commute with rounding), right after the op that computes it, so the converter fuses it:
 ``conv + bias + ReLU6 -> 8-bit fake quant (scale = learned step) -> clamp to the b-bit
-range``. Tensors are of these kinds:
+range``. The clamp costs no op where the graph already does it (``clamps="saturate"``, the
+default): the zero point puts the int8 saturation of the op that writes the tensor on the
+b-bit top (:func:`grids.activation_grid`), and a ReLU / ReLU6 computing an unsigned tensor
+(fused into its conv) is the bottom; only other bottoms keep a MAXIMUM op.
+``clamps="ops"`` gives the earlier graph (zero points 0 / -128, a MINIMUM / MAXIMUM op at
+each b-bit bound inside the int8 range). Tensors are of these kinds:
 
 * ``"grid"``: read only by quantizers with one and the same grid: int8 scale = step, clamp
   to the b-bit range; exact.
@@ -87,6 +92,7 @@ __all__ = [
     "WeightPlan",
     "ExportPlan",
     "WEIGHT_STORAGE",
+    "CLAMPS",
     "plan",
     "with_int32_biases",
     "int8_bias_plan",
@@ -153,6 +159,7 @@ class ExportPlan:
     weights: dict  # quantized layer name -> WeightPlan
     int8: bool  # whether every grid fits an int8 (the native graph can be built)
     affine: dict = dataclasses.field(default_factory=dict)  # unfolded BatchNorm -> WeightPlan
+    clamps: str = "saturate"  # how b-bit bounds are clamped (module docstring)
 
     @property
     def float_prefix(self) -> list:
@@ -173,8 +180,9 @@ class ExportPlan:
 # -- planning --------------------------------------------------------------------------------
 
 
-def _grid(q: ActivationQuantizer) -> Grid:
-    return grids.activation_grid(q.selected_bits, q.signed, q.selected_step)
+def _grid(q: ActivationQuantizer, clamps: str) -> Grid:
+    return grids.activation_grid(q.selected_bits, q.signed, q.selected_step,
+                                 saturate=clamps == "saturate")
 
 
 def _weight_plan(node: Node, weight_storage: str, input_scale: float) -> WeightPlan:
@@ -250,11 +258,12 @@ def _calibrate(model, nodes: list, data, limit: int | None) -> dict:
 # "int4" is "bits" (bias unit input_step * learned weight step) with the <= 4-bit kernels
 # packed afterwards (metamix_tf.export.int4).
 WEIGHT_STORAGE = ("bits", "spread", "int4")
+CLAMPS = ("saturate", "ops")
 
 
 def plan(model: keras.Model, calibration_data=None, int8: bool = True,
          max_calibration_examples: int | None = 1024,
-         weight_storage: str = "spread") -> ExportPlan:
+         weight_storage: str = "spread", clamps: str = "saturate") -> ExportPlan:
     """Reads a wrapped MetaMix model and decides every tensor's grid (module docstring).
 
     Args:
@@ -271,10 +280,15 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
         biases more finely; ``"bits"``: the b-bit integers with the learned per-channel
         steps (BatchNorm folded); ``"int4"``: planned as ``"bits"`` (same bias grid), the
         <= 4-bit kernels then packed as INT4 (:mod:`metamix_tf.export.int4`).
+      clamps: ``"saturate"`` (default): b-bit bounds clamped by int8 saturation and ReLUs
+        where the graph has them, ops elsewhere; ``"ops"``: a MINIMUM / MAXIMUM op at every
+        b-bit bound inside the int8 range (module docstring).
     """
     if weight_storage not in WEIGHT_STORAGE:
         raise ValueError(f"`weight_storage` must be one of {WEIGHT_STORAGE}. "
                          f"Received: weight_storage={weight_storage!r}")
+    if clamps not in CLAMPS:
+        raise ValueError(f"`clamps` must be one of {CLAMPS}. Received: clamps={clamps!r}")
     nodes, outputs = read_graph(model)
     by_name = {n.name: n for n in nodes}
     readers = node_readers(nodes, outputs)
@@ -283,8 +297,9 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
         raise UnsupportedModelError(
             f"Model '{model.name}' has no quantized layers; wrap it with metamix_tf.apply and "
             f"train it first. Received: model={model.name!r}")
-    input_grids = {n.name: _grid(n.layer.input_quantizer) for n in quant_nodes}
-    output_grids = {n.name: _grid(n.output_quantizer) for n in nodes if n.output_quantizer}
+    input_grids = {n.name: _grid(n.layer.input_quantizer, clamps) for n in quant_nodes}
+    output_grids = {n.name: _grid(n.output_quantizer, clamps) for n in nodes
+                    if n.output_quantizer}
     wide = {name: g.bits for name, g in {**input_grids, **output_grids}.items()
             if not g.fits_int8}
     if int8 and wide:
@@ -377,7 +392,7 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             affine[n.name] = _affine_plan(n.layer, weight_storage,
                                           tensor.grid.scale if tensor is not None else None)
     return ExportPlan(model_name=model.name, nodes=nodes, outputs=outputs, tensors=tensors,
-                      inputs=inputs, weights=weights, int8=int8, affine=affine)
+                      inputs=inputs, weights=weights, int8=int8, affine=affine, clamps=clamps)
 
 
 def _stored_source(name: str, by_name: dict) -> str:
@@ -555,18 +570,35 @@ def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool)
         tensor = export_plan.tensors.get(source)
         if tensor is None or tensor.grid != target.grid:
             out[name] = FakeQuant.from_grid(target.grid, requantize=True, native=native,
+                                            relu=_relu_bottom(export_plan, target.grid),
                                             name=f"{node.name}_input{j}_quant")(new[name])
     return out
 
 
-def _pass_quant(export_plan: ExportPlan, node: Node, by_name: dict) -> FakeQuant:
+def _relu_bottom(export_plan: ExportPlan, grid: Grid, node: Node | None = None) -> bool:
+    """Whether a ReLU clamps the bottom of ``grid`` (unsigned, its 0 above the int8 range's
+    bottom, ``clamps="saturate"``): the ReLU / ReLU6 that computes ``node`` (a layer, or a
+    conv's activation: int8 kernels clamp it at the zero point), or without ``node`` (a
+    requantization) one fused into the identity convolution."""
+    if export_plan.clamps != "saturate" or grid.qmin != 0 or grid.qmin <= grid.int8_min:
+        return False
+    if node is None:
+        return True
+    layer = node.layer
+    return rules.is_fusable_activation(layer) or (
+        isinstance(layer, rules.WEIGHTED)
+        and rules.activation_name(layer) in rules.FUSABLE_ACTIVATIONS)
+
+
+def _pass_quant(export_plan: ExportPlan, node: Node, by_name: dict,
+                native: bool) -> FakeQuant:
     """A fake quant on the output of a shape-only layer (max pooling, padding) that several
     ops read, at its stored source's scale over the whole int8 range (a no-op on the values):
     without it the converter gives some of those readers a float copy of the layer (seen
     with InceptionV3's max pooling read by three requantizing convs and a pooling)."""
     grid = export_plan.tensors[_stored_source(node.name, by_name)].grid
     grid = dataclasses.replace(grid, qmin=grid.int8_min, qmax=grid.int8_max)
-    return FakeQuant.from_grid(grid, native=True, name=f"{node.name}_quant")
+    return FakeQuant.from_grid(grid, native=native, name=f"{node.name}_quant")
 
 
 def _rebuilt(node: Node):
@@ -589,17 +621,23 @@ def _call(node: Node, op, new: dict):
     return out
 
 
-def build(export_plan: ExportPlan, native: bool = True, name: str | None = None) -> keras.Model:
+def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
+          twin: bool = False) -> keras.Model:
     """The inference graph of ``export_plan`` as a functional Keras model.
 
     ``native=True``: converter-native fake quants on every stored tensor (the int8-ready
     graph; needs a plan made with ``int8=True``). ``native=False``: float math fake quants
     on the quantizers' inputs only, the network the Keras model computes (for float32 /
-    float16 TFLite).
+    float16 TFLite). ``twin=True`` (with ``native``): the same stored tensors and
+    requantizations, rounded in float math (a Keras model of what the int8 kernels compute,
+    for verification, not for conversion: TF's FakeQuant kernel rounds ``x - min`` in
+    float32, which misses by up to ~1e-5 steps over a wide int8 range such as the
+    saturating zero points' ``[-254, 1]`` steps of a signed 2-bit grid).
     """
     if native and not export_plan.int8:
         raise ValueError("The converter-native graph needs a plan made with int8=True. "
                          f"Received: native={native}")
+    fq_native = native and not twin  # how the fake quants compute
     new: dict = {}
     inputs = []
     by_name = {n.name: n for n in export_plan.nodes}
@@ -613,7 +651,8 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None)
             x = new[node.inputs[0]]
             inp = export_plan.inputs[node.name]
             if inp.requantized:
-                x = FakeQuant.from_grid(inp.grid, requantize=True, native=native,
+                x = FakeQuant.from_grid(inp.grid, requantize=True, native=fq_native,
+                                        relu=_relu_bottom(export_plan, inp.grid),
                                         name=f"{node.name}_input_quant")(x)
             t = _folded_layer(node, export_plan.weights[node.name], native)(x)
         elif node.kind == "affine":
@@ -622,15 +661,16 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None)
                 node.layer.padding == "valid":
             t = _pool_as_conv(node, native)(new[node.inputs[0]])
         elif isinstance(node.layer, keras.layers.Concatenate):
-            t = _call(node, _rebuilt(node), _concat_inputs(export_plan, node, new, native))
+            t = _call(node, _rebuilt(node), _concat_inputs(export_plan, node, new, fq_native))
         else:
             t = _call(node, _rebuilt(node), new)
             if native and node.kind == "pass" and len(readers[node.name]) > 1 and \
                     _stored_source(node.name, by_name) in export_plan.tensors:
-                t = _pass_quant(export_plan, node, by_name)(t)
+                t = _pass_quant(export_plan, node, by_name, fq_native)(t)
         tensor = export_plan.tensors.get(node.name)
         if tensor is not None and (native or tensor.kind in EXACT_KINDS):
-            t = FakeQuant.from_grid(tensor.grid, native=native, name=tensor.fake_quant)(t)
+            t = FakeQuant.from_grid(tensor.grid, native=fq_native, name=tensor.fake_quant,
+                                    relu=_relu_bottom(export_plan, tensor.grid, node))(t)
         new[node.name] = t
     outputs = [new[o] for o in export_plan.outputs]
     return keras.Model(inputs[0] if len(inputs) == 1 else inputs,

@@ -3,9 +3,14 @@
 Conventions. A quantized tensor holds values ``q * scale`` with integers ``q`` in
 ``[qmin, qmax]``; TFLite stores ``q + zero_point`` in an int8, so the int8 range limits
 ``q`` to ``[-128 - zero_point, 127 - zero_point]``. A b-bit activation grid of MetaMix (LSQ
-step ``s``) is ``scale = s`` with ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]`` (signed, int8
-zero point 0) or ``[0, 2^b - 1]`` (unsigned, int8 zero point -128): every b <= 8 fits an
-int8 exactly, the b-bit bounds being a clamp inside the int8 range.
+step ``s``) is ``scale = s`` with ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]`` (signed) or
+``[0, 2^b - 1]`` (unsigned): every b <= 8 fits an int8 exactly, the b-bit bounds being a
+clamp inside the int8 range. Its zero point is ``127 - qmax`` ("saturating": the int8
+saturation of the op that writes the tensor is the b-bit top, so only the bottom may need a
+clamp op, and none after a ReLU, see :mod:`metamix_tf.export.layers`): 0 for signed and
+-128 for unsigned 8-bit grids, 112 for unsigned 4-bit ones (int8 range ``[-240, 15]``
+steps). ``saturate=False`` gives the earlier zero points, 0 (signed) and -128 (unsigned),
+with a clamp op at each b-bit bound inside the int8 range.
 
 MetaMix activations live in the fake-quantized Keras model as ``round(clip(x / s))``; an int8
 TFLite model reproduces such a tensor exactly when its int8 scale is ``s`` and its clamp is
@@ -84,7 +89,8 @@ class Grid:
 
     @property
     def clamped(self) -> bool:
-        """Whether ``[qmin, qmax]`` is narrower than the int8 range (needs a clamp op)."""
+        """Whether ``[qmin, qmax]`` is narrower than the int8 range (needs a clamp: an op,
+        or the ReLU before the tensor for the bottom of an unsigned grid)."""
         return self.qmin > self.int8_min or self.qmax < self.int8_max
 
     @property
@@ -99,12 +105,13 @@ class Grid:
         return dataclasses.asdict(self)
 
 
-def activation_grid(bits: int, signed: bool, step: float) -> Grid:
+def activation_grid(bits: int, signed: bool, step: float, saturate: bool = True) -> Grid:
     """The grid of a b-bit LSQ activation quantizer with step ``step``.
 
-    Signed: ``[-2^(b-1), 2^(b-1) - 1]``, int8 zero point 0. Unsigned: ``[0, 2^b - 1]``, int8
-    zero point -128. Grids of 2 to 8 bits fit an int8 (:attr:`Grid.fits_int8`); wider ones
-    only run in float exports.
+    Signed: ``[-2^(b-1), 2^(b-1) - 1]``; unsigned: ``[0, 2^b - 1]``. Int8 zero point
+    ``127 - qmax`` (``saturate``: the int8 top is the grid's top, module docstring), else 0
+    (signed) / -128 (unsigned); both agree at 8 bits. Grids of 2 to 8 bits fit an int8
+    (:attr:`Grid.fits_int8`); wider ones only run in float exports.
     """
     if not 2 <= int(bits) <= 16:
         raise ValueError(f"Activation bit-widths lie in [2, 16]. Received: bits={bits}")
@@ -113,6 +120,8 @@ def activation_grid(bits: int, signed: bool, step: float) -> Grid:
                          f"step={step}")
     qn, qp = ops.quant_range(int(bits), bool(signed))
     zero_point = 0 if signed else INT8_MIN
+    if saturate and int(bits) <= 8:
+        zero_point = INT8_MAX - qp
     return Grid(scale=float(step), zero_point=zero_point, qmin=-qn, qmax=qp, bits=int(bits),
                 signed=bool(signed))
 

@@ -148,15 +148,32 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize("bits,signed,zero_point,qmin,qmax", [
-    (2, True, 0, -2, 1), (3, True, 0, -4, 3), (4, True, 0, -8, 7), (8, True, 0, -128, 127),
-    (2, False, -128, 0, 3), (3, False, -128, 0, 7), (4, False, -128, 0, 15),
-    (8, False, -128, 0, 255),
+    (2, True, 126, -2, 1), (3, True, 124, -4, 3), (4, True, 120, -8, 7),
+    (8, True, 0, -128, 127), (2, False, 124, 0, 3), (3, False, 120, 0, 7),
+    (4, False, 112, 0, 15), (8, False, -128, 0, 255),
 ])
 def test_activation_grid_is_the_lsq_grid_in_an_int8(bits, signed, zero_point, qmin, qmax):
     g = grids.activation_grid(bits, signed, 0.25)
     assert (g.scale, g.zero_point, g.qmin, g.qmax) == (0.25, zero_point, qmin, qmax)
     assert g.fits_int8
+    assert g.int8_max == qmax  # int8 saturation is the b-bit top: no clamp op there
     assert g.clamped == (bits < 8)
+    old = grids.activation_grid(bits, signed, 0.25, saturate=False)
+    assert old.zero_point == (0 if signed else -128) and (old.qmin, old.qmax) == (qmin, qmax)
+
+
+@pytest.mark.parametrize("bits,signed", [(2, False), (4, False), (4, True), (8, False)])
+def test_fake_quant_range_gives_the_converter_the_saturating_zero_point(bits, signed):
+    """tf.quantization.fake_quant_with_min_max_vars nudges [int8_min, int8_max] * scale to
+    the same range (the converter's scale and zero point), and saturates at qmax."""
+    g = grids.activation_grid(bits, signed, 0.37)
+    lo, hi = np.float32(g.int8_min * g.scale), np.float32(g.int8_max * g.scale)
+    x = tf.constant([-1e3, -g.scale * 0.5, 0.0, g.qmax * g.scale, 1e3], tf.float32)
+    y = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8).numpy()
+    assert y[0] == pytest.approx(lo, rel=1e-6) and y[-1] == pytest.approx(hi, rel=1e-6)
+    assert y[-1] == pytest.approx(g.qmax * g.scale, rel=1e-6)
+    # the converter's zero point: uint8 round(-lo / scale), minus 128 for int8
+    assert round(-float(lo) / ((float(hi) - float(lo)) / 255)) - 128 == g.zero_point
 
 
 def test_activation_grid_wider_than_8_bits_does_not_fit_int8():
@@ -217,16 +234,26 @@ def test_kernel_integers_rejects_an_off_grid_kernel():
         grids.kernel_integers(np.array([[0.15, 0.2]]), np.array([0.1, 0.1]))
 
 
+@pytest.mark.parametrize("saturate", [True, False])
 @pytest.mark.parametrize("requantize", [False, True])
 @pytest.mark.parametrize("bits,signed", [(2, True), (3, False), (8, True), (4, False)])
-def test_fake_quant_native_equals_float_math(bits, signed, requantize):
-    g = grids.activation_grid(bits, signed, 0.13)
+def test_fake_quant_native_equals_float_math(bits, signed, requantize, saturate):
+    g = grids.activation_grid(bits, signed, 0.13, saturate=saturate)
     x = tf.constant(np.random.default_rng(1).uniform(-40, 40, (2, 50, 100)), tf.float32)
-    native = FakeQuant.from_grid(g, requantize=requantize, native=True)(x).numpy()
+    # unsigned saturating grids: the bottom from a ReLU (for requantize, fused into the
+    # identity conv; else the one that computed the input)
+    relu = saturate and not signed
+    native_in = tf.nn.relu(x) if relu and not requantize else x
+    native = FakeQuant.from_grid(g, requantize=requantize, native=True, relu=relu)(native_in)
     math = FakeQuant.from_grid(g, native=False)(x).numpy()
-    np.testing.assert_allclose(native, math, atol=1e-5)
-    q = np.round(native / g.scale)
-    assert q.min() >= g.qmin and q.max() <= g.qmax
+    np.testing.assert_allclose(native.numpy(), math, atol=1e-5)
+    q = np.round(native.numpy() / g.scale)
+    assert q.min() == g.qmin and q.max() == g.qmax
+
+
+def test_fake_quant_relu_needs_an_unsigned_grid():
+    with pytest.raises(ValueError, match="unsigned grids only"):
+        FakeQuant.from_grid(grids.activation_grid(4, True, 0.1), relu=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +392,33 @@ def test_int8_model_is_all_int8_with_4_bit_weights(exported):
         assert integers.min() >= -(2 ** (bits - 1)) and integers.max() <= 2 ** (bits - 1)
 
 
+def _clamp_ops(path: str) -> dict:
+    ops = tflite.graph_summary(path)["ops"]
+    return {op: ops.get(op, 0) for op in ("MINIMUM", "MAXIMUM")}
+
+
+def test_clamps_cost_no_op_where_saturation_and_relus_do_them(exported, tmp_path):
+    """The default export (clamps="saturate") against clamps="ops" (a MINIMUM / MAXIMUM per
+    b-bit bound inside the int8 range): the same int8 computation, bit-equal logits, with
+    the ops gone where int8 saturation (every b-bit top) or a ReLU (unsigned bottoms) does
+    the clamp. The signed 'head' input (from the add) keeps its MAXIMUM."""
+    report, out, plan = exported
+    model, (train_x, _), (test_x, _) = _trained()
+    old_plan = graph.plan(model, calibration_data=train_x, clamps="ops")
+    tflite.export_saved_model(graph.build(old_plan), str(tmp_path / "sm"))
+    old = tflite.write_atomic(str(tmp_path / "old.tflite"),
+                              tflite.convert(str(tmp_path / "sm"), "int8"))
+    new = os.path.join(out, "tiny_int8.tflite")
+    # 2-, 3-bit unsigned (dw, project): a MINIMUM each; 4-, 2-bit signed (expand, head): both
+    assert _clamp_ops(old) == {"MINIMUM": 4, "MAXIMUM": 2}
+    assert _clamp_ops(new) == {"MINIMUM": 0, "MAXIMUM": 2}
+    assert report["clamps"] == "saturate"
+    np.testing.assert_array_equal(verify.run_tflite(new, test_x), verify.run_tflite(old, test_x))
+    assert all(c.on_grid for c in verify.check_grids(old, old_plan, test_x[:64]))
+    old_zero_points = {n: p.grid.zero_point for n, p in old_plan.inputs.items()}
+    assert old_zero_points["dw"] == -128 and old_zero_points["expand"] == 0
+
+
 def test_int8_activations_are_on_their_b_bit_grids(exported):
     report, _, plan = exported
     check = report["verification"]["grid_check"]
@@ -460,7 +514,7 @@ def test_encodings_sidecar(exported):
     assert (dw["signed"], dw["offset"], dw["qmin"], dw["qmax"]) == (False, 0, 0, 3)
     assert (expand["signed"], expand["offset"], expand["qmax"]) == (True, -8, 7)
     assert dw["scale"] == pytest.approx(plan.inputs["dw"].step)
-    assert dw["int8_zero_point"] == -128 and expand["int8_zero_point"] == 0
+    assert dw["int8_zero_point"] == 124 and expand["int8_zero_point"] == 120  # saturating
     assert expand["requantized"] and expand["exact_in_int8"]
     params = content["param_encodings"]
     assert params["expand"]["bitwidth"] == 4 and params["stem"]["bitwidth"] == 8
