@@ -48,7 +48,8 @@ def _activation(plan_input, tensor) -> dict:
         "qmin": g.qmin,
         "qmax": g.qmax,
         "int8_scale": g.scale,
-        "int8_zero_point": g.zero_point,
+        "int8_zero_point": plan_input.stored_grid.zero_point,
+        "int8_shift_steps": plan_input.shift_steps,  # stored as q + this (grids.Shift)
         "source_tensor": plan_input.source,
         "requantized": plan_input.requantized,
         "exact_in_int8": plan_input.exact,

@@ -14,7 +14,10 @@ commute with rounding), right after the op that computes it, so the converter fu
 range``. The clamp costs no op where the graph already does it (``clamps="saturate"``, the
 default): the zero point puts the int8 saturation of the op that writes the tensor on the
 b-bit top (:func:`grids.activation_grid`), and a ReLU / ReLU6 computing an unsigned tensor
-(fused into its conv) is the bottom; only other bottoms keep a MAXIMUM op.
+(fused into its conv) is the bottom. A signed b-bit input of a 1x1 conv read through a
+requantization is stored shifted by ``2^(b-1)`` steps (:class:`grids.Shift`: the identity
+conv's bias, a fused ReLU at the bottom, int8 saturation at the top; the conv's bias
+subtracts the shift) where that provably moves no rounding. Other bottoms keep a MAXIMUM op.
 ``clamps="ops"`` gives the earlier graph (zero points 0 / -128, a MINIMUM / MAXIMUM op at
 each b-bit bound inside the int8 range). Tensors are of these kinds:
 
@@ -132,6 +135,16 @@ class InputPlan:
     source: str  # the tensor it reads (after zero padding and other pass-through layers)
     requantized: bool  # read through a requantization from a shared tensor
     exact: bool  # the int8 model rounds it as the Keras model does
+    shift: grids.Shift | None = None  # stored as q + shift.steps (module docstring)
+
+    @property
+    def shift_steps(self) -> int:
+        return self.shift.steps if self.shift is not None else 0
+
+    @property
+    def stored_grid(self) -> Grid:
+        """The grid the int8 model stores it on (``grid``, or shifted)."""
+        return self.shift.grid(self.grid) if self.shift is not None else self.grid
 
 
 @dataclasses.dataclass
@@ -380,9 +393,15 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             tensor.kind == "quantized" and tensor.grid == input_grids[n.name]))
         exact = tensor is None or tensor.kind in EXACT_KINDS or grids.is_exact_requantization(
             tensor.grid, input_grids[n.name])
+        shift = None
+        if int8 and clamps == "saturate" and requantized and tensor is not None and \
+                _reads_pointwise(n.layer) and input_grids[n.name].qmin > \
+                input_grids[n.name].int8_min:
+            shift = grids.shifted_requantization(tensor.grid, input_grids[n.name])
         inputs[n.name] = InputPlan(
             layer=n.name, bits=q.selected_bits, signed=q.signed, step=q.selected_step,
-            grid=input_grids[n.name], source=source, requantized=requantized, exact=exact)
+            grid=input_grids[n.name], source=source, requantized=requantized, exact=exact,
+            shift=shift)
     weights = {n.name: _weight_plan(n, weight_storage, input_grids[n.name].scale)
                for n in quant_nodes}
     affine = {}
@@ -393,6 +412,14 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
                                           tensor.grid.scale if tensor is not None else None)
     return ExportPlan(model_name=model.name, nodes=nodes, outputs=outputs, tensors=tensors,
                       inputs=inputs, weights=weights, int8=int8, affine=affine, clamps=clamps)
+
+
+def _reads_pointwise(layer) -> bool:
+    """Whether each output of ``layer`` reads its input at in-bounds positions only (a 1x1
+    conv or a dense layer: no zero padding, which a shifted input would get wrong)."""
+    if isinstance(layer, keras.layers.Dense):
+        return True
+    return all(int(k) == 1 for k in getattr(layer, "kernel_size", (0,)))
 
 
 def _stored_source(name: str, by_name: dict) -> str:
@@ -520,14 +547,22 @@ def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
 _DROPPED_KEYS = ("input_quantizer", "kernel_quantizer")
 
 
-def _folded_layer(node: Node, weights: WeightPlan, native: bool) -> keras.layers.Layer:
+def _folded_layer(node: Node, weights: WeightPlan, native: bool,
+                  input_shift: float = 0.0) -> keras.layers.Layer:
+    """The folded layer of ``node``; ``input_shift``: a constant its input carries (a
+    :class:`grids.Shift`, in real units), subtracted through the bias."""
     layer = node.layer
     config = {k: v for k, v in layer.get_config().items() if k not in _DROPPED_KEYS
               and not k.endswith(("_regularizer", "_constraint"))}
     config.update(use_bias=True, weight_bits=weights.bits, native=native)
     folded = FOLDED_LAYERS[type(layer).__name__].from_config(config)
     folded.build(tuple(layer.input.shape))
-    folded.set_folded(weights.folded.kernel, weights.folded.bias, weights.folded.scale)
+    bias = weights.folded.bias
+    if input_shift:
+        f = weights.folded
+        kernel_sums = (f.integers.reshape(-1, f.scale.size) * f.scale).sum(axis=0)
+        bias = bias - input_shift * kernel_sums
+    folded.set_folded(weights.folded.kernel, bias, weights.folded.scale)
     return folded
 
 
@@ -650,11 +685,20 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
         elif node.kind == "quant":
             x = new[node.inputs[0]]
             inp = export_plan.inputs[node.name]
-            if inp.requantized:
+            shift = inp.shift if fq_native else None
+            if inp.requantized and shift is not None:
+                source = export_plan.tensors[inp.source].grid
+                x = FakeQuant.from_grid(
+                    inp.stored_grid, requantize=True, native=True, relu=True,
+                    identity_weight=shift.weight,
+                    identity_bias=shift.bias * source.scale / shift.weight,
+                    name=f"{node.name}_input_quant")(x)
+            elif inp.requantized:
                 x = FakeQuant.from_grid(inp.grid, requantize=True, native=fq_native,
                                         relu=_relu_bottom(export_plan, inp.grid),
                                         name=f"{node.name}_input_quant")(x)
-            t = _folded_layer(node, export_plan.weights[node.name], native)(x)
+            t = _folded_layer(node, export_plan.weights[node.name], native,
+                              shift.steps * inp.step if shift is not None else 0.0)(x)
         elif node.kind == "affine":
             t = _affine_layer(node, export_plan.affine[node.name], native)(new[node.inputs[0]])
         elif isinstance(node.layer, keras.layers.AveragePooling2D) and \

@@ -35,6 +35,8 @@ __all__ = [
     "calibrated_grid",
     "shared_grid",
     "is_exact_requantization",
+    "Shift",
+    "shifted_requantization",
     "FoldedWeights",
     "fold_batch_norm",
     "batch_norm_factor",
@@ -184,6 +186,54 @@ def is_exact_requantization(source: Grid, target: Grid) -> bool:
     return (abs(ratio - k) < 1e-5 * max(k, 1) and k % 2 == 1
             and source.int8_min * source.scale <= target.min_value + 1e-12 * target.scale
             and source.int8_max * source.scale >= target.max_value - 1e-12 * target.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shift:
+    """A requantization that adds ``steps`` target steps: a 1x1 identity conv with int8
+    weight ``weight`` (scale ``1 / weight``) and int32 bias ``bias`` (units of
+    ``source.scale / weight``), a ReLU fused in. For a signed b-bit target, ``steps =
+    2^(b-1)`` turns it into an unsigned one whose bottom is the ReLU and whose top is the
+    int8 saturation (:meth:`grid`); the reader's bias subtracts the shift."""
+
+    steps: int
+    weight: int
+    bias: int
+
+    def grid(self, target: Grid) -> Grid:
+        """``target`` holding ``q + steps``: what the int8 tensor stores."""
+        return Grid(scale=target.scale, zero_point=target.zero_point - self.steps,
+                    qmin=target.qmin + self.steps, qmax=target.qmax + self.steps,
+                    bits=target.bits, signed=False)
+
+
+def shifted_requantization(source: Grid, target: Grid, margin: float = 2e-4) -> Shift | None:
+    """The :class:`Shift` of ``-target.qmin`` steps from ``source`` to signed ``target``, or
+    None where none is provably exact.
+
+    The int8 conv computes ``round(n r + bias r / weight)`` for each int8 value ``n`` of
+    ``source`` (``r = source.scale / target.scale``), i.e. ``round(n r) + steps`` up to
+    ``e = bias r / weight - steps`` (the int32 bias cannot hold ``steps / r`` exactly). The
+    weight in ``[1, 127]`` with the smallest ``|e|`` is kept if every ``n r`` lies more than
+    ``|e| + margin`` from a rounding boundary (``margin`` covers the kernels' float32 and
+    fixed-point multipliers); then the shift moves no rounding.
+    """
+    steps = -int(target.qmin)
+    if steps <= 0:
+        return None
+    r = source.scale / target.scale
+    best = None
+    for weight in range(WEIGHT_QMAX, 0, -1):
+        bias = int(round(steps * weight / r))
+        error = abs(bias * r / weight - steps)
+        if best is None or error < best[0]:
+            best = (error, weight, bias)
+    error, weight, bias = best
+    n = np.arange(source.int8_min, source.int8_max + 1, dtype=np.float64)
+    distance = np.abs(np.mod(n * r, 1.0) - 0.5)
+    if float(distance.min()) <= error + margin:
+        return None
+    return Shift(steps=steps, weight=weight, bias=bias)
 
 
 def kernel_integers(quantized_kernel: np.ndarray, step: np.ndarray) -> np.ndarray:

@@ -13,7 +13,9 @@
   clamp first, then an identity
   1x1 depthwise convolution (weights 1) before the fake quant, so that the rescaling runs
   as a convolution's requantization, which LiteRT's kernels compute exactly (its QUANTIZE
-  op rounds int8 -> int8 rescales with a low-precision multiplier). With ``native=False``
+  op rounds int8 -> int8 rescales with a low-precision multiplier). ``identity_weight`` /
+  ``identity_bias`` set that conv's int8 weight (scale ``1 / identity_weight``) and its
+  bias, a :class:`~metamix_tf.export.grids.Shift` of a signed grid. With ``native=False``
   it is plain float math, ``clip(floor(x / scale + 0.5), qmin, qmax) * scale``, for
   float32 / float16 models (GPU delegates run FLOOR, MUL, MINIMUM, MAXIMUM).
 * :class:`FoldedConv2D`, :class:`FoldedDepthwiseConv2D`, :class:`FoldedDense`: the stock
@@ -49,7 +51,8 @@ class FakeQuant(keras.layers.Layer):
 
     def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int, bits: int = 8,
                  signed: bool = True, requantize: bool = False, native: bool = True,
-                 relu: bool = False, **kwargs):
+                 relu: bool = False, identity_weight: int = WEIGHT_QMAX,
+                 identity_bias: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.grid = Grid(scale=float(scale), zero_point=int(zero_point), qmin=int(qmin),
                          qmax=int(qmax), bits=int(bits), signed=bool(signed))
@@ -59,6 +62,8 @@ class FakeQuant(keras.layers.Layer):
         self.requantize = bool(requantize)
         self.native = bool(native)
         self.relu = bool(relu)
+        self.identity_weight = int(identity_weight)
+        self.identity_bias = float(identity_bias)
 
     @classmethod
     def from_grid(cls, grid: Grid, **kwargs) -> FakeQuant:
@@ -83,7 +88,8 @@ class FakeQuant(keras.layers.Layer):
             return tf.quantization.fake_quant_with_min_max_vars(
                 x, np.float32(g.qmin * g.scale), np.float32(g.qmax * g.scale), num_bits=g.bits)
         if self.requantize:
-            x = _identity_conv(self._clamp(x), relu=self.relu)
+            x = _identity_conv(self._clamp(x), relu=self.relu, weight=self.identity_weight,
+                               bias=self.identity_bias)
         x = tf.quantization.fake_quant_with_min_max_vars(
             x, np.float32(g.int8_min * g.scale), np.float32(g.int8_max * g.scale), num_bits=8)
         if not self.requantize:
@@ -96,7 +102,8 @@ class FakeQuant(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(self.grid.to_dict(), requantize=self.requantize, native=self.native,
-                      relu=self.relu)
+                      relu=self.relu, identity_weight=self.identity_weight,
+                      identity_bias=self.identity_bias)
         return config
 
 
@@ -112,15 +119,17 @@ def _fake_quant_channels(kernel, scale: np.ndarray, channels_shape):
         view, tf.constant(-bound), tf.constant(bound), num_bits=8, narrow_range=True)
 
 
-def _identity_conv(x, relu: bool = False):
-    """``x`` through a 1x1 depthwise convolution with int8 weights 127 at scale 1/127 (and a
-    ReLU, which the converter fuses into it)."""
+def _identity_conv(x, relu: bool = False, weight: int = WEIGHT_QMAX, bias: float = 0.0):
+    """``x`` through a 1x1 depthwise convolution with int8 weights ``weight`` at scale
+    ``1 / weight`` and bias ``bias`` (and a ReLU; the converter fuses both into it)."""
     channels = int(x.shape[-1])
     kernel = _fake_quant_channels(np.ones(channels, np.float32),
-                                  np.full(channels, 1.0 / WEIGHT_QMAX), [1, 1, 1, channels])
+                                  np.full(channels, 1.0 / weight), [1, 1, 1, channels])
     kernel = tf.reshape(kernel, [1, 1, channels, 1])
     x4 = x if x.shape.rank == 4 else tf.reshape(x, [-1, 1, 1, channels])
     y = tf.nn.depthwise_conv2d(x4, kernel, [1, 1, 1, 1], "VALID")
+    if bias:
+        y = tf.nn.bias_add(y, np.full(channels, bias, np.float32))
     if relu:
         y = tf.nn.relu(y)
     return y if x.shape.rank == 4 else tf.reshape(y, tf.shape(x))

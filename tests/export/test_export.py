@@ -251,6 +251,43 @@ def test_fake_quant_native_equals_float_math(bits, signed, requantize, saturate)
     assert q.min() == g.qmin and q.max() == g.qmax
 
 
+def _round_half_away(x):
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shifted_requantization_moves_no_rounding(seed):
+    """Every int8 value n of the source: the shifted identity conv's output
+    round(n r + bias r / weight) equals round(n r) + 2^(b-1); its FakeQuant (ReLU fused,
+    unsigned grid) gives the signed grid's values plus the shift."""
+    rng = np.random.default_rng(seed)
+    bits = int(rng.choice([2, 3, 4]))
+    source = grids.activation_grid(8, True, float(rng.uniform(0.01, 0.05)))
+    target = grids.activation_grid(bits, True, float(rng.uniform(0.1, 0.6)))
+    shift = grids.shifted_requantization(source, target)
+    assert shift is not None and shift.steps == 2 ** (bits - 1)
+    r = source.scale / target.scale
+    n = np.arange(source.int8_min, source.int8_max + 1, dtype=np.float64)
+    np.testing.assert_array_equal(_round_half_away(n * r + shift.bias * r / shift.weight),
+                                  _round_half_away(n * r) + shift.steps)
+    stored = shift.grid(target)
+    assert (stored.qmin, stored.qmax, stored.int8_max, stored.signed) == (
+        0, 2 ** bits - 1, 2 ** bits - 1, False)
+    x = tf.constant((n * source.scale).reshape(1, 1, -1, 1), tf.float32)
+    native = FakeQuant.from_grid(stored, requantize=True, relu=True,
+                                 identity_weight=shift.weight,
+                                 identity_bias=shift.bias * source.scale / shift.weight)(x)
+    math = FakeQuant.from_grid(target, native=False)(x)
+    np.testing.assert_array_equal(np.round(native.numpy() / target.scale),
+                                  np.round(math.numpy() / target.scale) + shift.steps)
+
+
+def test_shifted_requantization_refuses_a_rounding_tie():
+    # r = 1/2: every odd n lands on a rounding boundary, which a shift could move
+    assert grids.shifted_requantization(grids.activation_grid(8, True, 0.1),
+                                        grids.activation_grid(4, True, 0.2)) is None
+
+
 def test_fake_quant_relu_needs_an_unsigned_grid():
     with pytest.raises(ValueError, match="unsigned grids only"):
         FakeQuant.from_grid(grids.activation_grid(4, True, 0.1), relu=True)
@@ -400,8 +437,9 @@ def _clamp_ops(path: str) -> dict:
 def test_clamps_cost_no_op_where_saturation_and_relus_do_them(exported, tmp_path):
     """The default export (clamps="saturate") against clamps="ops" (a MINIMUM / MAXIMUM per
     b-bit bound inside the int8 range): the same int8 computation, bit-equal logits, with
-    the ops gone where int8 saturation (every b-bit top) or a ReLU (unsigned bottoms) does
-    the clamp. The signed 'head' input (from the add) keeps its MAXIMUM."""
+    the ops gone where int8 saturation (every b-bit top) or a ReLU (unsigned bottoms, and the
+    signed 'expand' input stored shifted into an unsigned grid) does the clamp. The signed
+    'head' input (from the add, no requantization to shift in) keeps its MAXIMUM."""
     report, out, plan = exported
     model, (train_x, _), (test_x, _) = _trained()
     old_plan = graph.plan(model, calibration_data=train_x, clamps="ops")
@@ -411,7 +449,8 @@ def test_clamps_cost_no_op_where_saturation_and_relus_do_them(exported, tmp_path
     new = os.path.join(out, "tiny_int8.tflite")
     # 2-, 3-bit unsigned (dw, project): a MINIMUM each; 4-, 2-bit signed (expand, head): both
     assert _clamp_ops(old) == {"MINIMUM": 4, "MAXIMUM": 2}
-    assert _clamp_ops(new) == {"MINIMUM": 0, "MAXIMUM": 2}
+    assert plan.inputs["expand"].shift is not None and plan.inputs["head"].shift is None
+    assert _clamp_ops(new) == {"MINIMUM": 0, "MAXIMUM": 1}
     assert report["clamps"] == "saturate"
     np.testing.assert_array_equal(verify.run_tflite(new, test_x), verify.run_tflite(old, test_x))
     assert all(c.on_grid for c in verify.check_grids(old, old_plan, test_x[:64]))
@@ -514,7 +553,9 @@ def test_encodings_sidecar(exported):
     assert (dw["signed"], dw["offset"], dw["qmin"], dw["qmax"]) == (False, 0, 0, 3)
     assert (expand["signed"], expand["offset"], expand["qmax"]) == (True, -8, 7)
     assert dw["scale"] == pytest.approx(plan.inputs["dw"].step)
-    assert dw["int8_zero_point"] == 124 and expand["int8_zero_point"] == 120  # saturating
+    assert dw["int8_zero_point"] == 124  # saturating: 3 is the int8 top
+    # shifted into the unsigned 4-bit grid [0, 15] (zero point 112): q + 8
+    assert expand["int8_zero_point"] == 112 and expand["int8_shift_steps"] == 8
     assert expand["requantized"] and expand["exact_in_int8"]
     params = content["param_encodings"]
     assert params["expand"]["bitwidth"] == 4 and params["stem"]["bitwidth"] == 8
@@ -609,7 +650,9 @@ def test_aimet_encodings_follow_the_published_field_list(exported):
         (act,) = content["activation_encodings"][details[ops[layer]["inputs"][0]]["name"]]
         assert act["scale"] == pytest.approx(p.step)
         assert act["bitwidth"] == max(p.bits, 4)
-        assert act["offset"] == (-(2 ** (act["bitwidth"] - 1)) if p.signed else 0)
+        # signed grids stored shifted into the unsigned one (grids.Shift) have offset 0
+        signed = p.signed and p.shift is None
+        assert act["offset"] == (-(2 ** (act["bitwidth"] - 1)) if signed else 0)
         kernel = content["param_encodings"][details[ops[layer]["inputs"][1]]["name"]]
         w = plan.weights[layer]
         assert len(kernel) == w.folded.scale.size
