@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", default=None, help="a trained mobilenet_v2 run")
     parser.add_argument("--examples", type=int, default=512, help="images for agreement")
-    parser.add_argument("--calibration", type=int, default=128)
+    parser.add_argument("--calibration", type=int, default=32, help="as families.export_family")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds")
     parser.add_argument("--runs", type=int, default=100, help="invokes per model per round")
     parser.add_argument("--seed", type=int, default=0)

@@ -592,7 +592,8 @@ def _pool_as_conv(node: Node, native: bool) -> keras.layers.Layer:
     return layer
 
 
-def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool) -> dict:
+def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool,
+                   used: dict) -> dict:
     """``new`` with each input of concatenation ``node`` requantized to its output grid
     where it is stored on another grid (TFLite concatenates int8 tensors of one scale)."""
     target = export_plan.tensors.get(node.name)
@@ -606,8 +607,17 @@ def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool)
         if tensor is None or tensor.grid != target.grid:
             out[name] = FakeQuant.from_grid(target.grid, requantize=True, native=native,
                                             relu=_relu_bottom(export_plan, target.grid),
+                                            identity_weight=_identity_weight(used, source),
                                             name=f"{node.name}_input{j}_quant")(new[name])
     return out
+
+
+def _identity_weight(used: dict, source: str) -> int:
+    """127, 126, ... for the requantizing identity convs that read ``source`` (``used``
+    counts them): the converter merges equal convs on one tensor, which would leave one
+    output with two different fake quants (a float op)."""
+    used[source] = used.get(source, 0) + 1
+    return grids.WEIGHT_QMAX + 1 - used[source]
 
 
 def _relu_bottom(export_plan: ExportPlan, grid: Grid, node: Node | None = None) -> bool:
@@ -673,6 +683,7 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
         raise ValueError("The converter-native graph needs a plan made with int8=True. "
                          f"Received: native={native}")
     fq_native = native and not twin  # how the fake quants compute
+    used: dict = {}  # source tensor -> requantizing identity convs reading it
     new: dict = {}
     inputs = []
     by_name = {n.name: n for n in export_plan.nodes}
@@ -696,6 +707,7 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
             elif inp.requantized:
                 x = FakeQuant.from_grid(inp.grid, requantize=True, native=fq_native,
                                         relu=_relu_bottom(export_plan, inp.grid),
+                                        identity_weight=_identity_weight(used, inp.source),
                                         name=f"{node.name}_input_quant")(x)
             t = _folded_layer(node, export_plan.weights[node.name], native,
                               shift.steps * inp.step if shift is not None else 0.0)(x)
@@ -705,7 +717,8 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
                 node.layer.padding == "valid":
             t = _pool_as_conv(node, native)(new[node.inputs[0]])
         elif isinstance(node.layer, keras.layers.Concatenate):
-            t = _call(node, _rebuilt(node), _concat_inputs(export_plan, node, new, fq_native))
+            t = _call(node, _rebuilt(node),
+                      _concat_inputs(export_plan, node, new, fq_native, used))
         else:
             t = _call(node, _rebuilt(node), new)
             if native and node.kind == "pass" and len(readers[node.name]) > 1 and \

@@ -226,7 +226,7 @@ def tensor_costs(export_plan: ExportPlan, images: np.ndarray, reference: np.ndar
         if t.kind in graph_lib.EXACT_KINDS:
             continue
         single = dataclasses.replace(export_plan, tensors={**exact, name: t})
-        logits = logits_fn(graph_lib.build(single, native=True), images)
+        logits = logits_fn(graph_lib.build(single, native=True, twin=True), images)
         c = compare(reference, logits)
         rows.append({"tensor": name, "kind": t.kind, "top1_agreement": c["top1_agreement"],
                      "mean_abs_logit_diff": c["mean_abs_logit_diff"]})

@@ -456,6 +456,15 @@ def test_clamps_cost_no_op_where_saturation_and_relus_do_them(exported, tmp_path
     assert all(c.on_grid for c in verify.check_grids(old, old_plan, test_x[:64]))
     old_zero_points = {n: p.grid.zero_point for n, p in old_plan.inputs.items()}
     assert old_zero_points["dw"] == -128 and old_zero_points["expand"] == 0
+    # the export report times other files of the network beside its int8 one
+    again = run.export_model(model, str(tmp_path / "again"), ["int8"], name="tiny",
+                             calibration_data=train_x, eval_images=test_x[:32],
+                             tensor_costs=False, latency_rounds=1, latency_runs=2,
+                             latency_baselines={"clamp_ops": old}, log=lambda _: None)
+    assert again["graphs"]["clamp_ops"]["ops"]["MINIMUM"] == 4
+    lat = again["verification"]["latency"]
+    assert lat["int8_over_clamp_ops"] == lat["int8"]["median_ms"] / lat["clamp_ops"]["median_ms"]
+    assert "int8 / clamp_ops latency" in run.format_report(again)
 
 
 def test_int8_activations_are_on_their_b_bit_grids(exported):
