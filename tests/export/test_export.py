@@ -776,6 +776,8 @@ def test_formats_are_checked():
     assert run.parse_formats("float32,int8") == ("int8", "float32")
     with pytest.raises(ValueError, match="formats"):
         run.parse_formats("int4")
+    with pytest.raises(ValueError, match="`clamps` must be one of"):
+        graph.plan(None, clamps="minmax")
 
 
 # ---------------------------------------------------------------------------------------------
