@@ -19,9 +19,10 @@ encoding: first the int8 / int32 quantization the file stores, then, for what Me
 searched and trained, its true grid:
 
 * the input of each quantized layer: its b-bit LSQ grid (scale = learned step; offset
-  ``-2^(b-1)`` signed, 0 unsigned). The format's smallest bit-width is 4: a 2- or 3-bit
-  input is written as the 4-bit grid with the same step (the b-bit clamp is a
-  MINIMUM / MAXIMUM op of the graph, so the values stay on the b-bit grid);
+  ``-2^(b-1)`` signed, 0 unsigned or signed stored shifted by ``2^(b-1)``, see
+  :class:`~metamix_tf.export.grids.Shift`). The format's smallest bit-width is 4: a 2- or
+  3-bit input is written as the 4-bit grid with the same step (the graph clamps to the
+  b-bit range: int8 saturation, ReLUs or MAXIMUM ops, so the values stay on the b-bit grid);
 * each quantized kernel, per output channel (BatchNorm folded): its b-bit symmetric grid at
   the learned step, whatever the int8 storage (``"spread"`` multiplies the integers, not the
   real weights); a kernel whose folded integers leave ``[-2^(b-1), 2^(b-1) - 1]`` (a negative
@@ -72,6 +73,8 @@ def _stored(detail: dict) -> list | None:
 
 def _activation(plan_input) -> list:
     bits = max(plan_input.bits, MIN_BITWIDTH)
+    if plan_input.shift is not None:  # stored as q + 2^(b-1): the unsigned b-bit grid
+        return [encoding(bits, plan_input.step, 0, False)]
     qn, _ = ops.quant_range(bits, plan_input.signed)
     return [encoding(bits, plan_input.step, -qn, plan_input.signed)]
 

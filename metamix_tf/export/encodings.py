@@ -48,7 +48,8 @@ def _activation(plan_input, tensor) -> dict:
         "qmin": g.qmin,
         "qmax": g.qmax,
         "int8_scale": g.scale,
-        "int8_zero_point": g.zero_point,
+        "int8_zero_point": plan_input.stored_grid.zero_point,
+        "int8_shift_steps": plan_input.shift_steps,  # stored as q + this (grids.Shift)
         "source_tensor": plan_input.source,
         "requantized": plan_input.requantized,
         "exact_in_int8": plan_input.exact,
@@ -98,7 +99,7 @@ def encodings(export_plan: ExportPlan, bits_info: dict | None = None,
     for t in export_plan.calibrated + export_plan.output_quantized:
         g = t.grid
         int8_only[t.name] = {
-            "bitwidth": g.bits, "dtype": "int", "is_symmetric": g.zero_point == 0,
+            "bitwidth": g.bits, "dtype": "int", "is_symmetric": g.qmin == -2 ** (g.bits - 1),
             "scale": g.scale, "offset": g.qmin, "min": g.min_value, "max": g.max_value,
             "int8_zero_point": g.zero_point, "kind": t.kind, "k": t.k,
             "calibrated_range": list(t.calibrated_range) if t.calibrated_range else None,

@@ -11,7 +11,15 @@ Where the fake quants go. A quantized layer's input quantizer moves onto the ten
 produces its input (looking through zero padding, max pooling, flatten and reshape, which
 commute with rounding), right after the op that computes it, so the converter fuses it:
 ``conv + bias + ReLU6 -> 8-bit fake quant (scale = learned step) -> clamp to the b-bit
-range``. Tensors are of these kinds:
+range``. The clamp costs no op where the graph already does it (``clamps="saturate"``, the
+default): the zero point puts the int8 saturation of the op that writes the tensor on the
+b-bit top (:func:`grids.activation_grid`), and a ReLU / ReLU6 computing an unsigned tensor
+(fused into its conv) is the bottom. A signed b-bit input of a 1x1 conv read through a
+requantization is stored shifted by ``2^(b-1)`` steps (:class:`grids.Shift`: the identity
+conv's bias, a fused ReLU at the bottom, int8 saturation at the top; the conv's bias
+subtracts the shift) where that provably moves no rounding. Other bottoms keep a MAXIMUM op.
+``clamps="ops"`` gives the earlier graph (zero points 0 / -128, a MINIMUM / MAXIMUM op at
+each b-bit bound inside the int8 range). Tensors are of these kinds:
 
 * ``"grid"``: read only by quantizers with one and the same grid: int8 scale = step, clamp
   to the b-bit range; exact.
@@ -88,6 +96,7 @@ __all__ = [
     "WeightPlan",
     "ExportPlan",
     "WEIGHT_STORAGE",
+    "CLAMPS",
     "plan",
     "with_int32_biases",
     "int8_bias_plan",
@@ -127,6 +136,16 @@ class InputPlan:
     source: str  # the tensor it reads (after zero padding and other pass-through layers)
     requantized: bool  # read through a requantization from a shared tensor
     exact: bool  # the int8 model rounds it as the Keras model does
+    shift: grids.Shift | None = None  # stored as q + shift.steps (module docstring)
+
+    @property
+    def shift_steps(self) -> int:
+        return self.shift.steps if self.shift is not None else 0
+
+    @property
+    def stored_grid(self) -> Grid:
+        """The grid the int8 model stores it on (``grid``, or shifted)."""
+        return self.shift.grid(self.grid) if self.shift is not None else self.grid
 
 
 @dataclasses.dataclass
@@ -154,6 +173,7 @@ class ExportPlan:
     weights: dict  # quantized layer name -> WeightPlan
     int8: bool  # whether every grid fits an int8 (the native graph can be built)
     affine: dict = dataclasses.field(default_factory=dict)  # unfolded BatchNorm -> WeightPlan
+    clamps: str = "saturate"  # how b-bit bounds are clamped (module docstring)
 
     @property
     def float_prefix(self) -> list:
@@ -174,8 +194,9 @@ class ExportPlan:
 # -- planning --------------------------------------------------------------------------------
 
 
-def _grid(q: ActivationQuantizer) -> Grid:
-    return grids.activation_grid(q.selected_bits, q.signed, q.selected_step)
+def _grid(q: ActivationQuantizer, clamps: str) -> Grid:
+    return grids.activation_grid(q.selected_bits, q.signed, q.selected_step,
+                                 saturate=clamps == "saturate")
 
 
 def _weight_plan(node: Node, weight_storage: str, input_scale: float) -> WeightPlan:
@@ -249,11 +270,12 @@ def _calibrate(model, nodes: list, data, limit: int | None) -> dict:
 
 
 WEIGHT_STORAGE = WEIGHT_STORAGES  # "int4" plans as "bits", then packs (export.int4)
+CLAMPS = ("saturate", "ops")
 
 
 def plan(model: keras.Model, calibration_data=None, int8: bool = True,
          max_calibration_examples: int | None = 1024,
-         weight_storage: str = "spread") -> ExportPlan:
+         weight_storage: str = "spread", clamps: str = "saturate") -> ExportPlan:
     """Reads a wrapped MetaMix model and decides every tensor's grid (module docstring).
 
     Args:
@@ -270,8 +292,13 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
         biases more finely; ``"bits"``: the b-bit integers with the learned per-channel
         steps (BatchNorm folded); ``"int4"``: planned as ``"bits"`` (same bias grid), the
         <= 4-bit kernels then packed as INT4 (:mod:`metamix_tf.export.int4`).
+      clamps: ``"saturate"`` (default): b-bit bounds clamped by int8 saturation and ReLUs
+        where the graph has them, ops elsewhere; ``"ops"``: a MINIMUM / MAXIMUM op at every
+        b-bit bound inside the int8 range (module docstring).
     """
     check_weight_storage(weight_storage)
+    if clamps not in CLAMPS:
+        raise ValueError(f"`clamps` must be one of {CLAMPS}. Received: clamps={clamps!r}")
     nodes, outputs = read_graph(model)
     by_name = {n.name: n for n in nodes}
     readers = node_readers(nodes, outputs)
@@ -280,8 +307,9 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
         raise UnsupportedModelError(
             f"Model '{model.name}' has no quantized layers; wrap it with metamix_tf.apply and "
             f"train it first. Received: model={model.name!r}")
-    input_grids = {n.name: _grid(n.layer.input_quantizer) for n in quant_nodes}
-    output_grids = {n.name: _grid(n.output_quantizer) for n in nodes if n.output_quantizer}
+    input_grids = {n.name: _grid(n.layer.input_quantizer, clamps) for n in quant_nodes}
+    output_grids = {n.name: _grid(n.output_quantizer, clamps) for n in nodes
+                    if n.output_quantizer}
     wide = {name: g.bits for name, g in {**input_grids, **output_grids}.items()
             if not g.fits_int8}
     if int8 and wide:
@@ -362,9 +390,15 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             tensor.kind == "quantized" and tensor.grid == input_grids[n.name]))
         exact = tensor is None or tensor.kind in EXACT_KINDS or grids.is_exact_requantization(
             tensor.grid, input_grids[n.name])
+        shift = None
+        if int8 and clamps == "saturate" and requantized and tensor is not None and \
+                _reads_pointwise(n.layer) and input_grids[n.name].qmin > \
+                input_grids[n.name].int8_min:
+            shift = grids.shifted_requantization(tensor.grid, input_grids[n.name])
         inputs[n.name] = InputPlan(
             layer=n.name, bits=q.selected_bits, signed=q.signed, step=q.selected_step,
-            grid=input_grids[n.name], source=source, requantized=requantized, exact=exact)
+            grid=input_grids[n.name], source=source, requantized=requantized, exact=exact,
+            shift=shift)
     weights = {n.name: _weight_plan(n, weight_storage, input_grids[n.name].scale)
                for n in quant_nodes}
     affine = {}
@@ -374,7 +408,15 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             affine[n.name] = _affine_plan(n.layer, weight_storage,
                                           tensor.grid.scale if tensor is not None else None)
     return ExportPlan(model_name=model.name, nodes=nodes, outputs=outputs, tensors=tensors,
-                      inputs=inputs, weights=weights, int8=int8, affine=affine)
+                      inputs=inputs, weights=weights, int8=int8, affine=affine, clamps=clamps)
+
+
+def _reads_pointwise(layer) -> bool:
+    """Whether each output of ``layer`` reads its input at in-bounds positions only (a 1x1
+    conv or a dense layer: no zero padding, which a shifted input would get wrong)."""
+    if isinstance(layer, keras.layers.Dense):
+        return True
+    return all(int(k) == 1 for k in getattr(layer, "kernel_size", (0,)))
 
 
 def _stored_source(name: str, by_name: dict) -> str:
@@ -502,14 +544,22 @@ def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
 _DROPPED_KEYS = ("input_quantizer", "kernel_quantizer")
 
 
-def _folded_layer(node: Node, weights: WeightPlan, native: bool) -> keras.layers.Layer:
+def _folded_layer(node: Node, weights: WeightPlan, native: bool,
+                  input_shift: float = 0.0) -> keras.layers.Layer:
+    """The folded layer of ``node``; ``input_shift``: a constant its input carries (a
+    :class:`grids.Shift`, in real units), subtracted through the bias."""
     layer = node.layer
     config = {k: v for k, v in layer.get_config().items() if k not in _DROPPED_KEYS
               and not k.endswith(("_regularizer", "_constraint"))}
     config.update(use_bias=True, weight_bits=weights.bits, native=native)
     folded = FOLDED_LAYERS[type(layer).__name__].from_config(config)
     folded.build(tuple(layer.input.shape))
-    folded.set_folded(weights.folded.kernel, weights.folded.bias, weights.folded.scale)
+    bias = weights.folded.bias
+    if input_shift:
+        f = weights.folded
+        kernel_sums = (f.integers.reshape(-1, f.scale.size) * f.scale).sum(axis=0)
+        bias = bias - input_shift * kernel_sums
+    folded.set_folded(weights.folded.kernel, bias, weights.folded.scale)
     return folded
 
 
@@ -539,7 +589,8 @@ def _pool_as_conv(node: Node, native: bool) -> keras.layers.Layer:
     return layer
 
 
-def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool) -> dict:
+def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool,
+                   used: dict) -> dict:
     """``new`` with each input of concatenation ``node`` requantized to its output grid
     where it is stored on another grid (TFLite concatenates int8 tensors of one scale)."""
     target = export_plan.tensors.get(node.name)
@@ -552,18 +603,44 @@ def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool)
         tensor = export_plan.tensors.get(source)
         if tensor is None or tensor.grid != target.grid:
             out[name] = FakeQuant.from_grid(target.grid, requantize=True, native=native,
+                                            relu=_relu_bottom(export_plan, target.grid),
+                                            identity_weight=_identity_weight(used, source),
                                             name=f"{node.name}_input{j}_quant")(new[name])
     return out
 
 
-def _pass_quant(export_plan: ExportPlan, node: Node, by_name: dict) -> FakeQuant:
+def _identity_weight(used: dict, source: str) -> int:
+    """127, 126, ... for the requantizing identity convs that read ``source`` (``used``
+    counts them): the converter merges equal convs on one tensor, which would leave one
+    output with two different fake quants (a float op)."""
+    used[source] = used.get(source, 0) + 1
+    return grids.WEIGHT_QMAX + 1 - used[source]
+
+
+def _relu_bottom(export_plan: ExportPlan, grid: Grid, node: Node | None = None) -> bool:
+    """Whether a ReLU clamps the bottom of ``grid`` (unsigned, its 0 above the int8 range's
+    bottom, ``clamps="saturate"``): the ReLU / ReLU6 that computes ``node`` (a layer, or a
+    conv's activation: int8 kernels clamp it at the zero point), or without ``node`` (a
+    requantization) one fused into the identity convolution."""
+    if export_plan.clamps != "saturate" or grid.qmin != 0 or grid.qmin <= grid.int8_min:
+        return False
+    if node is None:
+        return True
+    layer = node.layer
+    return rules.is_fusable_activation(layer) or (
+        isinstance(layer, rules.WEIGHTED)
+        and rules.activation_name(layer) in rules.FUSABLE_ACTIVATIONS)
+
+
+def _pass_quant(export_plan: ExportPlan, node: Node, by_name: dict,
+                native: bool) -> FakeQuant:
     """A fake quant on the output of a shape-only layer (max pooling, padding) that several
     ops read, at its stored source's scale over the whole int8 range (a no-op on the values):
     without it the converter gives some of those readers a float copy of the layer (seen
     with InceptionV3's max pooling read by three requantizing convs and a pooling)."""
     grid = export_plan.tensors[_stored_source(node.name, by_name)].grid
     grid = dataclasses.replace(grid, qmin=grid.int8_min, qmax=grid.int8_max)
-    return FakeQuant.from_grid(grid, native=True, name=f"{node.name}_quant")
+    return FakeQuant.from_grid(grid, native=native, name=f"{node.name}_quant")
 
 
 def _rebuilt(node: Node):
@@ -586,17 +663,24 @@ def _call(node: Node, op, new: dict):
     return out
 
 
-def build(export_plan: ExportPlan, native: bool = True, name: str | None = None) -> keras.Model:
+def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
+          twin: bool = False) -> keras.Model:
     """The inference graph of ``export_plan`` as a functional Keras model.
 
     ``native=True``: converter-native fake quants on every stored tensor (the int8-ready
     graph; needs a plan made with ``int8=True``). ``native=False``: float math fake quants
     on the quantizers' inputs only, the network the Keras model computes (for float32 /
-    float16 TFLite).
+    float16 TFLite). ``twin=True`` (with ``native``): the same stored tensors and
+    requantizations, rounded in float math (a Keras model of what the int8 kernels compute,
+    for verification, not for conversion: TF's FakeQuant kernel rounds ``x - min`` in
+    float32, which misses by up to ~1e-5 steps over a wide int8 range such as the
+    saturating zero points' ``[-254, 1]`` steps of a signed 2-bit grid).
     """
     if native and not export_plan.int8:
         raise ValueError("The converter-native graph needs a plan made with int8=True. "
                          f"Received: native={native}")
+    fq_native = native and not twin  # how the fake quants compute
+    used: dict = {}  # source tensor -> requantizing identity convs reading it
     new: dict = {}
     inputs = []
     by_name = {n.name: n for n in export_plan.nodes}
@@ -609,25 +693,38 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None)
         elif node.kind == "quant":
             x = new[node.inputs[0]]
             inp = export_plan.inputs[node.name]
-            if inp.requantized:
-                x = FakeQuant.from_grid(inp.grid, requantize=True, native=native,
+            shift = inp.shift if fq_native else None
+            if inp.requantized and shift is not None:
+                source = export_plan.tensors[inp.source].grid
+                x = FakeQuant.from_grid(
+                    inp.stored_grid, requantize=True, native=True, relu=True,
+                    identity_weight=shift.weight,
+                    identity_bias=shift.bias * source.scale / shift.weight,
+                    name=f"{node.name}_input_quant")(x)
+            elif inp.requantized:
+                x = FakeQuant.from_grid(inp.grid, requantize=True, native=fq_native,
+                                        relu=_relu_bottom(export_plan, inp.grid),
+                                        identity_weight=_identity_weight(used, inp.source),
                                         name=f"{node.name}_input_quant")(x)
-            t = _folded_layer(node, export_plan.weights[node.name], native)(x)
+            t = _folded_layer(node, export_plan.weights[node.name], native,
+                              shift.steps * inp.step if shift is not None else 0.0)(x)
         elif node.kind == "affine":
             t = _affine_layer(node, export_plan.affine[node.name], native)(new[node.inputs[0]])
         elif isinstance(node.layer, keras.layers.AveragePooling2D) and \
                 node.layer.padding == "valid":
             t = _pool_as_conv(node, native)(new[node.inputs[0]])
         elif isinstance(node.layer, keras.layers.Concatenate):
-            t = _call(node, _rebuilt(node), _concat_inputs(export_plan, node, new, native))
+            t = _call(node, _rebuilt(node),
+                      _concat_inputs(export_plan, node, new, fq_native, used))
         else:
             t = _call(node, _rebuilt(node), new)
             if native and node.kind == "pass" and len(readers[node.name]) > 1 and \
                     _stored_source(node.name, by_name) in export_plan.tensors:
-                t = _pass_quant(export_plan, node, by_name)(t)
+                t = _pass_quant(export_plan, node, by_name, fq_native)(t)
         tensor = export_plan.tensors.get(node.name)
         if tensor is not None and (native or tensor.kind in EXACT_KINDS):
-            t = FakeQuant.from_grid(tensor.grid, native=native, name=tensor.fake_quant)(t)
+            t = FakeQuant.from_grid(tensor.grid, native=fq_native, name=tensor.fake_quant,
+                                    relu=_relu_bottom(export_plan, tensor.grid, node))(t)
         new[node.name] = t
     outputs = [new[o] for o in export_plan.outputs]
     return keras.Model(inputs[0] if len(inputs) == 1 else inputs,

@@ -3,9 +3,14 @@
 Conventions. A quantized tensor holds values ``q * scale`` with integers ``q`` in
 ``[qmin, qmax]``; TFLite stores ``q + zero_point`` in an int8, so the int8 range limits
 ``q`` to ``[-128 - zero_point, 127 - zero_point]``. A b-bit activation grid of MetaMix (LSQ
-step ``s``) is ``scale = s`` with ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]`` (signed, int8
-zero point 0) or ``[0, 2^b - 1]`` (unsigned, int8 zero point -128): every b <= 8 fits an
-int8 exactly, the b-bit bounds being a clamp inside the int8 range.
+step ``s``) is ``scale = s`` with ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]`` (signed) or
+``[0, 2^b - 1]`` (unsigned): every b <= 8 fits an int8 exactly, the b-bit bounds being a
+clamp inside the int8 range. Its zero point is ``127 - qmax`` ("saturating": the int8
+saturation of the op that writes the tensor is the b-bit top, so only the bottom may need a
+clamp op, and none after a ReLU, see :mod:`metamix_tf.export.layers`): 0 for signed and
+-128 for unsigned 8-bit grids, 112 for unsigned 4-bit ones (int8 range ``[-240, 15]``
+steps). ``saturate=False`` gives the earlier zero points, 0 (signed) and -128 (unsigned),
+with a clamp op at each b-bit bound inside the int8 range.
 
 MetaMix activations live in the fake-quantized Keras model as ``round(clip(x / s))``; an int8
 TFLite model reproduces such a tensor exactly when its int8 scale is ``s`` and its clamp is
@@ -30,6 +35,8 @@ __all__ = [
     "calibrated_grid",
     "shared_grid",
     "is_exact_requantization",
+    "Shift",
+    "shifted_requantization",
     "FoldedWeights",
     "fold_batch_norm",
     "batch_norm_factor",
@@ -84,7 +91,8 @@ class Grid:
 
     @property
     def clamped(self) -> bool:
-        """Whether ``[qmin, qmax]`` is narrower than the int8 range (needs a clamp op)."""
+        """Whether ``[qmin, qmax]`` is narrower than the int8 range (needs a clamp: an op,
+        or the ReLU before the tensor for the bottom of an unsigned grid)."""
         return self.qmin > self.int8_min or self.qmax < self.int8_max
 
     @property
@@ -99,12 +107,13 @@ class Grid:
         return dataclasses.asdict(self)
 
 
-def activation_grid(bits: int, signed: bool, step: float) -> Grid:
+def activation_grid(bits: int, signed: bool, step: float, saturate: bool = True) -> Grid:
     """The grid of a b-bit LSQ activation quantizer with step ``step``.
 
-    Signed: ``[-2^(b-1), 2^(b-1) - 1]``, int8 zero point 0. Unsigned: ``[0, 2^b - 1]``, int8
-    zero point -128. Grids of 2 to 8 bits fit an int8 (:attr:`Grid.fits_int8`); wider ones
-    only run in float exports.
+    Signed: ``[-2^(b-1), 2^(b-1) - 1]``; unsigned: ``[0, 2^b - 1]``. Int8 zero point
+    ``127 - qmax`` (``saturate``: the int8 top is the grid's top, module docstring), else 0
+    (signed) / -128 (unsigned); both agree at 8 bits. Grids of 2 to 8 bits fit an int8
+    (:attr:`Grid.fits_int8`); wider ones only run in float exports.
     """
     if not 2 <= int(bits) <= 16:
         raise ValueError(f"Activation bit-widths lie in [2, 16]. Received: bits={bits}")
@@ -113,6 +122,8 @@ def activation_grid(bits: int, signed: bool, step: float) -> Grid:
                          f"step={step}")
     qn, qp = ops.quant_range(int(bits), bool(signed))
     zero_point = 0 if signed else INT8_MIN
+    if saturate and int(bits) <= 8:
+        zero_point = INT8_MAX - qp
     return Grid(scale=float(step), zero_point=zero_point, qmin=-qn, qmax=qp, bits=int(bits),
                 signed=bool(signed))
 
@@ -175,6 +186,54 @@ def is_exact_requantization(source: Grid, target: Grid) -> bool:
     return (abs(ratio - k) < 1e-5 * max(k, 1) and k % 2 == 1
             and source.int8_min * source.scale <= target.min_value + 1e-12 * target.scale
             and source.int8_max * source.scale >= target.max_value - 1e-12 * target.scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shift:
+    """A requantization that adds ``steps`` target steps: a 1x1 identity conv with int8
+    weight ``weight`` (scale ``1 / weight``) and int32 bias ``bias`` (units of
+    ``source.scale / weight``), a ReLU fused in. For a signed b-bit target, ``steps =
+    2^(b-1)`` turns it into an unsigned one whose bottom is the ReLU and whose top is the
+    int8 saturation (:meth:`grid`); the reader's bias subtracts the shift."""
+
+    steps: int
+    weight: int
+    bias: int
+
+    def grid(self, target: Grid) -> Grid:
+        """``target`` holding ``q + steps``: what the int8 tensor stores."""
+        return Grid(scale=target.scale, zero_point=target.zero_point - self.steps,
+                    qmin=target.qmin + self.steps, qmax=target.qmax + self.steps,
+                    bits=target.bits, signed=False)
+
+
+def shifted_requantization(source: Grid, target: Grid, margin: float = 2e-4) -> Shift | None:
+    """The :class:`Shift` of ``-target.qmin`` steps from ``source`` to signed ``target``, or
+    None where none is provably exact.
+
+    The int8 conv computes ``round(n r + bias r / weight)`` for each int8 value ``n`` of
+    ``source`` (``r = source.scale / target.scale``), i.e. ``round(n r) + steps`` up to
+    ``e = bias r / weight - steps`` (the int32 bias cannot hold ``steps / r`` exactly). The
+    weight in ``[1, 127]`` with the smallest ``|e|`` is kept if every ``n r`` lies more than
+    ``|e| + margin`` from a rounding boundary (``margin`` covers the kernels' float32 and
+    fixed-point multipliers); then the shift moves no rounding.
+    """
+    steps = -int(target.qmin)
+    if steps <= 0:
+        return None
+    r = source.scale / target.scale
+    best = None
+    for weight in range(WEIGHT_QMAX, 0, -1):
+        bias = int(round(steps * weight / r))
+        error = abs(bias * r / weight - steps)
+        if best is None or error < best[0]:
+            best = (error, weight, bias)
+    error, weight, bias = best
+    n = np.arange(source.int8_min, source.int8_max + 1, dtype=np.float64)
+    distance = np.abs(np.mod(n * r, 1.0) - 0.5)
+    if float(distance.min()) <= error + margin:
+        return None
+    return Shift(steps=steps, weight=weight, bias=bias)
 
 
 def kernel_integers(quantized_kernel: np.ndarray, step: np.ndarray) -> np.ndarray:

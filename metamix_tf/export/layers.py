@@ -2,12 +2,20 @@
 
 * :class:`FakeQuant` rounds a tensor to a :class:`~metamix_tf.export.grids.Grid`. With
   ``native=True`` it is ``tf.quantization.fake_quant_with_min_max_vars`` over the grid's int8
-  range followed by a ``minimum``/``maximum`` clamp to ``[qmin, qmax]`` (what the TFLite
-  converter turns into an int8 tensor and int8 MINIMUM/MAXIMUM ops). ``requantize=True``
-  is for an input that is already int8 (on a finer grid): clamp first, then an identity
+  range followed by a ``minimum``/``maximum`` clamp to ``[qmin, qmax]`` where the int8 range
+  is wider (what the TFLite converter turns into an int8 tensor and int8 MINIMUM/MAXIMUM
+  ops). A grid with the saturating zero point (:func:`~metamix_tf.export.grids.activation_grid`)
+  needs no ``minimum``: the int8 op that writes the tensor saturates at ``qmax``. With
+  ``relu=True`` (unsigned grids) no ``maximum`` either: a ReLU gives the bottom 0, the one
+  of the op that computes the input (the converter fuses it into the conv, its int8
+  activation clamp at the zero point), or for ``requantize`` one fused into the identity
+  convolution. ``requantize=True`` is for an input that is already int8 (on a finer grid):
+  clamp first, then an identity
   1x1 depthwise convolution (weights 1) before the fake quant, so that the rescaling runs
   as a convolution's requantization, which LiteRT's kernels compute exactly (its QUANTIZE
-  op rounds int8 -> int8 rescales with a low-precision multiplier). With ``native=False``
+  op rounds int8 -> int8 rescales with a low-precision multiplier). ``identity_weight`` /
+  ``identity_bias`` set that conv's int8 weight (scale ``1 / identity_weight``) and its
+  bias, a :class:`~metamix_tf.export.grids.Shift` of a signed grid. With ``native=False``
   it is plain float math, ``clip(floor(x / scale + 0.5), qmin, qmax) * scale``, for
   float32 / float16 models (GPU delegates run FLOOR, MUL, MINIMUM, MAXIMUM).
 * :class:`FoldedConv2D`, :class:`FoldedDepthwiseConv2D`, :class:`FoldedDense`: the stock
@@ -35,19 +43,27 @@ _PACKAGE = "metamix_tf.export"
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class FakeQuant(keras.layers.Layer):
     """Rounds to ``q * scale`` with ``q`` in ``[qmin, qmax]`` (int8 zero point
-    ``zero_point``); see the module docstring for ``native`` and ``requantize``.
+    ``zero_point``); see the module docstring for ``native``, ``requantize`` and ``relu``
+    (without ``requantize``, ``relu=True`` promises an input >= 0: it comes from a ReLU).
 
     Rounding is half-up (``floor(x / scale + 0.5)``), as TensorFlow's FakeQuant kernels do.
     """
 
     def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int, bits: int = 8,
                  signed: bool = True, requantize: bool = False, native: bool = True,
-                 **kwargs):
+                 relu: bool = False, identity_weight: int = WEIGHT_QMAX,
+                 identity_bias: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.grid = Grid(scale=float(scale), zero_point=int(zero_point), qmin=int(qmin),
                          qmax=int(qmax), bits=int(bits), signed=bool(signed))
+        if relu and self.grid.qmin != 0:
+            raise ValueError(f"FakeQuant '{self.name}': a ReLU gives the bottom of unsigned "
+                             f"grids only (qmin 0). Received: relu={relu}, qmin={qmin}")
         self.requantize = bool(requantize)
         self.native = bool(native)
+        self.relu = bool(relu)
+        self.identity_weight = int(identity_weight)
+        self.identity_bias = float(identity_bias)
 
     @classmethod
     def from_grid(cls, grid: Grid, **kwargs) -> FakeQuant:
@@ -57,7 +73,7 @@ class FakeQuant(keras.layers.Layer):
         g = self.grid
         if g.qmax < g.int8_max:
             x = tf.minimum(x, np.float32(g.qmax * g.scale))
-        if g.qmin > g.int8_min:
+        if g.qmin > g.int8_min and not self.relu:
             x = tf.maximum(x, np.float32(g.qmin * g.scale))
         return x
 
@@ -72,7 +88,8 @@ class FakeQuant(keras.layers.Layer):
             return tf.quantization.fake_quant_with_min_max_vars(
                 x, np.float32(g.qmin * g.scale), np.float32(g.qmax * g.scale), num_bits=g.bits)
         if self.requantize:
-            x = _identity_conv(self._clamp(x))
+            x = _identity_conv(self._clamp(x), relu=self.relu, weight=self.identity_weight,
+                               bias=self.identity_bias)
         x = tf.quantization.fake_quant_with_min_max_vars(
             x, np.float32(g.int8_min * g.scale), np.float32(g.int8_max * g.scale), num_bits=8)
         if not self.requantize:
@@ -84,7 +101,9 @@ class FakeQuant(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(self.grid.to_dict(), requantize=self.requantize, native=self.native)
+        config.update(self.grid.to_dict(), requantize=self.requantize, native=self.native,
+                      relu=self.relu, identity_weight=self.identity_weight,
+                      identity_bias=self.identity_bias)
         return config
 
 
@@ -100,14 +119,19 @@ def _fake_quant_channels(kernel, scale: np.ndarray, channels_shape):
         view, tf.constant(-bound), tf.constant(bound), num_bits=8, narrow_range=True)
 
 
-def _identity_conv(x):
-    """``x`` through a 1x1 depthwise convolution with int8 weights 127 at scale 1/127."""
+def _identity_conv(x, relu: bool = False, weight: int = WEIGHT_QMAX, bias: float = 0.0):
+    """``x`` through a 1x1 depthwise convolution with int8 weights ``weight`` at scale
+    ``1 / weight`` and bias ``bias`` (and a ReLU; the converter fuses both into it)."""
     channels = int(x.shape[-1])
     kernel = _fake_quant_channels(np.ones(channels, np.float32),
-                                  np.full(channels, 1.0 / WEIGHT_QMAX), [1, 1, 1, channels])
+                                  np.full(channels, 1.0 / weight), [1, 1, 1, channels])
     kernel = tf.reshape(kernel, [1, 1, channels, 1])
     x4 = x if x.shape.rank == 4 else tf.reshape(x, [-1, 1, 1, channels])
     y = tf.nn.depthwise_conv2d(x4, kernel, [1, 1, 1, 1], "VALID")
+    if bias:
+        y = tf.nn.bias_add(y, np.full(channels, bias, np.float32))
+    if relu:
+        y = tf.nn.relu(y)
     return y if x.shape.rank == 4 else tf.reshape(y, tf.shape(x))
 
 

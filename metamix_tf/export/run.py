@@ -205,6 +205,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
                  max_calibration_examples: int = 1024, grid_check_examples: int = 64,
                  latency_rounds: int = 5, latency_runs: int = 20,
                  latency_threads: int | None = 1, weight_storage: str = "spread",
+                 clamps: str = "saturate", latency_baselines: dict | None = None,
                  tensor_costs: bool = True, report_extra: dict | None = None,
                  integer_io=(), labels: list | None = None, normalisation: str | None = None,
                  log=print) -> dict:
@@ -221,6 +222,11 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
       bits_info: the run's ``bits.json`` content, copied into the sidecar and the report.
       weight_storage: ``"bits"``, ``"spread"`` or ``"int4"``, see :func:`graph.plan`;
         ``"int4"`` also writes ``<name>_int4.tflite`` (needs the int8 format).
+      clamps: how the b-bit bounds are clamped, see :func:`graph.plan` (``"saturate"``:
+        by int8 saturation and ReLUs where the graph has them; ``"ops"``: MINIMUM / MAXIMUM).
+      latency_baselines: ``{name: .tflite path}``, other models of the same network (e.g.
+        a plain post-training int8 one, built by ``benchmarks/export_latency.py``) timed in
+        the same interleaved rounds; the report gives their op counts and ``int8_over_<name>``.
       tensor_costs: also measure the agreement each int8-only tensor costs on its own.
       integer_io: ``"uint8"`` and / or ``"int8"``: also write the int8 model with integer
         input and output tensors (needs the int8 format).
@@ -251,7 +257,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
     log(f"Planning the inference graph of '{model.name}' ({', '.join(formats)})")
     export_plan = graph.plan(model, calibration_data=calibration_data if int8 else None,
                              int8=int8, max_calibration_examples=max_calibration_examples,
-                             weight_storage=weight_storage)
+                             weight_storage=weight_storage, clamps=clamps)
     # "float": the fake-quantized network with BatchNorm folded (float TFLite);
     # "int8": the converter-native graph (int8 TFLite, the .keras and SavedModel files);
     # "int8_twin": the same with the biases rounded as the int8 model stores them, a Keras
@@ -260,7 +266,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
     if int8:
         graphs["int8"] = graph.build(export_plan, native=True)
         graphs["int8_twin"] = graph.build(graph.with_int32_biases(export_plan), native=True,
-                                          name=f"{model.name}_int8_twin")
+                                          name=f"{model.name}_int8_twin", twin=True)
     main = graphs["int8" if int8 else "float"]
 
     files = {}
@@ -312,7 +318,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
     report = {
         **(report_extra or {}),
         "model": model.name, "formats": list(outputs), "output_dir": output_dir,
-        "weight_storage": weight_storage,
+        "weight_storage": weight_storage, "clamps": clamps,
         "files": {k: {"path": v, "bytes": _size(v)} for k, v in files.items()},
         "graphs": summaries,
         "bits": {n: p.bits for n, p in export_plan.inputs.items()},
@@ -329,7 +335,10 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         report["verification"] = _verify(model, graphs, files, outputs, export_plan,
                                          np.asarray(eval_images, np.float32), eval_labels,
                                          grid_check_examples, latency_rounds, latency_runs,
-                                         latency_threads, tensor_costs, log)
+                                         latency_threads, tensor_costs, log,
+                                         dict(latency_baselines or {}))
+    for key, baseline in (latency_baselines or {}).items():
+        report["graphs"][key] = tflite.graph_summary(baseline)
     report["export_seconds"] = round(time.time() - began, 1)
     tflite.write_atomic(os.path.join(output_dir, REPORT_NAME),
                         (json.dumps(report, indent=1, default=_json_default) + "\n").encode())
@@ -337,7 +346,8 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
 
 
 def _verify(model, graphs, files, formats, export_plan, images, labels, grid_examples,
-            latency_rounds, latency_runs, latency_threads, tensor_costs, log) -> dict:
+            latency_rounds, latency_runs, latency_threads, tensor_costs, log,
+            baselines) -> dict:
     log(f"Verifying on {len(images)} images")
     reference = _reference_logits(model, images)
     out = {"examples": int(len(images)), "reference": "keras fake-quant model",
@@ -345,7 +355,13 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
            "keras_graphs": {}, "tflite": {}}
     if labels is not None:
         out["reference_accuracy"] = float(np.mean(reference.argmax(-1) == labels))
-    logits = {key: _reference_logits(g, images) for key, g in graphs.items()}
+    # Keras evaluates the int8 graph with its fake quants in float math (graph.build's
+    # twin): TF's FakeQuant kernel misses by ~1e-5 steps over the wide int8 ranges of the
+    # saturating zero points, the converter does not
+    evaluated = {**graphs}
+    if "int8" in graphs:
+        evaluated["int8"] = graph.build(export_plan, native=True, twin=True)
+    logits = {key: _reference_logits(g, images) for key, g in evaluated.items()}
     for key in graphs:
         out["keras_graphs"][key] = verify.compare(reference, logits[key], labels)
     for fmt in formats:
@@ -397,10 +413,14 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
             log("Measuring what each int8-only tensor costs")
             out["int8_tensor_costs"] = verify.tensor_costs(export_plan, images, reference,
                                                            _reference_logits)
-    log("Timing " + ", ".join(formats))
-    lat = verify.latency({fmt: files[fmt] for fmt in formats}, rounds=latency_rounds,
-                         runs_per_round=latency_runs, num_threads=latency_threads)
+    log("Timing " + ", ".join((*formats, *baselines)))
+    lat = verify.latency({**{fmt: files[fmt] for fmt in formats}, **baselines},
+                         rounds=latency_rounds, runs_per_round=latency_runs,
+                         num_threads=latency_threads)
     out["latency"] = lat
+    for key in baselines:
+        if "int8" in lat:
+            lat[f"int8_over_{key}"] = lat["int8"]["median_ms"] / lat[key]["median_ms"]
     if "int8" in lat and "float32" in lat:
         out["latency"]["float32_over_int8"] = (lat["float32"]["median_ms"]
                                                / lat["int8"]["median_ms"])
@@ -500,6 +520,15 @@ def format_report(report: dict) -> str:
         if ratio:
             lines.append(f"float32 / int8 latency: {ratio:.2f}x "
                          f"({v['latency']['int8']['num_threads']} thread(s), XNNPACK)")
+        for key in [k[len("int8_over_"):] for k in v.get("latency", {})
+                    if k.startswith("int8_over_")]:
+            ops = {k: report["graphs"][k]["ops"] for k in ("int8", key)}
+            clamps = {k: o.get("MINIMUM", 0) + o.get("MAXIMUM", 0) for k, o in ops.items()}
+            lines.append(f"int8 / {key} latency: {v['latency'][f'int8_over_{key}']:.3f}x "
+                         f"({v['latency']['int8']['median_ms']:.3f} vs "
+                         f"{v['latency'][key]['median_ms']:.3f} ms); ops "
+                         f"{sum(ops['int8'].values())} vs {sum(ops[key].values())}, of "
+                         f"which MINIMUM / MAXIMUM {clamps['int8']} vs {clamps[key]}")
         ratio = v.get("latency", {}).get("int4_over_int8")
         if ratio:
             g4, c4 = report["graphs"]["int4"], v.get("int4_grid_check", {})

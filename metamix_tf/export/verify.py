@@ -4,8 +4,9 @@
 * :func:`compare`: top-1 agreement with the Keras reference, logit differences, accuracies.
 * :func:`check_grids`: reads every quantized layer's input tensor inside the int8 model
   (``experimental_preserve_all_tensors``, reference kernels) and checks that it is on that
-  layer's b-bit grid: int8 scale equal to the learned step, the zero point of the grid, every
-  integer within ``[qmin, qmax]``.
+  layer's b-bit grid: int8 scale equal to the learned step, the zero point of the grid (of
+  the shifted grid, for an input stored shifted: :class:`~metamix_tf.export.grids.Shift`),
+  every integer within ``[qmin, qmax]``.
 * :func:`tflite_quantized_inputs` / :func:`reference_quantized_inputs` /
   :func:`match`: how often those integers equal the Keras model's, under the default
   (XNNPACK) kernels.
@@ -26,6 +27,7 @@ import tensorflow as tf
 from metamix_tf.export import graph as graph_lib
 from metamix_tf.export import tflite
 from metamix_tf.export.graph import ExportPlan
+from metamix_tf.export.layers import FakeQuant
 
 __all__ = [
     "interpreter",
@@ -160,7 +162,9 @@ def graph_quantized_inputs(inference_graph: keras.Model, export_plan: ExportPlan
     outs = _input_probe(inference_graph, export_plan)(tf.convert_to_tensor(images),
                                                       training=False)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
-    return _integers(export_plan, [keras.ops.convert_to_numpy(o) for o in outs])
+    shifted = any(isinstance(layer, FakeQuant) and layer.identity_bias
+                  for layer in inference_graph.layers)
+    return _integers(export_plan, [keras.ops.convert_to_numpy(o) for o in outs], shifted)
 
 
 def tflite_quantized_inputs(inference_graph: keras.Model, export_plan: ExportPlan,
@@ -181,7 +185,7 @@ def tflite_quantized_inputs(inference_graph: keras.Model, export_plan: ExportPla
     outputs = runner(**{input_name: np.ascontiguousarray(images, np.float32)})
     # Keras' SavedModel names the outputs output_<i>, in the probe's order
     return _integers(export_plan, [outputs[f"output_{i}"]
-                                   for i in range(len(export_plan.inputs))])
+                                   for i in range(len(export_plan.inputs))], shifted=True)
 
 
 def _input_probe(inference_graph: keras.Model, export_plan: ExportPlan) -> keras.Model:
@@ -190,9 +194,11 @@ def _input_probe(inference_graph: keras.Model, export_plan: ExportPlan) -> keras
                        [inference_graph.get_layer(n).input for n in export_plan.inputs])
 
 
-def _integers(export_plan: ExportPlan, values: list) -> dict:
-    """``{layer: round(value / step)}`` for the probe's outputs, in plan order."""
+def _integers(export_plan: ExportPlan, values: list, shifted: bool) -> dict:
+    """``{layer: round(value / step)}`` for the probe's outputs, in plan order, less the
+    shift of the inputs stored shifted (``shifted``: the converter-native graph)."""
     return {n: np.round(np.asarray(v) / p.step).astype(np.int64)
+            - (p.shift_steps if shifted else 0)
             for (n, p), v in zip(export_plan.inputs.items(), values, strict=True)}
 
 
@@ -220,7 +226,7 @@ def tensor_costs(export_plan: ExportPlan, images: np.ndarray, reference: np.ndar
         if t.kind in graph_lib.EXACT_KINDS:
             continue
         single = dataclasses.replace(export_plan, tensors={**exact, name: t})
-        logits = logits_fn(graph_lib.build(single, native=True), images)
+        logits = logits_fn(graph_lib.build(single, native=True, twin=True), images)
         c = compare(reference, logits)
         rows.append({"tensor": name, "kind": t.kind, "top1_agreement": c["top1_agreement"],
                      "mean_abs_logit_diff": c["mean_abs_logit_diff"]})
@@ -267,11 +273,11 @@ def check_grids(model_path: str, export_plan: ExportPlan, images: np.ndarray) ->
         params = detail["quantization_parameters"]
         scale = float(params["scales"][0]) if len(params["scales"]) else 0.0
         zero_point = int(params["zero_points"][0]) if len(params["zero_points"]) else 0
-        values = interp.get_tensor(index).astype(np.int64) - zero_point
+        values = interp.get_tensor(index).astype(np.int64) - zero_point - plan_input.shift_steps
         grid = plan_input.grid
         on_grid = (detail["dtype"] == np.int8 and abs(scale - grid.scale) <= 1e-5 * grid.scale
-                   and zero_point == grid.zero_point and int(values.min()) >= grid.qmin
-                   and int(values.max()) <= grid.qmax)
+                   and zero_point == plan_input.stored_grid.zero_point
+                   and int(values.min()) >= grid.qmin and int(values.max()) <= grid.qmax)
         results.append(LayerGridCheck(
             layer=name, bits=plan_input.bits, signed=plan_input.signed, step=plan_input.step,
             int8_scale=scale, int8_zero_point=zero_point, qmin=grid.qmin, qmax=grid.qmax,

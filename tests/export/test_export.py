@@ -148,15 +148,32 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize("bits,signed,zero_point,qmin,qmax", [
-    (2, True, 0, -2, 1), (3, True, 0, -4, 3), (4, True, 0, -8, 7), (8, True, 0, -128, 127),
-    (2, False, -128, 0, 3), (3, False, -128, 0, 7), (4, False, -128, 0, 15),
-    (8, False, -128, 0, 255),
+    (2, True, 126, -2, 1), (3, True, 124, -4, 3), (4, True, 120, -8, 7),
+    (8, True, 0, -128, 127), (2, False, 124, 0, 3), (3, False, 120, 0, 7),
+    (4, False, 112, 0, 15), (8, False, -128, 0, 255),
 ])
 def test_activation_grid_is_the_lsq_grid_in_an_int8(bits, signed, zero_point, qmin, qmax):
     g = grids.activation_grid(bits, signed, 0.25)
     assert (g.scale, g.zero_point, g.qmin, g.qmax) == (0.25, zero_point, qmin, qmax)
     assert g.fits_int8
+    assert g.int8_max == qmax  # int8 saturation is the b-bit top: no clamp op there
     assert g.clamped == (bits < 8)
+    old = grids.activation_grid(bits, signed, 0.25, saturate=False)
+    assert old.zero_point == (0 if signed else -128) and (old.qmin, old.qmax) == (qmin, qmax)
+
+
+@pytest.mark.parametrize("bits,signed", [(2, False), (4, False), (4, True), (8, False)])
+def test_fake_quant_range_gives_the_converter_the_saturating_zero_point(bits, signed):
+    """tf.quantization.fake_quant_with_min_max_vars nudges [int8_min, int8_max] * scale to
+    the same range (the converter's scale and zero point), and saturates at qmax."""
+    g = grids.activation_grid(bits, signed, 0.37)
+    lo, hi = np.float32(g.int8_min * g.scale), np.float32(g.int8_max * g.scale)
+    x = tf.constant([-1e3, -g.scale * 0.5, 0.0, g.qmax * g.scale, 1e3], tf.float32)
+    y = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8).numpy()
+    assert y[0] == pytest.approx(lo, rel=1e-6) and y[-1] == pytest.approx(hi, rel=1e-6)
+    assert y[-1] == pytest.approx(g.qmax * g.scale, rel=1e-6)
+    # the converter's zero point: uint8 round(-lo / scale), minus 128 for int8
+    assert round(-float(lo) / ((float(hi) - float(lo)) / 255)) - 128 == g.zero_point
 
 
 def test_activation_grid_wider_than_8_bits_does_not_fit_int8():
@@ -217,16 +234,63 @@ def test_kernel_integers_rejects_an_off_grid_kernel():
         grids.kernel_integers(np.array([[0.15, 0.2]]), np.array([0.1, 0.1]))
 
 
+@pytest.mark.parametrize("saturate", [True, False])
 @pytest.mark.parametrize("requantize", [False, True])
 @pytest.mark.parametrize("bits,signed", [(2, True), (3, False), (8, True), (4, False)])
-def test_fake_quant_native_equals_float_math(bits, signed, requantize):
-    g = grids.activation_grid(bits, signed, 0.13)
+def test_fake_quant_native_equals_float_math(bits, signed, requantize, saturate):
+    g = grids.activation_grid(bits, signed, 0.13, saturate=saturate)
     x = tf.constant(np.random.default_rng(1).uniform(-40, 40, (2, 50, 100)), tf.float32)
-    native = FakeQuant.from_grid(g, requantize=requantize, native=True)(x).numpy()
+    # unsigned saturating grids: the bottom from a ReLU (for requantize, fused into the
+    # identity conv; else the one that computed the input)
+    relu = saturate and not signed
+    native_in = tf.nn.relu(x) if relu and not requantize else x
+    native = FakeQuant.from_grid(g, requantize=requantize, native=True, relu=relu)(native_in)
     math = FakeQuant.from_grid(g, native=False)(x).numpy()
-    np.testing.assert_allclose(native, math, atol=1e-5)
-    q = np.round(native / g.scale)
-    assert q.min() >= g.qmin and q.max() <= g.qmax
+    np.testing.assert_allclose(native.numpy(), math, atol=1e-5)
+    q = np.round(native.numpy() / g.scale)
+    assert q.min() == g.qmin and q.max() == g.qmax
+
+
+def _round_half_away(x):
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shifted_requantization_moves_no_rounding(seed):
+    """Every int8 value n of the source: the shifted identity conv's output
+    round(n r + bias r / weight) equals round(n r) + 2^(b-1); its FakeQuant (ReLU fused,
+    unsigned grid) gives the signed grid's values plus the shift."""
+    rng = np.random.default_rng(seed)
+    bits = int(rng.choice([2, 3, 4]))
+    source = grids.activation_grid(8, True, float(rng.uniform(0.01, 0.05)))
+    target = grids.activation_grid(bits, True, float(rng.uniform(0.1, 0.6)))
+    shift = grids.shifted_requantization(source, target)
+    assert shift is not None and shift.steps == 2 ** (bits - 1)
+    r = source.scale / target.scale
+    n = np.arange(source.int8_min, source.int8_max + 1, dtype=np.float64)
+    np.testing.assert_array_equal(_round_half_away(n * r + shift.bias * r / shift.weight),
+                                  _round_half_away(n * r) + shift.steps)
+    stored = shift.grid(target)
+    assert (stored.qmin, stored.qmax, stored.int8_max, stored.signed) == (
+        0, 2 ** bits - 1, 2 ** bits - 1, False)
+    x = tf.constant((n * source.scale).reshape(1, 1, -1, 1), tf.float32)
+    native = FakeQuant.from_grid(stored, requantize=True, relu=True,
+                                 identity_weight=shift.weight,
+                                 identity_bias=shift.bias * source.scale / shift.weight)(x)
+    math = FakeQuant.from_grid(target, native=False)(x)
+    np.testing.assert_array_equal(np.round(native.numpy() / target.scale),
+                                  np.round(math.numpy() / target.scale) + shift.steps)
+
+
+def test_shifted_requantization_refuses_a_rounding_tie():
+    # r = 1/2: every odd n lands on a rounding boundary, which a shift could move
+    assert grids.shifted_requantization(grids.activation_grid(8, True, 0.1),
+                                        grids.activation_grid(4, True, 0.2)) is None
+
+
+def test_fake_quant_relu_needs_an_unsigned_grid():
+    with pytest.raises(ValueError, match="unsigned grids only"):
+        FakeQuant.from_grid(grids.activation_grid(4, True, 0.1), relu=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +429,44 @@ def test_int8_model_is_all_int8_with_4_bit_weights(exported):
         assert integers.min() >= -(2 ** (bits - 1)) and integers.max() <= 2 ** (bits - 1)
 
 
+def _clamp_ops(path: str) -> dict:
+    ops = tflite.graph_summary(path)["ops"]
+    return {op: ops.get(op, 0) for op in ("MINIMUM", "MAXIMUM")}
+
+
+def test_clamps_cost_no_op_where_saturation_and_relus_do_them(exported, tmp_path):
+    """The default export (clamps="saturate") against clamps="ops" (a MINIMUM / MAXIMUM per
+    b-bit bound inside the int8 range): the same int8 computation, bit-equal logits, with
+    the ops gone where int8 saturation (every b-bit top) or a ReLU (unsigned bottoms, and the
+    signed 'expand' input stored shifted into an unsigned grid) does the clamp. The signed
+    'head' input (from the add, no requantization to shift in) keeps its MAXIMUM."""
+    report, out, plan = exported
+    model, (train_x, _), (test_x, _) = _trained()
+    old_plan = graph.plan(model, calibration_data=train_x, clamps="ops")
+    tflite.export_saved_model(graph.build(old_plan), str(tmp_path / "sm"))
+    old = tflite.write_atomic(str(tmp_path / "old.tflite"),
+                              tflite.convert(str(tmp_path / "sm"), "int8"))
+    new = os.path.join(out, "tiny_int8.tflite")
+    # 2-, 3-bit unsigned (dw, project): a MINIMUM each; 4-, 2-bit signed (expand, head): both
+    assert _clamp_ops(old) == {"MINIMUM": 4, "MAXIMUM": 2}
+    assert plan.inputs["expand"].shift is not None and plan.inputs["head"].shift is None
+    assert _clamp_ops(new) == {"MINIMUM": 0, "MAXIMUM": 1}
+    assert report["clamps"] == "saturate"
+    np.testing.assert_array_equal(verify.run_tflite(new, test_x), verify.run_tflite(old, test_x))
+    assert all(c.on_grid for c in verify.check_grids(old, old_plan, test_x[:64]))
+    old_zero_points = {n: p.grid.zero_point for n, p in old_plan.inputs.items()}
+    assert old_zero_points["dw"] == -128 and old_zero_points["expand"] == 0
+    # the export report times other files of the network beside its int8 one
+    again = run.export_model(model, str(tmp_path / "again"), ["int8"], name="tiny",
+                             calibration_data=train_x, eval_images=test_x[:32],
+                             tensor_costs=False, latency_rounds=1, latency_runs=2,
+                             latency_baselines={"clamp_ops": old}, log=lambda _: None)
+    assert again["graphs"]["clamp_ops"]["ops"]["MINIMUM"] == 4
+    lat = again["verification"]["latency"]
+    assert lat["int8_over_clamp_ops"] == lat["int8"]["median_ms"] / lat["clamp_ops"]["median_ms"]
+    assert "int8 / clamp_ops latency" in run.format_report(again)
+
+
 def test_int8_activations_are_on_their_b_bit_grids(exported):
     report, _, plan = exported
     check = report["verification"]["grid_check"]
@@ -460,7 +562,9 @@ def test_encodings_sidecar(exported):
     assert (dw["signed"], dw["offset"], dw["qmin"], dw["qmax"]) == (False, 0, 0, 3)
     assert (expand["signed"], expand["offset"], expand["qmax"]) == (True, -8, 7)
     assert dw["scale"] == pytest.approx(plan.inputs["dw"].step)
-    assert dw["int8_zero_point"] == -128 and expand["int8_zero_point"] == 0
+    assert dw["int8_zero_point"] == 124  # saturating: 3 is the int8 top
+    # shifted into the unsigned 4-bit grid [0, 15] (zero point 112): q + 8
+    assert expand["int8_zero_point"] == 112 and expand["int8_shift_steps"] == 8
     assert expand["requantized"] and expand["exact_in_int8"]
     params = content["param_encodings"]
     assert params["expand"]["bitwidth"] == 4 and params["stem"]["bitwidth"] == 8
@@ -555,7 +659,9 @@ def test_aimet_encodings_follow_the_published_field_list(exported):
         (act,) = content["activation_encodings"][details[ops[layer]["inputs"][0]]["name"]]
         assert act["scale"] == pytest.approx(p.step)
         assert act["bitwidth"] == max(p.bits, 4)
-        assert act["offset"] == (-(2 ** (act["bitwidth"] - 1)) if p.signed else 0)
+        # signed grids stored shifted into the unsigned one (grids.Shift) have offset 0
+        signed = p.signed and p.shift is None
+        assert act["offset"] == (-(2 ** (act["bitwidth"] - 1)) if signed else 0)
         kernel = content["param_encodings"][details[ops[layer]["inputs"][1]]["name"]]
         w = plan.weights[layer]
         assert len(kernel) == w.folded.scale.size
@@ -670,6 +776,8 @@ def test_formats_are_checked():
     assert run.parse_formats("float32,int8") == ("int8", "float32")
     with pytest.raises(ValueError, match="formats"):
         run.parse_formats("int4")
+    with pytest.raises(ValueError, match="`clamps` must be one of"):
+        graph.plan(None, clamps="minmax")
 
 
 # ---------------------------------------------------------------------------------------------
