@@ -251,7 +251,7 @@ def _calibrate(model, nodes: list, data, limit: int | None) -> dict:
                          "model keeps in float (residual adds, pooling, logits): pass "
                          "`calibration_data`. Received: calibration_data=None")
     probe = keras.Model(model.inputs, [n.keras_output for n in nodes])
-    run = tf.function(lambda x: probe(x, training=False))
+    run = tf.function(lambda x: probe(x, training=False), autograph=False)
     lows = np.full(len(nodes), np.inf)
     highs = np.full(len(nodes), -np.inf)
     count = 0
