@@ -43,9 +43,12 @@ FAMILIES = {
     "InceptionResNetV2": (A.InceptionResNetV2, 75, {}),
     "NASNetMobile": (A.NASNetMobile, 32, {}),
     "VGG16": (A.VGG16, 32, {}),
+    # LayerNormalization and GELU stay float islands (graph_rules.FLOAT_ISLANDS)
+    "ConvNeXtTiny": (A.ConvNeXtTiny, 32, {}),
 }
 # Families whose preprocessing layers take raw [0, 255] pixels.
-_RAW_PIXELS = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0", "EfficientNetV2B0")
+_RAW_PIXELS = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0", "EfficientNetV2B0",
+               "ConvNeXtTiny")
 
 
 def build_family(name: str, num_classes: int = 10) -> keras.Model:

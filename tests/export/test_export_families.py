@@ -91,7 +91,7 @@ def test_apply_puts_output_quantizers_where_the_int8_model_stores():
     # concatenation and pooling outputs, the pre-activation BN's input, hard-sigmoid ops
     assert {"concat_oq", "se_pool_oq", "pool_valid_oq", "gap_oq", "stem_relu_oq"} <= oq
     assert "sep_relu_oq" in oq  # read by the pool, the multiply
-    assert "pool_same_oq" not in oq  # TFLite keeps its input's scale
+    assert "pool_same_oq" in oq  # exported as mean convs onto its own grid
     assert wrap.unsupported_layers(wrapped) == []
     assert graph_rules.stores(L.Conv2D(1, 1), L.ReLU(), 1) is False
 
