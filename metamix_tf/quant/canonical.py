@@ -17,6 +17,10 @@ int8 model runs one op each.
 * Inception-ResNet's ``CustomScaleLayer`` (``a + scale * b``) -> ``Add``, the scale folded
   into the linear conv that computes ``b``; ConvNeXt's ``LayerScale`` (``x * gamma``, per
   channel) -> nothing, ``gamma`` folded into the linear conv / dense that computes ``x``.
+* Several identical weightless activations of one tensor (NASNet's ``relu`` of a cell
+  input, once per branch) -> one: the TFLite converter merges them into one op whose output
+  no single int8 grid fits (it stays float); as one layer read by several quantized layers
+  it gets its own output quantizer in :func:`metamix_tf.apply`.
 * A ``Conv2D`` with one group per channel (``groups == filters == input channels``,
   ConvNeXt's 7x7 convs) -> ``DepthwiseConv2D`` (the same kernel, reshaped).
 
@@ -49,6 +53,27 @@ def _is_channelwise_conv(layer) -> bool:
     conv."""
     return (type(layer) is L.Conv2D and layer.groups > 1 and layer.groups == layer.filters
             and int(layer.input.shape[-1]) == layer.groups)
+
+
+def _activation_key(layer, inputs) -> tuple | None:
+    """What makes two activation layers on one tensor the same computation (None for any
+    other layer)."""
+    if not isinstance(layer, (L.Activation, L.ReLU)) or isinstance(inputs, (list, tuple)):
+        return None
+    config = {k: v for k, v in layer.get_config().items() if k not in ("name", "trainable")}
+    return id(inputs), type(layer).__name__, repr(sorted(config.items()))
+
+
+def _duplicate_activations(model) -> bool:
+    seen = set()
+    for op in model.operations:
+        for node in op._inbound_nodes:
+            tensors = node.input_tensors
+            key = _activation_key(op, tensors[0]) if len(tensors) == 1 else None
+            if key is not None and key in seen:
+                return True
+            seen.add(key)
+    return False
 
 
 def _depthwise_config(config: dict) -> dict:
@@ -111,7 +136,8 @@ def needs_rewrite(model) -> bool:
     return any(isinstance(op, L.SeparableConv2D) or _splits_activation(op)
                or _is_custom_scale(op) or _is_hard_swish(op) or _is_swish(op)
                or _is_layer_scale(op) or _is_channelwise_conv(op)
-               for op in model.operations) or bool(_ungridded_sigmoids(model))
+               for op in model.operations) or bool(_ungridded_sigmoids(model)) or \
+        _duplicate_activations(model)
 
 
 def _ungridded_sigmoids(model) -> set:
@@ -171,9 +197,20 @@ def canonicalize(model: keras.Model) -> keras.Model:
             return L.DepthwiseConv2D.from_config(_depthwise_config(config))
         return layer.__class__.from_config(config)
 
+    merged: dict = {}  # activation key -> its first output
+
     def call(layer, *args, **kwargs):
         name = layer.name
         original = operations[name]
+        key = _activation_key(original, args[0]) if args and not kwargs else None
+        if key is not None and not _splits_activation(original):
+            if key not in merged:
+                merged[key] = _call(layer, original, args, kwargs)
+            return merged[key]
+        return _call(layer, original, args, kwargs)
+
+    def _call(layer, original, args, kwargs):
+        name = layer.name
         if isinstance(original, L.SeparableConv2D):
             rewritten.add(name)
             return _separable(original, args[0])

@@ -248,11 +248,14 @@ _BELOW = {
     "Xception": "measured 98.4% (1/64)",
     "ResNet50V2": "measured 96.9% (2/64; BN-folded float graph 98.4%)",
     "DenseNet121": "measured 95.3% (3/64; BN-folded float graph 98.4%)",
-    "InceptionV3": "measured 34.4% (42/64; BN-folded float graph 67.2%, so float32 noise "
-                   "alone flips a third; the first quantized input already differs in 1 of "
-                   "~1e6 integers; the 'same' average poolings, which Keras does not round, "
-                   "add their share; not traced further)",
+    "InceptionV3": "measured 78.1% (14/64; BN-folded float graph 81.2%) after the 'same' "
+                   "average pooling fix (34.4% before); benchmarks/export_divergence.py: each "
+                   "of the 38 inputs whose integers differ departs at a value within 1.1e-5 "
+                   "of a rounding boundary (e.g. activation_2: exact 1.4999993, Keras 1.5)",
 }
+
+
+_FLOAT_ISLANDS = ("ConvNeXtTiny",)
 
 
 @pytest.mark.slow
@@ -261,7 +264,10 @@ def test_family_exports_to_int8(name):
     report = families.export_family(name)
     v = report["verification"]
     assert report["float_layers"] == []
-    assert report["graphs"]["int8"]["float_ops"] == []
+    # float islands (LayerNorm, GELU) only where the family has them, and listed
+    assert bool(report["float_islands"]) == (name in _FLOAT_ISLANDS)
+    if name not in _FLOAT_ISLANDS:
+        assert report["graphs"]["int8"]["float_ops"] == []
     assert v["examples"] >= 64
     assert v["grid_check"]["all_on_grid"]
     agreement = v["tflite"]["int8"]["top1_agreement"]

@@ -77,3 +77,20 @@ def test_convnext_block_exports_with_its_float_islands_listed(tmp_path):
     # measured 87.5% (56/64): the converter runs the LayerNorms' first MEAN as an int8 op on
     # its input's scale (the islands' other ops stay float); the Keras graphs agree 100%
     assert v["tflite"]["int8"]["top1_agreement"] >= 0.8
+
+
+def test_identical_activations_of_one_tensor_become_one():
+    """NASNet applies ``relu`` to a cell input once per branch; the converter merges those
+    into one op that no single int8 grid fits, so the canonical form merges them first."""
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, name="stem")(inp)
+    a = L.Conv2D(4, 1, name="left")(L.Activation("relu", name="relu_a")(x))
+    b = L.Conv2D(4, 1, name="right")(L.Activation("relu", name="relu_b")(x))
+    model = keras.Model(inp, L.Add(name="add")([a, b]))
+    new = canonical.canonicalize(model)
+    kept = {layer.name for layer in new.layers} & {"relu_a", "relu_b"}
+    assert len(kept) == 1
+    image = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(new(image), model(image), rtol=1e-6, atol=1e-6)
+    wrapped = mm.apply(model, mm.QuantConfig())
+    assert f"{kept.pop()}_oq" in {q.name for q in mm.output_quantizers(wrapped)}  # 2 readers
