@@ -252,6 +252,14 @@ _BELOW = {
                    "average pooling fix (34.4% before); benchmarks/export_divergence.py: each "
                    "of the 38 inputs whose integers differ departs at a value within 1.1e-5 "
                    "of a rounding boundary (e.g. activation_2: exact 1.4999993, Keras 1.5)",
+    "EfficientNetV2B0": "measured 98.4% (1/64; BN-folded float graph 98.4%)",
+    "ResNet50": "measured 96.9% (2/64; BN-folded float graph 93.8%)",
+    "InceptionResNetV2": "measured 54.7% (29/64; BN-folded float graph 73.4%; not traced)",
+    # not float noise: the BN-folded float graph agrees 100% (docs/results/export_families.md)
+    "NASNetMobile": "measured 42.2% (37/64) with the BN-folded float graph at 100%: an "
+                    "int8 inexactness, not traced yet",
+    "ConvNeXtTiny": "measured 35.9% (41/64; BN-folded float graph 96.9%): the converter runs "
+                    "the LayerNorms' channel mean as an int8 MEAN and GELU as int8 GELU",
 }
 
 
