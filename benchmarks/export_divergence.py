@@ -42,6 +42,11 @@ def main() -> None:
         print(f"  {r['tensor']} ({r['kind']}, {r['bits']}-bit): {r['mismatches']} of "
               f"{r['elements']} integers differ; max |frac(x/step) - 1/2| = "
               f"{r['max_tie_distance']:.3g}; first: {r['first'][:2]}")
+    starts = divergence.first_divergence_per_input(rows)
+    print(f"inputs whose integers differ: {len(starts)} of {len(images)}; where each starts "
+          "(tensor, integers, max |frac - 1/2|):")
+    for image, (tensor, count, tie) in starts.items():
+        print(f"  input {image}: {tensor}, {count}, {tie:.3g}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"family": args.family, "examples": args.examples, "rows": rows}, f,

@@ -27,7 +27,7 @@ from metamix_tf.export import families  # noqa: E402
 
 ORDER = ("MobileNetV3Small", "EfficientNetB0", "ResNet50V2", "DenseNet121", "Xception",
          "MobileNet", "MobileNetV2", "MobileNetV3Large", "EfficientNetV2B0", "ResNet50",
-         "VGG16", "InceptionV3", "NASNetMobile", "InceptionResNetV2")
+         "VGG16", "InceptionV3", "NASNetMobile", "InceptionResNetV2", "ConvNeXtTiny")
 
 
 def measure(name: str, examples: int) -> dict:
@@ -51,11 +51,22 @@ def measure(name: str, examples: int) -> dict:
         "median_input_match": v["grid_check"]["median_match_keras"],
         "float_graph_agreement": v["keras_graphs"]["float"]["top1_agreement"],
         "float_layers": report["float_layers"], "float_prefix": report["float_prefix"],
+        "float_islands": report["float_islands"],
+        "int8_float_ops": report["graphs"]["int8"]["float_ops"],
         "int8_bytes": report["files"]["int8"]["bytes"],
         "float32_bytes": report["files"]["float32"]["bytes"],
         "float32_over_int8": v["latency"].get("float32_over_int8"),
         "tensors": report["tensors"], "seconds": time.time() - began,
     }
+
+
+def _islands(row: dict) -> str:
+    """Input preprocessing run in float, and the float islands (layers, TFLite float ops)."""
+    parts = list(row["float_prefix"])
+    if row.get("float_islands"):
+        parts.append(f"{len(row['float_islands'])} layers ({len(row['int8_float_ops'])} "
+                     "TFLite float ops)")
+    return ", ".join(parts) or "-"
 
 
 def markdown(rows: list) -> str:
@@ -72,7 +83,7 @@ def markdown(rows: list) -> str:
             f"({r['disagreements']}/{r['examples']}) | {100 * r['float_graph_agreement']:.1f}% "
             f"| {r['all_on_grid']} | {r['quantized_inputs']} | {r['int8_bytes'] / 1024:.0f} | "
             f"{r['float32_bytes'] / 1024:.0f} | {r['float32_over_int8']:.2f}x | "
-            f"{', '.join(r['float_prefix']) or '-'} |")
+            f"{_islands(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ import tensorflow as tf
 from metamix_tf.export import tflite, verify
 from metamix_tf.export.graph import ExportPlan
 
-__all__ = ["stored_tensor_divergence", "first_divergence"]
+__all__ = ["stored_tensor_divergence", "first_divergence", "first_divergence_per_input"]
 
 
 def _keras_side(model: keras.Model, export_plan: ExportPlan) -> list:
@@ -45,7 +45,8 @@ def stored_tensor_divergence(model: keras.Model, export_plan: ExportPlan,
                              workdir: str) -> list:
     """One row per exact stored tensor, in graph order: ``{"tensor", "kind", "bits",
     "elements", "mismatches", "max_tie_distance", "first": [(index, keras x / step, keras
-    integer, int8 integer), ...]}`` (module docstring). ``inference_graph``: the
+    integer, int8 integer), ...], "inputs": {input index: (mismatches, max tie distance)}}``
+    (module docstring). ``inference_graph``: the
     converter-native graph of ``export_plan``."""
     items = [(t, x, q) for t, x, q in _keras_side(model, export_plan)
              if t.fake_quant in {layer.name for layer in inference_graph.layers}]
@@ -55,7 +56,8 @@ def stored_tensor_divergence(model: keras.Model, export_plan: ExportPlan,
     probe.export(saved, verbose=False)
     path = os.path.join(workdir, "divergence_int8.tflite")
     with open(path, "wb") as f:
-        f.write(tflite.convert(saved, "int8"))
+        f.write(tflite.convert(saved, "int8",
+                                float_islands=bool(export_plan.float_islands)))
     runner = verify.interpreter(path).get_signature_runner()
     (input_name,) = runner.get_input_details()
     int8 = runner(**{input_name: np.ascontiguousarray(images, np.float32)})
@@ -77,15 +79,31 @@ def stored_tensor_divergence(model: keras.Model, export_plan: ExportPlan,
         bad = np.argwhere(reference != values)
         at = tuple(bad.T)
         ties = np.abs(ratio[at] - np.floor(ratio[at]) - 0.5) if len(bad) else np.zeros(0)
+        per_input = {}
+        for image in np.unique(bad[:, 0]) if len(bad) else []:
+            mine = bad[:, 0] == image
+            per_input[int(image)] = (int(mine.sum()), float(ties[mine].max()))
         rows.append({
             "tensor": t.name, "kind": t.kind, "bits": int(q.selected_bits),
             "elements": int(values.size), "mismatches": int(len(bad)),
             "max_tie_distance": float(ties.max()) if len(bad) else None,
             "first": [(tuple(int(j) for j in b), float(ratio[tuple(b)]),
-                       int(reference[tuple(b)]), int(values[tuple(b)])) for b in bad[:4]]})
+                       int(reference[tuple(b)]), int(values[tuple(b)])) for b in bad[:4]],
+            "inputs": per_input})
     return rows
 
 
 def first_divergence(rows: list) -> dict | None:
     """The first row (graph order) whose integers differ, or None."""
     return next((r for r in rows if r["mismatches"]), None)
+
+
+def first_divergence_per_input(rows: list) -> dict:
+    """``{input index: (tensor, mismatches, max tie distance)}``: for each input whose
+    integers differ anywhere, the first tensor (graph order) where they do. A tie distance
+    near 0 there means the input's departure began at a float32 rounding boundary."""
+    out: dict = {}
+    for r in rows:
+        for image, (count, tie) in r.get("inputs", {}).items():
+            out.setdefault(image, (r["tensor"], count, tie))
+    return dict(sorted(out.items()))

@@ -43,18 +43,29 @@ FAMILIES = {
     "InceptionResNetV2": (A.InceptionResNetV2, 75, {}),
     "NASNetMobile": (A.NASNetMobile, 32, {}),
     "VGG16": (A.VGG16, 32, {}),
+    # LayerNormalization and GELU stay float islands (graph_rules.FLOAT_ISLANDS)
+    "ConvNeXtTiny": (A.ConvNeXtTiny, 32, {}),
 }
 # Families whose preprocessing layers take raw [0, 255] pixels.
-_RAW_PIXELS = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0", "EfficientNetV2B0")
+_RAW_PIXELS = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0", "EfficientNetV2B0",
+               "ConvNeXtTiny")
 
 
 def build_family(name: str, num_classes: int = 10) -> keras.Model:
-    """The float architecture of family ``name`` with random weights and a logits output."""
+    """The float architecture of family ``name`` with random weights and a logits output.
+
+    ConvNeXt's ``LayerScale`` factors start at 1e-6 in Keras (every block an identity, and
+    the folded pointwise weights below the int8 weight scales the converter keeps); here
+    they are set to 1, as a random-weight stand-in for a trained network's."""
     if name not in FAMILIES:
         raise ValueError(f"Unknown family; known: {sorted(FAMILIES)}. Received: name={name!r}")
     ctor, size, extra = FAMILIES[name]
-    return ctor(input_shape=(size, size, 3), weights=None, classes=num_classes,
-                classifier_activation=None, **extra)
+    model = ctor(input_shape=(size, size, 3), weights=None, classes=num_classes,
+                 classifier_activation=None, **extra)
+    for layer in model.layers:
+        if type(layer).__name__ == "LayerScale":
+            layer.gamma.assign(np.ones(layer.gamma.shape, np.float32))
+    return model
 
 
 def images_for(name: str, count: int, seed: int = 0) -> np.ndarray:

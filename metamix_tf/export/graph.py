@@ -41,16 +41,16 @@ each b-bit bound inside the int8 range). Tensors are of these kinds:
   output grid (TFLite concatenates int8 tensors of one scale; the Keras model rounds it
   there with the concatenation's output quantizer); exact. Concatenation inputs stored on
   other grids are requantized to it (identity depthwise conv); exact.
-* ``"same_scale"``: the output of a 'same' padded average pooling, whose int8 kernel keeps
-  its input's scale; inexact (Keras does not round there).
 
 Which tensors are stored, and which layers fold, fuse or pass through, comes from
 :mod:`metamix_tf.quant.graph_rules`, the table ``apply()`` uses to place its output quantizers;
 the Keras graph is read by :mod:`metamix_tf.export.reader`. A BatchNorm that does not fold
 (pre-activation, after a concatenation) runs as an int8 1x1 depthwise conv (8-bit weights
-``+-127`` times a per-channel scale: exact), a 'valid' average pooling as a depthwise conv
-with weights ``1 / (kh * kw)``; input preprocessing (``Rescaling``, ``Normalization``) runs in
-float before the input quantization (:attr:`ExportPlan.float_prefix`).
+``+-127`` times a per-channel scale: exact), an average pooling as depthwise convs with
+weights ``1 / count`` (a 'same' one cut into crops of equal window counts,
+:mod:`metamix_tf.export.pooling`), so that its output has its own scale; input
+preprocessing (``Rescaling``, ``Normalization``) runs in float before the input
+quantization (:attr:`ExportPlan.float_prefix`).
 
 What stays inexact, and is measured by the verification: the calibrated 8-bit grids
 themselves (Keras keeps those tensors in float) and the conv biases, which an int8 TFLite
@@ -72,7 +72,7 @@ import numpy as np
 import tensorflow as tf
 
 from metamix_tf.config import WEIGHT_STORAGES, check_weight_storage
-from metamix_tf.export import grids
+from metamix_tf.export import grids, pooling
 from metamix_tf.export.grids import Grid
 from metamix_tf.export.layers import FOLDED_LAYERS, FakeQuant
 from metamix_tf.export.reader import (
@@ -179,6 +179,12 @@ class ExportPlan:
     def float_prefix(self) -> list:
         """Input preprocessing layers that run in float before the input quantization."""
         return [n.name for n in self.nodes if n.kind == "prefix"]
+
+    @property
+    def float_islands(self) -> list:
+        """Layers the int8 model runs in float between int8 tensors (LayerNormalization,
+        GELU: :data:`graph_rules.FLOAT_ISLANDS`)."""
+        return [n.name for n in self.nodes if n.kind == "island"]
 
     @property
     def calibrated(self) -> list:
@@ -337,8 +343,6 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             kind = "quantized"
         elif len(eff) == 1 and concats and by_name[concats[0]].output_quantizer is not None:
             kind = "member"  # rounded by the concatenation's output quantizer
-        elif rules.keeps_input_scale(n.layer):
-            kind = "same_scale"
         elif quant and not floats and len(distinct) == 1:
             kind = "grid"
         elif not quant:
@@ -366,10 +370,6 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             continue  # float exports keep these tensors in float, as the Keras model does
         elif kind == "calibrated":
             grid = grids.calibrated_grid(*rng)
-            fq_name = f"{n.name}_quant"
-        elif kind == "same_scale":
-            source = tensors.get(_stored_source(n.inputs[0], by_name))
-            grid = source.grid if source is not None else grids.calibrated_grid(*rng)
             fq_name = f"{n.name}_quant"
         else:
             first, others = input_grids[quant[0]], [input_grids[r] for r in quant[1:]]
@@ -572,23 +572,6 @@ def _affine_layer(node: Node, weights: WeightPlan, native: bool) -> keras.layers
     return layer
 
 
-def _pool_as_conv(node: Node, native: bool) -> keras.layers.Layer:
-    """A 'valid' ``AveragePooling2D`` as a depthwise conv with weights ``1 / (kh * kw)``
-    (int8 127 at scale ``1 / (127 kh kw)``, exact): unlike TFLite's AVERAGE_POOL_2D, its
-    output can have its own scale, the one of the Keras model's output quantizer."""
-    pool = node.layer
-    kh, kw = pool.pool_size
-    channels = int(node.keras_output.shape[-1])
-    layer = FOLDED_LAYERS["QuantDepthwiseConv2D"](
-        kernel_size=(kh, kw), strides=pool.strides, padding="valid", use_bias=True,
-        weight_bits=8, native=native, name=node.name)
-    layer.build(tuple(pool.input.shape))
-    weight = 1.0 / (kh * kw)
-    layer.set_folded(np.full((kh, kw, channels, 1), weight), np.zeros(channels),
-                     np.full(channels, weight / grids.WEIGHT_QMAX))
-    return layer
-
-
 def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool,
                    used: dict) -> dict:
     """``new`` with each input of concatenation ``node`` requantized to its output grid
@@ -712,7 +695,13 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
             t = _affine_layer(node, export_plan.affine[node.name], native)(new[node.inputs[0]])
         elif isinstance(node.layer, keras.layers.AveragePooling2D) and \
                 node.layer.padding == "valid":
-            t = _pool_as_conv(node, native)(new[node.inputs[0]])
+            t = pooling.valid_pool_as_conv(node.layer, tuple(node.layer.input.shape), native,
+                                           node.name)(new[node.inputs[0]])
+        elif isinstance(node.layer, keras.layers.AveragePooling2D) and native:
+            tensor = export_plan.tensors.get(node.name)
+            t = pooling.same_pool_as_convs(new[node.inputs[0]], node.layer,
+                                           tensor.grid if tensor is not None else None,
+                                           native, node.name)
         elif isinstance(node.layer, keras.layers.Concatenate):
             t = _call(node, _rebuilt(node),
                       _concat_inputs(export_plan, node, new, fq_native, used))

@@ -245,8 +245,9 @@ class FoldedDepthwiseConv2D(_FoldedMixin, keras.layers.DepthwiseConv2D):
 class FoldedDense(_FoldedMixin, keras.layers.Dense):
     """``Dense`` whose kernel ``[in, out]`` is ``integers * kernel_scale`` per output unit.
 
-    ``native=True`` computes it as a 1x1 convolution on ``[batch, 1, 1, in]`` (rank-2 inputs
-    only), which the converter keeps with per-channel int8 weights.
+    ``native=True`` computes it as a 1x1 convolution (a rank-2 input as ``[batch, 1, 1,
+    in]``, a rank-4 one, ConvNeXt's pointwise layers, as it is), which the converter keeps
+    with per-channel int8 weights.
     """
 
     _channel_start = 1
@@ -254,14 +255,15 @@ class FoldedDense(_FoldedMixin, keras.layers.Dense):
     def call(self, inputs):
         if not self.native:
             return self._finish(tf.matmul(inputs, self.kernel))
-        if inputs.shape.rank != 2:
-            raise ValueError(f"FoldedDense '{self.name}' exports rank-2 inputs only. "
-                             f"Received: input_shape={tuple(inputs.shape)}")
+        if inputs.shape.rank not in (2, 4):
+            raise ValueError(f"FoldedDense '{self.name}' exports rank-2 and rank-4 inputs "
+                             f"only. Received: input_shape={tuple(inputs.shape)}")
         units_in, units = self.kernel.shape
         kernel = _fake_quant_channels(self.kernel, self._scale_value, [1, 1, units_in, units])
-        x = tf.reshape(inputs, [-1, 1, 1, units_in])
+        x = inputs if inputs.shape.rank == 4 else tf.reshape(inputs, [-1, 1, 1, units_in])
         outputs = tf.nn.conv2d(x, kernel, strides=1, padding="VALID")
-        return self._finish(tf.reshape(outputs, [-1, units]))
+        return self._finish(outputs if inputs.shape.rank == 4 else
+                            tf.reshape(outputs, [-1, units]))
 
 
 # Quantized layer class name -> folded inference class.

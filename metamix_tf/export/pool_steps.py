@@ -8,7 +8,9 @@ absolute value, so ``s_out == s_in`` and ``1 / r == n`` -- many sums land exactl
 step; XNNPACK rounds those to even while the Keras model's float mean lands a few ulps to
 either side, and the two models store different integers (seen in MobileNetV3Large's
 squeeze-and-excitation pooling). With ``s_out = s_in * k / n`` for an odd ``k``, the value
-``sum / k`` is never a half and stays at least ``1 / (2k)`` steps from one.
+``sum / k`` is never a half and stays at least ``1 / (2k)`` steps from one. A 'same' padded
+pooling divides by several counts ``n_i`` (corners, edges, inside): with ``n`` their least
+common multiple, ``sum * (n / n_i) / k`` is an even integer over an odd one, never a half.
 
 :func:`snap_pooled_steps` moves each pooled-output step up to the nearest such ``s_out``
 (up, so that nothing newly clips), in place; run it before the bias snap and the final
@@ -23,6 +25,7 @@ import keras
 import numpy as np
 
 from metamix_tf.export.graph import plan
+from metamix_tf.export.pooling import counts_lcm
 
 __all__ = ["odd_ratio_step", "snap_pooled_steps"]
 
@@ -42,13 +45,17 @@ def odd_ratio_step(step_in: float, step_out: float, count: int) -> float:
 
 
 def _pool_count(node) -> int | None:
+    """The window count of a pooling node (a 'same' one: the lcm of its window counts)."""
     layer = node.layer
+    if not isinstance(layer, (L.GlobalAveragePooling2D, L.AveragePooling2D)):
+        return None
+    shape = node.keras_node.input_tensors[0].shape
     if isinstance(layer, L.GlobalAveragePooling2D):
-        shape = node.keras_node.input_tensors[0].shape
         return int(shape[1]) * int(shape[2])
     if isinstance(layer, L.AveragePooling2D) and layer.padding == "valid":
         return int(layer.pool_size[0]) * int(layer.pool_size[1])
-    return None
+    return counts_lcm(int(shape[1]), int(shape[2]), tuple(layer.pool_size),
+                      tuple(layer.strides))
 
 
 def snap_pooled_steps(model: keras.Model) -> dict:

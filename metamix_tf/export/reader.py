@@ -12,7 +12,9 @@ operation becomes a node of one kind:
   concatenation), run as an int8 1x1 depthwise conv with 8-bit per-channel weights;
 * ``"pass"``: a shape-only layer (zero padding, cropping, max pooling, reshape);
 * ``"op"``: a weightless int8 op (add, multiply, concatenation, pooling, activation, or a
-  ``keras.ops`` call with a constant).
+  ``keras.ops`` call with a constant);
+* ``"island"``: a float island (:data:`graph_rules.FLOAT_ISLANDS`: LayerNormalization, GELU),
+  run in float between int8 tensors.
 
 Which layer is which comes from :mod:`metamix_tf.quant.graph_rules`, the table ``apply()`` uses.
 """
@@ -44,7 +46,7 @@ class UnsupportedModelError(ValueError):
 class Node:
     name: str
     layer: object  # a Keras layer or keras.ops operation
-    kind: str  # "input" | "prefix" | "quant" | "affine" | "pass" | "op"
+    kind: str  # "input" | "prefix" | "quant" | "affine" | "pass" | "op" | "island"
     inputs: list
     bn: keras.layers.BatchNormalization | None = None
     output_quantizer: ActivationQuantizer | None = None
@@ -156,6 +158,8 @@ def read_graph(model) -> tuple[list, list]:
             alias[layer.name] = producer.name
         elif rules.is_identity(layer):
             alias[layer.name] = inputs[0]
+        elif rules.is_float_island(layer):
+            kind = "island"
         elif rules.is_shape_only(layer):
             kind = "pass"
         elif rules.is_float_op(layer):

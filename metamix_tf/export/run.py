@@ -268,6 +268,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         graphs["int8_twin"] = graph.build(graph.with_int32_biases(export_plan), native=True,
                                           name=f"{model.name}_int8_twin", twin=True)
     main = graphs["int8" if int8 else "float"]
+    islands = bool(export_plan.float_islands)
 
     files = {}
     path = lambda suffix: os.path.join(output_dir, f"{name}{suffix}")  # noqa: E731
@@ -284,7 +285,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
                 if not os.path.isdir(source):
                     graphs["float"].export(source, verbose=False)
             log(f"Converting {fmt}")
-            data = tflite.convert(source, fmt)
+            data = tflite.convert(source, fmt, float_islands=islands)
             files[fmt] = tflite.write_atomic(path(f"_{fmt}.tflite"), data)
             summaries[fmt] = tflite.graph_summary(data)
             if fmt == "int8" and "int4" in outputs:
@@ -297,7 +298,8 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
                 io_specs = {}
                 for io_type in integer_io:
                     log(f"Converting int8 with {io_type} input and output")
-                    data = tflite.convert(source, "int8", io_type=io_type)
+                    data = tflite.convert(source, "int8", io_type=io_type,
+                                          float_islands=islands)
                     spec = integer_io_lib.io_spec(data, labels, normalisation)
                     key = f"int8_{io_type}io"
                     files[key] = tflite.write_atomic(path(f"_{key}.tflite"),
@@ -325,9 +327,9 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         "gbops": (bits_info or {}).get("gbops"),
         "avg_activation_bits": sidecar["avg_activation_bits"],
         "tensors": {kind: sum(t.kind == kind for t in export_plan.tensors.values())
-                    for kind in ("grid", "quantized", "member", "shared", "same_scale",
-                                 "calibrated")},
+                    for kind in ("grid", "quantized", "member", "shared", "calibrated")},
         "float_prefix": export_plan.float_prefix,
+        "float_islands": export_plan.float_islands,
         "inexact_inputs": [n for n, p in export_plan.inputs.items() if not p.exact],
         "integer_io": io_specs if int8 else {},
     }

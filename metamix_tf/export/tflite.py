@@ -109,7 +109,8 @@ def export_saved_model(model, path: str) -> str:
     return path
 
 
-def convert(saved_model_dir: str, fmt: str, io_type: str = "float32") -> bytes:
+def convert(saved_model_dir: str, fmt: str, io_type: str = "float32",
+            float_islands: bool = False) -> bytes:
     """Converts a SavedModel to TFLite.
 
     * ``"int8"``: the converter's quantization-aware path (``Optimize.DEFAULT`` on a graph
@@ -123,6 +124,9 @@ def convert(saved_model_dir: str, fmt: str, io_type: str = "float32") -> bytes:
     ``io_type`` (int8 only): ``"int8"`` / ``"uint8"`` make the input and output tensors
     integers (the converter's ``inference_input_type`` / ``inference_output_type``: the
     input QUANTIZE and output DEQUANTIZE go, see :mod:`metamix_tf.export.integer_io`).
+    ``float_islands``: the plan runs some layers in float between int8 tensors
+    (:attr:`~metamix_tf.export.graph.ExportPlan.float_islands`); their float ops are then
+    expected (and listed by :func:`graph_summary`), not an error.
     """
     if fmt not in FORMATS:
         raise ValueError(f"`fmt` must be one of {FORMATS}. Received: fmt={fmt!r}")
@@ -142,7 +146,7 @@ def convert(saved_model_dir: str, fmt: str, io_type: str = "float32") -> bytes:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConversionError(f"The TFLite converter failed on the {fmt} model: {first[:500]}. "
                               f"Received: fmt={fmt!r}") from e
-    if fmt == "int8":
+    if fmt == "int8" and not float_islands:
         summary = graph_summary(data)
         if summary["float_ops"]:
             raise ConversionError(

@@ -179,7 +179,8 @@ def tflite_quantized_inputs(inference_graph: keras.Model, export_plan: ExportPla
     _input_probe(inference_graph, export_plan).export(saved, verbose=False)
     path = os.path.join(workdir, "probe_int8.tflite")
     with open(path, "wb") as f:
-        f.write(tflite.convert(saved, "int8"))
+        f.write(tflite.convert(saved, "int8",
+                                float_islands=bool(export_plan.float_islands)))
     runner = interpreter(path).get_signature_runner()
     (input_name,) = runner.get_input_details()
     outputs = runner(**{input_name: np.ascontiguousarray(images, np.float32)})

@@ -15,7 +15,14 @@ int8 model runs one op each.
   :class:`SigmoidGrid` onto the grid TFLite's int8 LOGISTIC stores (scale 1/256): the
   int8 model stores the sigmoid, so the Keras model rounds it there too.
 * Inception-ResNet's ``CustomScaleLayer`` (``a + scale * b``) -> ``Add``, the scale folded
-  into the linear conv that computes ``b``.
+  into the linear conv that computes ``b``; ConvNeXt's ``LayerScale`` (``x * gamma``, per
+  channel) -> nothing, ``gamma`` folded into the linear conv / dense that computes ``x``.
+* Several identical weightless activations of one tensor (NASNet's ``relu`` of a cell
+  input, once per branch) -> one: the TFLite converter merges them into one op whose output
+  no single int8 grid fits (it stays float); as one layer read by several quantized layers
+  it gets its own output quantizer in :func:`metamix_tf.apply`.
+* A ``Conv2D`` with one group per channel (``groups == filters == input channels``,
+  ConvNeXt's 7x7 convs) -> ``DepthwiseConv2D`` (the same kernel, reshaped).
 
 Weights are copied; a model that needs none of this is returned as is.
 """
@@ -35,6 +42,44 @@ _KEEP_ACTIVATIONS = (None, "linear") + rules.FUSABLE_ACTIVATIONS
 
 def _is_custom_scale(layer) -> bool:
     return type(layer).__name__ == "CustomScaleLayer" and hasattr(layer, "scale")
+
+
+def _is_layer_scale(layer) -> bool:
+    return type(layer).__name__ == "LayerScale" and hasattr(layer, "gamma")
+
+
+def _is_channelwise_conv(layer) -> bool:
+    """A grouped ``Conv2D`` with one input and one output channel per group: a depthwise
+    conv."""
+    return (type(layer) is L.Conv2D and layer.groups > 1 and layer.groups == layer.filters
+            and int(layer.input.shape[-1]) == layer.groups)
+
+
+def _activation_key(layer, inputs) -> tuple | None:
+    """What makes two activation layers on one tensor the same computation (None for any
+    other layer)."""
+    if not isinstance(layer, (L.Activation, L.ReLU)) or isinstance(inputs, (list, tuple)):
+        return None
+    config = {k: v for k, v in layer.get_config().items() if k not in ("name", "trainable")}
+    return id(inputs), type(layer).__name__, repr(sorted(config.items()))
+
+
+def _duplicate_activations(model) -> bool:
+    seen = set()
+    for op in model.operations:
+        for node in op._inbound_nodes:
+            tensors = node.input_tensors
+            key = _activation_key(op, tensors[0]) if len(tensors) == 1 else None
+            if key is not None and key in seen:
+                return True
+            seen.add(key)
+    return False
+
+
+def _depthwise_config(config: dict) -> dict:
+    keep = ("name", "kernel_size", "strides", "padding", "data_format", "dilation_rate",
+            "activation", "use_bias", "trainable", "dtype")
+    return {**{k: config[k] for k in keep if k in config}, "depth_multiplier": 1}
 
 
 def _splits_activation(layer) -> bool:
@@ -90,7 +135,9 @@ def needs_rewrite(model) -> bool:
     """Whether :func:`canonicalize` changes ``model``."""
     return any(isinstance(op, L.SeparableConv2D) or _splits_activation(op)
                or _is_custom_scale(op) or _is_hard_swish(op) or _is_swish(op)
-               for op in model.operations) or bool(_ungridded_sigmoids(model))
+               or _is_layer_scale(op) or _is_channelwise_conv(op)
+               for op in model.operations) or bool(_ungridded_sigmoids(model)) or \
+        _duplicate_activations(model)
 
 
 def _ungridded_sigmoids(model) -> set:
@@ -108,21 +155,28 @@ def _swish(name: str, x):
 
 
 def _scaled_sources(model) -> dict:
-    """``{conv name: scale}``: the linear convs whose only reader is a CustomScaleLayer
-    (as its scaled input), with the scale to fold into them; raises for any other."""
+    """``{layer name: scale}``: the linear convs / dense layers whose only reader is a
+    CustomScaleLayer (as its scaled input) or a LayerScale, with the scale (a float, or
+    one per channel) to fold into them; raises for any other."""
     readers = rules.readers(model)
     out = {}
     for op in model.operations:
-        if not _is_custom_scale(op):
+        if _is_custom_scale(op):
+            scaled = rules.producer(op._inbound_nodes[0].input_tensors[1])
+            scale = np.float32(op.scale)
+        elif _is_layer_scale(op):
+            scaled = rules.producer(op._inbound_nodes[0].input_tensors[0])
+            scale = keras.ops.convert_to_numpy(op.gamma).astype(np.float32)
+        else:
             continue
-        scaled = rules.producer(op._inbound_nodes[0].input_tensors[1])
-        if not (type(scaled) is L.Conv2D and rules.activation_name(scaled) in (None, "linear")
+        if not (type(scaled) in (L.Conv2D, L.Dense)
+                and rules.activation_name(scaled) in (None, "linear")
                 and len(readers.get(scaled.name, [])) == 1):
             raise ValueError(
-                f"Layer '{op.name}' (CustomScaleLayer) scales a tensor that is not the output "
-                "of a linear Conv2D read by it alone; the scale cannot be folded. "
-                f"Received: layer={op.name!r}")
-        out[scaled.name] = float(op.scale)
+                f"Layer '{op.name}' ({type(op).__name__}) scales a tensor that is not the "
+                "output of a linear Conv2D / Dense read by it alone; the scale cannot be "
+                f"folded. Received: layer={op.name!r}")
+        out[scaled.name] = scale
     return out
 
 
@@ -139,17 +193,32 @@ def canonicalize(model: keras.Model) -> keras.Model:
         config = layer.get_config()
         if _splits_activation(layer) and not isinstance(layer, L.SeparableConv2D):
             config = dict(config, activation="linear")
+        if _is_channelwise_conv(layer):
+            return L.DepthwiseConv2D.from_config(_depthwise_config(config))
         return layer.__class__.from_config(config)
+
+    merged: dict = {}  # activation key -> its first output
 
     def call(layer, *args, **kwargs):
         name = layer.name
         original = operations[name]
+        key = _activation_key(original, args[0]) if args and not kwargs else None
+        if key is not None and not _splits_activation(original):
+            if key not in merged:
+                merged[key] = _call(layer, original, args, kwargs)
+            return merged[key]
+        return _call(layer, original, args, kwargs)
+
+    def _call(layer, original, args, kwargs):
+        name = layer.name
         if isinstance(original, L.SeparableConv2D):
             rewritten.add(name)
             return _separable(original, args[0])
         if _is_custom_scale(original):
             a, b = args[0]
             return L.Add(name=name)([a, b])
+        if _is_layer_scale(original):
+            return args[0]
         if _is_swish(original):
             return _swish(name, args[0])
         if _is_hard_swish(original):
@@ -174,9 +243,13 @@ def canonicalize(model: keras.Model) -> keras.Model:
     for old in model.layers:
         if old.name in rewritten or not old.weights:
             continue
+        if _is_layer_scale(old):
+            continue  # folded into its source
         weights = old.get_weights()
-        if old.name in scaled:  # fold CustomScaleLayer's scale into the conv
-            weights = [w * np.float32(scaled[old.name]) for w in weights]
+        if old.name in scaled:  # fold the scale (one, or per output channel) into the layer
+            weights = [w * scaled[old.name] for w in weights]
+        if _is_channelwise_conv(old):  # (kh, kw, 1, C) -> (kh, kw, C, 1)
+            weights = [np.transpose(weights[0], (0, 1, 3, 2))] + weights[1:]
         new.get_layer(old.name).set_weights(weights)
     return new
 

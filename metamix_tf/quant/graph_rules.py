@@ -29,11 +29,13 @@ __all__ = [
     "is_fusable_activation",
     "is_elementwise_op",
     "is_float_op",
+    "FLOAT_ISLANDS",
+    "FLOAT_ISLAND_ACTIVATIONS",
+    "is_float_island",
     "fuses_activation",
     "folds_batch_norm",
     "stores",
     "quantizes_output",
-    "keeps_input_scale",
     "shared_by_quantized",
     "producer",
     "readers",
@@ -57,6 +59,11 @@ _FLOAT_LAYERS = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum,
                  L.Activation, L.Softmax)
 # keras.ops calls in a functional graph with an int8 TFLite kernel (a tensor and a constant).
 _ELEMENTWISE_OPS = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
+# Ops with no exact int8 form that the int8 model runs in float between int8 tensors
+# (transformer-style parts of ConvNeXt): they store their int8 input (an output quantizer in
+# Keras), dequantize it, compute in float and quantize their output for its readers.
+FLOAT_ISLANDS = (L.LayerNormalization, L.GroupNormalization)
+FLOAT_ISLAND_ACTIVATIONS = ("gelu",)
 INT8_ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "hard_sigmoid", "hard_swish",
                     "hard_silu", "silu", "swish", "tanh", "softmax")
 FUSABLE_ACTIVATIONS = ("relu", "relu6")
@@ -101,6 +108,12 @@ def is_float_op(op) -> bool:
     return isinstance(op, _FLOAT_LAYERS) or is_elementwise_op(op)
 
 
+def is_float_island(op) -> bool:
+    """A layer the int8 model runs in float between int8 tensors (:data:`FLOAT_ISLANDS`)."""
+    return isinstance(op, FLOAT_ISLANDS) or (
+        isinstance(op, L.Activation) and activation_name(op) in FLOAT_ISLAND_ACTIVATIONS)
+
+
 def fuses_activation(op) -> bool:
     """Whether TFLite fuses a following ReLU / ReLU6 into ``op`` (conv, depthwise conv,
     fully connected, a BatchNorm run as a 1x1 depthwise conv, add, subtract)."""
@@ -122,9 +135,10 @@ def stores(source, reader, source_readers: int) -> bool:
     callers; a quantized layer's input quantizer is not a storing reader here.
 
     Stored: the model outputs; the inputs of weightless int8 ops (adds, multiplies,
-    concatenations, pooling, activations that are not fused) and of a BatchNormalization
-    that does not fold (it runs as a 1x1 depthwise conv). Not stored: a conv's output read
-    only by its ReLU / ReLU6 (fused) or only by its BatchNorm (folded).
+    concatenations, pooling, activations that are not fused), of a BatchNormalization
+    that does not fold (it runs as a 1x1 depthwise conv) and of a float island. Not stored:
+    a conv's output read only by its ReLU / ReLU6 (fused) or only by its BatchNorm
+    (folded).
     """
     if reader is OUTPUT:
         return True
@@ -136,7 +150,7 @@ def stores(source, reader, source_readers: int) -> bool:
         # TFLite concatenates int8 tensors of one scale: the concatenation's own output
         # quantizer rounds an input that nothing else reads (see quantizes_output)
         return source_readers > 1
-    return is_float_op(reader)
+    return is_float_op(reader) or is_float_island(reader)
 
 
 def quantizes_output(op) -> bool:
@@ -145,18 +159,11 @@ def quantizes_output(op) -> bool:
 
     Average-pooling outputs get their own 8-bit output quantizer: the TFLite converter
     cannot clamp a pooling output to a reader's b-bit range without first rounding it to
-    the input's scale, so the reader requantizes from the 8-bit grid instead. (A 'same'
-    padded ``AveragePooling2D`` is the exception: TFLite's int8 AVERAGE_POOL_2D keeps its
-    input's scale, see :func:`keeps_input_scale`; a 'valid' one exports as a depthwise
-    conv with weights ``1 / (kh * kw)``.)"""
-    return isinstance(op, (L.GlobalAveragePooling2D, L.Concatenate)) or (
-        isinstance(op, L.AveragePooling2D) and not keeps_input_scale(op))
-
-
-def keeps_input_scale(op) -> bool:
-    """An op whose int8 output must have its input's scale (an inexact rounding when the
-    Keras model rounds its output elsewhere): a 'same' padded ``AveragePooling2D``."""
-    return isinstance(op, L.AveragePooling2D) and op.padding == "same"
+    the input's scale, so the reader requantizes from the 8-bit grid instead. The export
+    runs the pooling as depthwise convs with weights ``1 / count`` (a 'same' padded one cut
+    into crops of equal window counts), which round the mean once onto that grid; TFLite's
+    AVERAGE_POOL_2D would round it onto its input's scale first."""
+    return isinstance(op, (L.GlobalAveragePooling2D, L.AveragePooling2D, L.Concatenate))
 
 
 def shared_by_quantized(quantized_readers: int) -> bool:

@@ -92,7 +92,7 @@ def test_apply_puts_output_quantizers_where_the_int8_model_stores():
     # concatenation and pooling outputs, the pre-activation BN's input, hard-sigmoid ops
     assert {"concat_oq", "se_pool_oq", "pool_valid_oq", "gap_oq", "stem_relu_oq"} <= oq
     assert "sep_relu_oq" in oq  # read by the pool, the multiply
-    assert "pool_same_oq" not in oq  # TFLite keeps its input's scale
+    assert "pool_same_oq" in oq  # exported as mean convs onto its own grid
     assert wrap.unsupported_layers(wrapped) == []
     assert graph_rules.stores(L.Conv2D(1, 1), L.ReLU(), 1) is False
 
@@ -249,11 +249,23 @@ _BELOW = {
     "Xception": "measured 98.4% (1/64)",
     "ResNet50V2": "measured 96.9% (2/64; BN-folded float graph 98.4%)",
     "DenseNet121": "measured 95.3% (3/64; BN-folded float graph 98.4%)",
-    "InceptionV3": "measured 34.4% (42/64; BN-folded float graph 67.2%, so float32 noise "
-                   "alone flips a third; the first quantized input already differs in 1 of "
-                   "~1e6 integers; the 'same' average poolings, which Keras does not round, "
-                   "add their share; not traced further)",
+    "InceptionV3": "measured 78.1% (14/64; BN-folded float graph 81.2%) after the 'same' "
+                   "average pooling fix (34.4% before); benchmarks/export_divergence.py: each "
+                   "of the 38 inputs whose integers differ departs at a value within 1.1e-5 "
+                   "of a rounding boundary (e.g. activation_2: exact 1.4999993, Keras 1.5)",
+    "EfficientNetV2B0": "measured 98.4% (1/64; BN-folded float graph 98.4%)",
+    "ResNet50": "measured 96.9% (2/64; BN-folded float graph 93.8%)",
+    "InceptionResNetV2": "measured 54.7% (29/64; BN-folded float graph 73.4%; not traced)",
+    # not float noise: the BN-folded float graph agrees 100% (docs/results/export_families.md)
+    "NASNetMobile": "measured 42.2% (37/64) with the BN-folded float graph at 100%: an "
+                    "int8 inexactness; first differing tensor activation_79 (ReLU of "
+                    "reduction_add_1_reduce_4), 4836 of 22528 integers, not float noise",
+    "ConvNeXtTiny": "measured 35.9% (41/64; BN-folded float graph 96.9%): the converter runs "
+                    "the LayerNorms' channel mean as an int8 MEAN and GELU as int8 GELU",
 }
+
+
+_FLOAT_ISLANDS = ("ConvNeXtTiny",)
 
 
 @pytest.mark.slow
@@ -262,7 +274,10 @@ def test_family_exports_to_int8(name):
     report = families.export_family(name)
     v = report["verification"]
     assert report["float_layers"] == []
-    assert report["graphs"]["int8"]["float_ops"] == []
+    # float islands (LayerNorm, GELU) only where the family has them, and listed
+    assert bool(report["float_islands"]) == (name in _FLOAT_ISLANDS)
+    if name not in _FLOAT_ISLANDS:
+        assert report["graphs"]["int8"]["float_ops"] == []
     assert v["examples"] >= 64
     assert v["grid_check"]["all_on_grid"]
     agreement = v["tflite"]["int8"]["top1_agreement"]
