@@ -12,7 +12,7 @@ phase runs the project's own loop (:mod:`metamix_tf.training.trainer`) on ``tf.d
 ``strategy.scope()``). The pipeline's search and weight-training phases run the same
 functions (:func:`run_search`, :func:`run_finetune`) on its run directory's loop.
 
-About 520 lines: the three entry points, their result types and the helpers they share
+About 530 lines: the three entry points, their result types and the helpers they share
 (settings, targets, loss, optimizers, the bias grid).
 """
 

@@ -57,9 +57,9 @@ themselves (Keras keeps those tensors in float) and the conv biases, which an in
 conv stores as int32 multiples of ``input_step * weight_step`` (:func:`with_int32_biases`
 builds the Keras twin that rounds them the same way).
 
-About 610 lines: the plan (each stored tensor's grid), the int32 biases on that plan's grid
-and the rebuilt int8-ready graph are three readings of one node table; the biases are the
-first part to move out when it grows.
+About 720 lines: the plan (each stored tensor's grid and how its b-bit range is clamped),
+the int32 biases on that plan's grid and the rebuilt int8-ready graph are three readings of
+one node table; the biases (about 100 lines) are the first part to move out.
 """
 
 from __future__ import annotations

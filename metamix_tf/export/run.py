@@ -22,7 +22,7 @@ on) and writes into ``output_dir``:
 ``config.yaml``, ``bits.json`` and ``final.keras``), with calibration images from the
 train split and verification on the eval split.
 
-About 530 lines: the export of a model and of a run directory share their verification and
+About 575 lines: the export of a model and of a run directory share their verification and
 report (one file keeps the report's fields in one place).
 """
 
