@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+from keras.src.ops import numpy as knp  # named op nodes (keras.ops takes no name)
 
 from metamix_tf.quant import graph_rules as rules
 
@@ -223,9 +224,12 @@ def canonicalize(model: keras.Model) -> keras.Model:
             return _swish(name, args[0])
         if _is_hard_swish(original):
             x = args[0]
-            gate = L.ReLU(6.0, name=f"{name}_relu6")(keras.ops.add(x, 3.0))
-            # keras' hard_silu: x * (relu6(x + 3) / 6), the same float operations
-            return L.Multiply(name=name)([x, keras.ops.divide(gate, 6.0)])
+            # keras' hard_silu: x * (relu6(x + 3) / 6), the same float operations; the ops are
+            # named after the layer (keras.ops.add would take the next free "add", which a
+            # loaded model may already use: "The name 'add' is used 2 times")
+            plus3 = knp.Add(name=f"{name}_plus3")(x, 3.0)
+            gate = L.ReLU(6.0, name=f"{name}_relu6")(plus3)
+            return L.Multiply(name=name)([x, knp.Divide(name=f"{name}_div6")(gate, 6.0)])
         out = layer(*args, **kwargs)
         if _splits_activation(original):
             act = L.Activation(original.activation, name=f"{name}_activation")

@@ -159,6 +159,13 @@ class ActivationQuantizer(keras.layers.Layer):
         """``softmax(alpha / T)``, the branch probabilities of the mixture."""
         return tf.nn.softmax(tf.convert_to_tensor(self.alpha) / self.temperature)
 
+    def compute_output_shape(self, input_shape):
+        # The output spec from the shape, not from tracing ``call``: Keras marks the product of
+        # a tensor and a Python number as sparse (``ops.numpy.Multiply``; MobileNetV3's
+        # hard-sigmoid ``relu6(x + 3) * (1 / 6)``), and ``call`` cannot trace a sparse input,
+        # so such a wrapped model saved but did not load.
+        return input_shape
+
     def call(self, inputs):
         mode = self._mode
         if mode == "float":

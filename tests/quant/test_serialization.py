@@ -68,6 +68,42 @@ def _round_trip(layer):
     return clone
 
 
+def _squeeze_excite_hard_swish_model():
+    """MobileNetV3's parts as keras.applications writes them: a hard-sigmoid gate
+    ``relu6(x + 3) * (1 / 6)`` from keras.ops on KerasTensors and an
+    ``Activation("hard_swish")``."""
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="conv1")(inp)
+    x = L.Activation("hard_swish", name="hswish")(x)
+    g = L.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    g = L.Conv2D(8, 1, name="se_conv")(g)
+    g = L.ReLU(6.0, name="se_relu6")(g + 3.0) * (1.0 / 6.0)
+    x = L.Multiply(name="se_mul")([x, g])
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inp, L.Dense(4, name="fc")(x), name="v3_parts")
+
+
+def test_mobilenet_v3_parts_wrap_after_loading_and_load_after_wrapping(tmp_path):
+    """A float model loaded in a fresh Keras session wraps (the hard-swish rewrite's ops did
+    take names the loaded model already used), and the wrapped model loads again (a
+    tensor times a Python number is a sparse spec to Keras, which a quantizer after it could
+    not trace); float mode equals the original at every step."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+    _squeeze_excite_hard_swish_model().save(tmp_path / "float.keras")
+    keras.backend.clear_session()  # auto names start again, as in a new process
+    original = keras.models.load_model(tmp_path / "float.keras")
+    wrapped = mm.apply(original, mm.QuantConfig())
+    mm.calibrate(wrapped, x)
+    mm.select_bits(wrapped)  # saved in "selected" mode, as the search phase saves it
+    wrapped.save(tmp_path / "wrapped.keras")
+    loaded = keras.models.load_model(tmp_path / "wrapped.keras")
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(wrapped(x)))
+    for model in (wrapped, loaded):
+        mm.set_mode(model, "float")
+        np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(original(x)))
+
+
 def test_every_layer_config_round_trips():
     model, _, _ = _selected_model()
     kinds = set()
