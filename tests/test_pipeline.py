@@ -265,7 +265,7 @@ def test_a_failing_bias_snap_keeps_the_trained_weights(tmp_path, reference, monk
     def broken(*args):
         raise RuntimeError("post-processing failed")
 
-    monkeypatch.setattr(api, "_export_rule", broken)
+    monkeypatch.setattr(api.export_graph, "snap_biases", broken)
     with pytest.raises(RuntimeError, match="post-processing failed"):
         run(tiny_config(model_dir), "finetune")
     assert (model_dir / "final.keras").exists()
