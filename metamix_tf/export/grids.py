@@ -222,13 +222,10 @@ def shifted_requantization(source: Grid, target: Grid, margin: float = 2e-4) -> 
     if steps <= 0:
         return None
     r = source.scale / target.scale
-    best = None
-    for weight in range(WEIGHT_QMAX, 0, -1):
-        bias = int(round(steps * weight / r))
-        error = abs(bias * r / weight - steps)
-        if best is None or error < best[0]:
-            best = (error, weight, bias)
-    error, weight, bias = best
+    biases = {weight: int(round(steps * weight / r)) for weight in range(WEIGHT_QMAX, 0, -1)}
+    error_of = {w: abs(b * r / w - steps) for w, b in biases.items()}
+    weight = min(error_of, key=error_of.get)  # the first (largest) weight on a tie
+    error, bias = error_of[weight], biases[weight]
     n = np.arange(source.int8_min, source.int8_max + 1, dtype=np.float64)
     distance = np.abs(np.mod(n * r, 1.0) - 0.5)
     if float(distance.min()) <= error + margin:
