@@ -127,11 +127,11 @@ def _split_settings(settings: dict, section) -> tuple:
 
 def _weight_optimizer(groups: wrap.VariableGroups, options, total_steps: int):
     """AdamW on weights and step sizes, cosine-decayed over the phase; no decay on step
-    sizes, biases and BatchNorm parameters."""
+    sizes, biases and BatchNorm parameters; step-size updates bounded relative to the step."""
     no_decay = groups.steps + [v for v in groups.weights if len(v.shape) <= 1]
     return optimizers.make_optimizer(
         optimizers.cosine_schedule(options.learning_rate, total_steps), groups.weights_and_steps,
-        weight_decay=options.weight_decay, no_decay=no_decay)
+        weight_decay=options.weight_decay, no_decay=no_decay, step_sizes=groups.steps)
 
 
 def _step_kwargs(teacher, loss, model, loop: trainer.Loop, kd_temperature: float) -> dict:

@@ -1,8 +1,9 @@
 """Optimizers and learning-rate schedules of the phases.
 
 :func:`make_optimizer`: Adam or SGD with momentum, with decoupled weight decay (AdamW) or a
-coupled L2 term (PyTorch's ``weight_decay``, the paper's alpha optimizer);
-:func:`cosine_schedule`: cosine decay after an optional linear warm-up.
+coupled L2 term (PyTorch's ``weight_decay``, the paper's alpha optimizer), and LSQ step sizes
+whose updates are bounded relative to their value; :func:`cosine_schedule`: cosine decay
+after an optional linear warm-up.
 """
 
 from __future__ import annotations
@@ -42,21 +43,55 @@ class _CoupledL2:
         return super().update_step(gradient, variable, learning_rate)
 
 
-class _L2Adam(_CoupledL2, keras.optimizers.Adam):
+class _RelativeSteps:
+    """Learning rate ``min(lr, max_relative * s)`` (element-wise) for the LSQ step sizes ``s``.
+
+    Adam moves every variable by about ``lr`` per update whatever its gradient's scale, so a
+    step size smaller than the learning rate (a squeeze-and-excitation pooling output, a
+    tensor whose values are ~1e-3) crossed zero in one update and sat at the
+    :class:`~metamix_tf.quant.quantizers.MinimumStep` floor: a tensor quantized to zero, and
+    a 1e-8 scale that XNNPACK refuses in the int8 file. Bounded, a step moves by about
+    ``max_relative`` of itself at most (Adam's normalised update is ~1), so it can shrink
+    geometrically when its gradient says so, and never collapses in one update. Steps above
+    ``lr / max_relative`` train exactly as before."""
+
+    def _set_relative(self, max_relative: float, variables: Sequence) -> None:
+        self.max_relative = float(max_relative)
+        self._relative_keys = {self._var_key(v) for v in variables}
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self._var_key(variable) in getattr(self, "_relative_keys", ()):
+            bound = tf.cast(self.max_relative, variable.dtype) * tf.convert_to_tensor(variable)
+            learning_rate = tf.minimum(tf.cast(learning_rate, variable.dtype), bound)
+        return super().update_step(gradient, variable, learning_rate)
+
+
+class _Adam(_RelativeSteps, keras.optimizers.Adam):
     pass
 
 
-class _L2SGD(_CoupledL2, keras.optimizers.SGD):
+class _SGD(_RelativeSteps, keras.optimizers.SGD):
+    pass
+
+
+class _L2Adam(_CoupledL2, _Adam):
+    pass
+
+
+class _L2SGD(_CoupledL2, _SGD):
     pass
 
 
 OPTIMIZERS = ("adam", "sgd")
+MAX_RELATIVE_STEP_UPDATE = 0.1
 
 
 def make_optimizer(learning_rate, variables: Sequence, *, weight_decay: float = 0.0,
                    beta_1: float = 0.9, beta_2: float = 0.999,
                    no_decay: Sequence = (), l2: float = 0.0, kind: str = "adam",
-                   momentum: float = 0.9, nesterov: bool = True) -> keras.optimizers.Optimizer:
+                   momentum: float = 0.9, nesterov: bool = True, step_sizes: Sequence = (),
+                   max_relative_step_update: float = MAX_RELATIVE_STEP_UPDATE,
+                   ) -> keras.optimizers.Optimizer:
     """Adam (``kind="adam"``, ``beta_1``/``beta_2``) or SGD with momentum (``kind="sgd"``,
     ``momentum``, ``nesterov``), built for ``variables`` (call it under the strategy's scope).
 
@@ -68,6 +103,9 @@ def make_optimizer(learning_rate, variables: Sequence, *, weight_decay: float = 
       ``Adam(weight_decay=...)`` / ``SGD(weight_decay=...)`` (Adam then normalises it with
       the gradient: the paper's alpha setting ``Adam(lr=1e-4, weight_decay=1e-3)`` is
       ``l2=1e-3``).
+
+    ``step_sizes`` (LSQ step sizes among ``variables``) get the learning rate
+    ``min(lr, max_relative_step_update * s)`` element-wise (see :class:`_RelativeSteps`).
     """
     if kind not in OPTIMIZERS:
         raise ValueError(f"`kind` must be one of {OPTIMIZERS}. Received: kind={kind!r}")
@@ -76,15 +114,19 @@ def make_optimizer(learning_rate, variables: Sequence, *, weight_decay: float = 
             raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
     variables = list(variables)
     if kind == "adam":
-        cls = _L2Adam if l2 else keras.optimizers.Adam
+        cls = _L2Adam if l2 else _Adam
         optimizer = cls(learning_rate, beta_1=beta_1, beta_2=beta_2,
                         weight_decay=weight_decay or None, name=kind)
     else:
-        cls = _L2SGD if l2 else keras.optimizers.SGD
+        cls = _L2SGD if l2 else _SGD
         optimizer = cls(learning_rate, momentum=momentum, nesterov=nesterov,
                         weight_decay=weight_decay or None, name=kind)
     if weight_decay and no_decay:
         optimizer.exclude_from_weight_decay(var_list=list(no_decay))
+    if not max_relative_step_update > 0:
+        raise ValueError("`max_relative_step_update` must be > 0. "
+                         f"Received: max_relative_step_update={max_relative_step_update!r}")
+    optimizer._set_relative(max_relative_step_update, step_sizes)
     if l2:
         skip = {id(v) for v in no_decay}
         optimizer._set_l2(l2, [v for v in variables if id(v) not in skip])
