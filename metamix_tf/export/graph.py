@@ -86,7 +86,7 @@ from metamix_tf.export.reader import (
     unsupported,
 )
 from metamix_tf.quant import graph_rules as rules
-from metamix_tf.quant.quantizers import ActivationQuantizer
+from metamix_tf.quant.quantizers import ActivationQuantizer, MinimumStep
 
 __all__ = [
     "UnsupportedModelError",
@@ -325,6 +325,16 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             "most 8 bits. Export float16 / float32 only (--format=float16,float32) or search "
             f"with candidate bits <= 8. Received: bits={bits}")
 
+    every_grid = {**input_grids, **output_grids}
+    collapsed = sorted(name for name, g in every_grid.items()
+                       if g.scale <= 2 * MinimumStep().minimum)
+    if int8 and collapsed:
+        raise UnsupportedModelError(
+            f"{len(collapsed)} activation step size(s) sit at the {MinimumStep().minimum:g} "
+            f"floor (collapsed in training: the tensor quantizes to ~0), at {collapsed[:4]}; "
+            "int8 kernels cannot requantize at that scale. Recalibrate them "
+            "(metamix_tf.calibrate) and fine-tune again, or train with a lower "
+            f"learning rate. Received: step={min(g.scale for g in every_grid.values())}")
     stored_nodes = [n for n in nodes if stored(n, readers, by_name)]
     fused = [n.name for n in nodes if n.output_quantizer and n not in stored_nodes]
     if fused:
@@ -592,6 +602,14 @@ def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool,
     return out
 
 
+def _pools_one_element(layer) -> bool:
+    """A global average pooling over a 1x1 map (channels last): an identity on the values."""
+    if not isinstance(layer, keras.layers.GlobalAveragePooling2D) or \
+            layer.data_format != "channels_last":
+        return False
+    return tuple(layer.input.shape[1:3]) == (1, 1)
+
+
 def _identity_weight(used: dict, source: str) -> int:
     """127, 126, ... for the requantizing identity convs that read ``source`` (``used``
     counts them): the converter merges equal convs on one tensor, which would leave one
@@ -705,6 +723,17 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
         elif isinstance(node.layer, keras.layers.Concatenate):
             t = _call(node, _rebuilt(node),
                       _concat_inputs(export_plan, node, new, fq_native, used))
+        elif fq_native and _pools_one_element(node.layer) and node.name in export_plan.tensors:
+            # The converter drops a mean over one element together with the rescaling of
+            # its output quantizer (the reader's bias keeps that scale, its input gets the
+            # other: MobileNetV3's squeeze-and-excitation at 1x1); rescale before it.
+            grid = export_plan.tensors[node.name].grid
+            source = node.inputs[0]
+            requantized = FakeQuant.from_grid(
+                grid, requantize=True, native=True, relu=_relu_bottom(export_plan, grid),
+                identity_weight=_identity_weight(used, source),
+                name=f"{node.name}_requant")(new[source])
+            t = _call(node, _rebuilt(node), {**new, source: requantized})
         else:
             t = _call(node, _rebuilt(node), new)
             if native and node.kind == "pass" and len(readers[node.name]) > 1 and \

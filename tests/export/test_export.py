@@ -373,6 +373,19 @@ def test_snap_biases_refuses_a_model_without_int8_export():
         graph.snap_biases(model)
 
 
+def test_a_collapsed_step_size_is_refused_in_one_line():
+    model = mm.apply(_tiny_float_model(), mm.QuantConfig(candidate_bits=(4, 8)))
+    x, _ = _data(32, 0)
+    mm.calibrate(model, x)
+    mm.select_bits(model, {"expand": 4})
+    mm.enable_weight_quantization(model)
+    q = next(q for q in mm.activation_quantizers(model) if "expand" in q.name)
+    q.step_size.assign(np.full(q.step_size.shape, 1e-8, np.float32))
+    with pytest.raises(graph.UnsupportedModelError, match=r"1e-08 floor.*'expand'.*calibrate"):
+        graph.plan(model, calibration_data=x)
+    graph.plan(model, int8=False)  # the float exports keep the tiny scale
+
+
 def test_float_inference_graph_computes_the_keras_model():
     model, _, (test_x, _) = _trained()
     plan = graph.plan(model, int8=False)
