@@ -1,13 +1,17 @@
-"""Where the int8 export of a keras.applications family first departs from the Keras model.
+"""Where the int8 export of a keras.applications family, or of a training run, first departs
+from the Keras model.
 
-Runs the family recipe of ``metamix_tf.export.families`` (random weights, random bits from
-{2, 3, 4, 8}, 4-bit weights, biases snapped), then compares every tensor that both models
-round on the same grid, integer by integer, in graph order
+With ``--family``, runs the family recipe of ``metamix_tf.export.families`` (random weights,
+random bits from {2, 3, 4, 8}, 4-bit weights, biases snapped), then compares every tensor
+that both models round on the same grid, integer by integer, in graph order
 (``metamix_tf.export.divergence``), and prints the first ``--show`` tensors that differ with
 how far the Keras model's value was from a rounding boundary.
 
+With ``--model_dir``, takes a ``train.py`` run's ``final.keras`` with its training images for
+calibration and its eval images, as ``export_tflite.py`` does.
+
 Usage: ``python benchmarks/export_divergence.py --family DenseNet121 [--examples 64]
-[--show 4] [--json out.json]``
+[--show 4] [--json out.json]`` or ``... --model_dir runs/<run>``
 """
 
 from __future__ import annotations
@@ -20,24 +24,33 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from metamix_tf.export import divergence, families, graph  # noqa: E402
+from metamix_tf.export import run as export_run  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=sorted(families.FAMILIES))
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--family", choices=sorted(families.FAMILIES))
+    source.add_argument("--model_dir", help="A train.py run directory (its final.keras).")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--show", type=int, default=4)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    calibration = families.images_for(args.family, 32, 0)
-    model, _ = families.prepare(args.family, calibration, 0)
-    images = families.images_for(args.family, args.examples, 1)
+    if args.family:
+        calibration = families.images_for(args.family, 32, 0)
+        model, _ = families.prepare(args.family, calibration, 0)
+        images = families.images_for(args.family, args.examples, 1)
+    else:
+        run = export_run.load_run(args.model_dir)
+        model = run.model
+        calibration, images, _, _, _ = export_run._run_data(run, args.examples, 256)
+    name = args.family or args.model_dir
     export_plan = graph.plan(model, calibration)
     with tempfile.TemporaryDirectory() as tmp:
         rows = divergence.stored_tensor_divergence(
             model, export_plan, graph.build(export_plan, native=True), images, tmp)
     differing = [r for r in rows if r["mismatches"]]
-    print(f"{args.family}: {len(rows)} tensors compared, {len(differing)} differ")
+    print(f"{name}: {len(rows)} tensors compared, {len(differing)} differ")
     for r in differing[:args.show]:
         print(f"  {r['tensor']} ({r['kind']}, {r['bits']}-bit): {r['mismatches']} of "
               f"{r['elements']} integers differ; max |frac(x/step) - 1/2| = "
@@ -49,8 +62,8 @@ def main() -> None:
         print(f"  input {image}: {tensor}, {count}, {tie:.3g}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"family": args.family, "examples": args.examples, "rows": rows}, f,
-                      indent=1)
+            json.dump({"family": args.family, "model_dir": args.model_dir,
+                       "examples": args.examples, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,49 @@ def test_int8_export_of_every_rule_agrees_with_keras(tmp_path):
     assert "rules_int8.tflite" in report["files"]["int8"]["path"]
 
 
+def _one_pixel_se_model() -> keras.Model:
+    """MobileNetV3's squeeze-and-excitation where the map is 1x1 (its last stages at 32x32)."""
+    inp = keras.Input((4, 4, 3), name="image")
+    x = L.Conv2D(16, 4, use_bias=False, name="stem")(inp)  # 1x1
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(name="stem_relu")(x)
+    e = L.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    e = L.Conv2D(8, 1, activation="relu", name="se_reduce")(e)
+    e = L.Conv2D(16, 1, name="se_expand")(e)
+    e = L.ReLU(6.0, name="se_relu6")(e + 3.0) * (1.0 / 6.0)
+    x = L.Multiply(name="se_mul")([x, e])
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inp, L.Dense(10, name="logits")(x), name="one_pixel_se")
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_a_pooling_over_one_pixel_keeps_its_rescaling(tmp_path, monkeypatch, fixed):
+    """The converter drops a mean over a 1x1 map with the rescaling onto its output
+    quantizer's grid (the reader's bias keeps that scale, its input gets the other): the
+    export rescales before the mean. Without that, the SE conv's inputs differ."""
+    if not fixed:
+        monkeypatch.setattr(graph, "_pools_one_element", lambda layer: False)
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (96, 4, 4, 3)).astype(np.float32)
+    model = _one_pixel_se_model()
+    _bn_statistics(model, images[:32])
+    wrapped = mm.apply(model, mm.QuantConfig(candidate_bits=(4, 8)))
+    mm.calibrate(wrapped, images[:32])
+    mm.select_bits(wrapped, {layer.name: 4 for layer in mm.quant_layers(wrapped)
+                             if layer.input_quantizer.searchable})
+    pool = next(q for q in mm.output_quantizers(wrapped) if q.name == "se_pool_oq")
+    pool.step_size.assign(pool.step_size * 1.3)  # a grid of its own, as training leaves it
+    mm.enable_weight_quantization(wrapped)
+    graph.snap_biases(wrapped)
+    report = run.export_model(wrapped, str(tmp_path), ("int8",), name="se",
+                              calibration_data=images[:32], eval_images=images[32:],
+                              tensor_costs=False, latency_rounds=1, latency_runs=2,
+                              log=lambda _: None)
+    match = report["verification"]["grid_check"]["min_match_keras"]
+    assert (match == 1.0) is fixed
+
+
 def test_a_layer_without_rule_is_named_not_an_attribute_error():
     inp = keras.Input((8, 8, 3))
     x = L.Conv2D(4, 3, name="conv")(inp)
