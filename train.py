@@ -79,6 +79,8 @@ def main(argv):
     keys = ("float_val_acc", "search_val_acc", "final_val_acc", "gbops", "target_gbops",
             "avg_activation_bits", "total_wall_time_s")
     line = ", ".join(f"{k} {summary[k]:.4f}" for k in keys if k in summary)
+    if not FLAGS.quiet:
+        print("where the time went (seconds):\n" + pipeline.format_profile(summary))
     print(f"done: {config.model_dir}: {line}")
 
 

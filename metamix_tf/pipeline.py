@@ -57,6 +57,7 @@ from metamix_tf.training import loop as loop_lib
 
 __all__ = [
     "PHASES",
+    "format_profile",
     "run",
     "default_model_dir",
     "RunContext",
@@ -273,6 +274,31 @@ _PHASE_FNS = {"pretrain": _pretrain, "search": _search, "finetune": _finetune}
 # ---------------------------------------------------------------------------------------------
 
 
+def _profile(result: dict) -> dict:
+    """Where a phase's time went: its epochs' parts (``trainer.profile_seconds``) and
+    ``outside_epochs``, the rest of the phase in this process (model loading, wrapping,
+    tracing outside the loop, saving, plots, the bias snap)."""
+    profile = trainer.profile_seconds(result.get("history", []))
+    if "phase_seconds_this_process" in result:
+        epochs = sum(r.get("time_s", 0.0) for r in result.get("history", []))
+        epochs += profile.get("checkpoint", 0.0)  # time_s ends before the checkpoint
+        profile["outside_epochs"] = round(max(result["phase_seconds_this_process"] - epochs,
+                                              0.0), 2)
+    return profile
+
+
+def format_profile(summary: dict) -> str:
+    """One line per phase of ``summary["phases"]``: its seconds per part (see
+    :func:`_profile`)."""
+    lines = []
+    for phase, r in summary.get("phases", {}).items():
+        parts = "  ".join(f"{part} {seconds:.0f}" for part, seconds in
+                          r.get("profile_s", {}).items())
+        lines.append(f"[{phase}] {r.get('phase_seconds_this_process', 0.0):.0f} s in this "
+                     f"process: {parts or '-'}")
+    return "\n".join(lines)
+
+
 def _summary(ctx: RunContext, results: dict) -> dict:
     config = ctx.config
     summary = {
@@ -291,6 +317,7 @@ def _summary(ctx: RunContext, results: dict) -> dict:
         if r is None:
             continue
         summary["phases"][phase] = {k: v for k, v in r.items() if k != "history"}
+        summary["phases"][phase]["profile_s"] = _profile(r)
         total += r.get("wall_time_s", 0.0)
     summary["wall_time_s"] = {p: r.get("wall_time_s", 0.0) for p, r in results.items()}
     summary["total_wall_time_s"] = total

@@ -92,6 +92,16 @@ def test_all_phases_write_the_run_directory(reference):
                 "avg_activation_bits", "wall_time_s", "machine"):
         assert key in summary, key
     assert set(summary["wall_time_s"]) == {"pretrain", "search", "finetune"}
+    # Where the time went: each phase's epochs split into parts, plus the rest of the phase.
+    for phase, r in summary["phases"].items():
+        profile = r["profile_s"]
+        assert set(profile) == {"input", "steps", "evaluation", "checkpoint", "other",
+                                "outside_epochs"}, phase
+        assert all(v >= 0 for v in profile.values()) and profile["steps"] > 0, phase
+        # the parts add up to the phase (each part and epoch time is rounded to 10 ms)
+        assert sum(profile.values()) == pytest.approx(r["phase_seconds_this_process"],
+                                                      abs=0.5), phase
+    assert "[search]" in pipeline.format_profile(summary)
     assert summary["float_val_acc"] > 0.3  # 10 classes; 3 epochs of 512 digits
     assert summary["gbops"] == pytest.approx(bits["gbops"])
     # The exporter's input: selected mode at the searched bits, weight quantization on.

@@ -23,6 +23,7 @@ of the last finished epoch stays the latest one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "NonFiniteLossError",
+    "profile_seconds",
     "EpochIterators",
     "Hooks",
     "Loop",
@@ -89,6 +91,43 @@ class PhaseResult:
     @property
     def last(self) -> dict:
         return self.history[-1] if self.history else {}
+
+
+def profile_seconds(history: Sequence[dict]) -> dict:
+    """Seconds per part of the epochs (see :class:`_Clock`), summed over a phase's history."""
+    total: dict = {}
+    for record in history:
+        for part, seconds in record.get("profile_s", {}).items():
+            total[part] = round(total.get(part, 0.0) + seconds, 2)
+    return total
+
+
+class _Clock:
+    """Wall seconds of the named parts of one epoch: ``with clock("steps"): ...``.
+
+    Parts: ``input`` (``next`` on the training iterator: what prefetching does not hide),
+    ``steps`` (the step functions, tracing included, and reading their results), ``evaluation``
+    (the eval pass and the hooks that add metrics), ``checkpoint`` (history file and
+    checkpoint); ``other`` is the rest of the epoch (logs, progress bar, hooks)."""
+
+    PARTS = ("input", "steps", "evaluation", "checkpoint")
+
+    def __init__(self):
+        self.totals = dict.fromkeys(self.PARTS, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[part] += time.perf_counter() - began
+
+    def seconds(self, elapsed: float) -> dict:
+        """The parts and ``other = elapsed - sum(parts)``, rounded to 10 ms."""
+        out = {part: round(value, 2) for part, value in self.totals.items()}
+        out["other"] = round(max(elapsed - sum(self.totals.values()), 0.0), 2)
+        return out
 
 
 def evaluate(strategy: tf.distribute.Strategy, eval_fn: Callable, dataset) -> dict:
@@ -229,6 +268,7 @@ def run_epochs(phase: Phase, loop: Loop) -> PhaseResult:
     board = _Board(loop.log_dir, name) if loop.log_dir else None
     for epoch in range(start, epochs):
         began = time.time()
+        clock = _Clock()
         _call(hooks, "before_epoch", epoch)
         step = phase.epoch_step(epoch)
         iterator = loop.iterators.iterator(loop.slot_offset + 1 + epoch)
@@ -237,11 +277,13 @@ def run_epochs(phase: Phase, loop: Loop) -> PhaseResult:
         bar = tqdm(total=steps_per_epoch, desc=f"{name} {epoch + 1}/{epochs}", leave=False,
                    disable=None if loop.verbose else True, file=sys.stderr, dynamic_ncols=True)
         for index in range(steps_per_epoch):
-            try:
-                images, labels = next(iterator)
-            except StopIteration:
-                break
-            out = {key: float(value) for key, value in step(images, labels).items()}
+            with clock("input"):
+                try:
+                    images, labels = next(iterator)
+                except StopIteration:
+                    break
+            with clock("steps"):
+                out = {key: float(value) for key, value in step(images, labels).items()}
             bad = [key for key, value in out.items() if "loss" in key and not math.isfinite(value)]
             if bad:
                 bar.close()
@@ -260,21 +302,24 @@ def run_epochs(phase: Phase, loop: Loop) -> PhaseResult:
             bar.update(1)
         bar.close()
         metrics = _epoch_metrics(totals, last)
-        _call(hooks, "before_eval", epoch)
-        if loop.eval_dataset is not None:
-            metrics.update(evaluate(loop.strategy, phase.eval_fn, loop.eval_dataset))
-        for info in _call(hooks, "epoch_info", epoch):
-            metrics.update(info)
+        with clock("evaluation"):
+            _call(hooks, "before_eval", epoch)
+            if loop.eval_dataset is not None:
+                metrics.update(evaluate(loop.strategy, phase.eval_fn, loop.eval_dataset))
+            for info in _call(hooks, "epoch_info", epoch):
+                metrics.update(info)
         elapsed = time.time() - began
         wall_var.assign_add(elapsed)
         record = {"epoch": epoch + 1, **metrics, "time_s": round(elapsed, 2)}
         history.append(record)
         epoch_var.assign(epoch + 1)
         if manager is not None:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            with open(history_path, "w") as f:  # before the checkpoint; resume truncates it
-                json.dump(history, f, indent=1)
-            manager.save(checkpoint_number=epoch + 1)
+            with clock("checkpoint"):
+                os.makedirs(checkpoint_dir, exist_ok=True)
+                with open(history_path, "w") as f:  # before the checkpoint; resume truncates
+                    json.dump(history, f, indent=1)
+                manager.save(checkpoint_number=epoch + 1)
+        record["profile_s"] = clock.seconds(time.time() - began)
         if board is not None:
             board.epoch(epoch + 1, metrics)
         loop.say(_epoch_line(name, epoch, epochs, record))
