@@ -157,10 +157,8 @@ def test_a_pooling_over_one_pixel_keeps_its_rescaling(tmp_path, monkeypatch, fix
     pool.step_size.assign(pool.step_size * 1.3)  # a grid of its own, as training leaves it
     mm.enable_weight_quantization(wrapped)
     graph.snap_biases(wrapped)
-    report = run.export_model(wrapped, str(tmp_path), ("int8",), name="se",
-                              calibration_data=images[:32], eval_images=images[32:],
-                              tensor_costs=False, latency_rounds=1, latency_runs=2,
-                              log=lambda _: None)
+    report = families.export_quantized(wrapped, "se", images[:32], images[32:], str(tmp_path),
+                                       latency_runs=2)
     match = report["verification"]["grid_check"]["min_match_keras"]
     assert (match == 1.0) is fixed
 
