@@ -279,11 +279,9 @@ def _profile(result: dict) -> dict:
     ``outside_epochs``, the rest of the phase in this process (model loading, wrapping,
     tracing outside the loop, saving, plots, the bias snap)."""
     profile = trainer.profile_seconds(result.get("history", []))
-    if "phase_seconds_this_process" in result:
-        epochs = sum(r.get("time_s", 0.0) for r in result.get("history", []))
-        epochs += profile.get("checkpoint", 0.0)  # time_s ends before the checkpoint
-        profile["outside_epochs"] = round(max(result["phase_seconds_this_process"] - epochs,
-                                              0.0), 2)
+    if "phase_seconds_this_process" in result:  # the parts add up to the epochs
+        profile["outside_epochs"] = round(
+            max(result["phase_seconds_this_process"] - sum(profile.values()), 0.0), 2)
     return profile
 
 

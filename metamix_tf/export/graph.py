@@ -326,11 +326,11 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
             f"with candidate bits <= 8. Received: bits={bits}")
 
     every_grid = {**input_grids, **output_grids}
-    collapsed = sorted(name for name, g in every_grid.items()
-                       if g.scale <= 2 * MinimumStep().minimum)
+    floor = MinimumStep().minimum
+    collapsed = sorted(name for name, g in every_grid.items() if g.scale <= 2 * floor)
     if int8 and collapsed:
         raise UnsupportedModelError(
-            f"{len(collapsed)} activation step size(s) sit at the {MinimumStep().minimum:g} "
+            f"{len(collapsed)} activation step size(s) sit at the {floor:g} "
             f"floor (collapsed in training: the tensor quantizes to ~0), at {collapsed[:4]}; "
             "int8 kernels cannot requantize at that scale. Recalibrate them "
             "(metamix_tf.calibrate) and fine-tune again, or train with a lower "

@@ -33,6 +33,9 @@ class _CoupledL2:
     optimizer's own update: PyTorch's ``weight_decay`` (an L2 term in the loss, so it passes
     through momentum and Adam's moments), unlike Keras' decoupled ``weight_decay``."""
 
+    l2 = 0.0
+    _l2_keys: frozenset = frozenset()
+
     def _set_l2(self, l2: float, variables: Sequence) -> None:
         self.l2 = float(l2)
         self._l2_keys = {self._var_key(v) for v in variables}
@@ -55,30 +58,24 @@ class _RelativeSteps:
     geometrically when its gradient says so, and never collapses in one update. Steps above
     ``lr / max_relative`` train exactly as before."""
 
+    _relative_keys: frozenset = frozenset()
+
     def _set_relative(self, max_relative: float, variables: Sequence) -> None:
         self.max_relative = float(max_relative)
         self._relative_keys = {self._var_key(v) for v in variables}
 
     def update_step(self, gradient, variable, learning_rate):
-        if self._var_key(variable) in getattr(self, "_relative_keys", ()):
+        if self._var_key(variable) in self._relative_keys:
             bound = tf.cast(self.max_relative, variable.dtype) * tf.convert_to_tensor(variable)
             learning_rate = tf.minimum(tf.cast(learning_rate, variable.dtype), bound)
         return super().update_step(gradient, variable, learning_rate)
 
 
-class _Adam(_RelativeSteps, keras.optimizers.Adam):
+class _Adam(_CoupledL2, _RelativeSteps, keras.optimizers.Adam):
     pass
 
 
-class _SGD(_RelativeSteps, keras.optimizers.SGD):
-    pass
-
-
-class _L2Adam(_CoupledL2, _Adam):
-    pass
-
-
-class _L2SGD(_CoupledL2, _SGD):
+class _SGD(_CoupledL2, _RelativeSteps, keras.optimizers.SGD):
     pass
 
 
@@ -112,20 +109,18 @@ def make_optimizer(learning_rate, variables: Sequence, *, weight_decay: float = 
     for name, value in (("weight_decay", weight_decay), ("l2", l2)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"`{name}` must be a number >= 0. Received: {name}={value!r}")
-    variables = list(variables)
-    if kind == "adam":
-        cls = _L2Adam if l2 else _Adam
-        optimizer = cls(learning_rate, beta_1=beta_1, beta_2=beta_2,
-                        weight_decay=weight_decay or None, name=kind)
-    else:
-        cls = _L2SGD if l2 else _SGD
-        optimizer = cls(learning_rate, momentum=momentum, nesterov=nesterov,
-                        weight_decay=weight_decay or None, name=kind)
-    if weight_decay and no_decay:
-        optimizer.exclude_from_weight_decay(var_list=list(no_decay))
     if not max_relative_step_update > 0:
         raise ValueError("`max_relative_step_update` must be > 0. "
                          f"Received: max_relative_step_update={max_relative_step_update!r}")
+    variables = list(variables)
+    if kind == "adam":
+        optimizer = _Adam(learning_rate, beta_1=beta_1, beta_2=beta_2,
+                          weight_decay=weight_decay or None, name=kind)
+    else:
+        optimizer = _SGD(learning_rate, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay or None, name=kind)
+    if weight_decay and no_decay:
+        optimizer.exclude_from_weight_decay(var_list=list(no_decay))
     optimizer._set_relative(max_relative_step_update, step_sizes)
     if l2:
         skip = {id(v) for v in no_decay}
