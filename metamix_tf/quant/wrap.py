@@ -344,11 +344,13 @@ def calibrate(model, images) -> None:
     """LSQ step-size initialisation of every activation quantizer from one batch.
 
     Runs ``model`` once in ``"calibrate"`` mode (identity quantizers that record
-    ``2 * mean|x| / sqrt(Qp)`` for each branch), then restores each quantizer's mode. Call it
+    ``2 * mean|x| / sqrt(Qp)`` for each branch) in inference mode (BatchNorm on its moving
+    statistics, as the exported model computes), then restores each quantizer's mode. Call it
     eagerly or inside ``tf.function``. Under a distribution strategy use
     :func:`metamix_tf.training.steps.make_calibrate_step`, which switches the modes outside
     ``strategy.run`` (a mode switched inside one replica's trace leaks into the other
-    replicas' traces) and averages the step sizes over replicas.
+    replicas' traces) and averages the step sizes over replicas; it calibrates on batch
+    statistics by default, as the training steps that follow it compute.
     """
     modes = [(q, q.mode) for q in activation_quantizers(model)]
     grids = [(g, g.enabled) for g in model.layers if isinstance(g, canonical.SigmoidGrid)]

@@ -406,13 +406,22 @@ def make_eval_step(strategy, model, *, configure: Callable | None = None,
     return _distributed(strategy, replica_fn, configure, jit_compile, "eval_step")
 
 
-def make_calibrate_step(strategy, model) -> Callable:
-    """LSQ step-size initialisation on every replica's shard of a batch: one inference
-    forward in ``"calibrate"`` mode (see :func:`metamix_tf.quant.wrap.calibrate`); the step-size
-    variables average over replicas. The modes are switched outside ``strategy.run``."""
+def make_calibrate_step(strategy, model, *, training: bool = True) -> Callable:
+    """LSQ step-size initialisation on every replica's shard of a batch: one forward in
+    ``"calibrate"`` mode (see :func:`metamix_tf.quant.wrap.calibrate`); the step-size
+    variables average over replicas. The modes are switched outside ``strategy.run``.
+
+    ``training=True`` (the default: the steps start a training phase) calibrates on the
+    activations the training steps will quantize, BatchNorm on batch statistics, with its
+    moving statistics left as they were (:func:`frozen_batch_norm_statistics`). Moving
+    statistics that do not describe the data yet (a briefly trained float model; Keras
+    applications' momentum 0.999) would otherwise give steps that saturate nearly every
+    training activation, and the saturated tensors' small variance makes each BatchNorm
+    multiply the backward gradient by ``gamma / std``: ResNet-50 reached 1e10 at its
+    first kernel at 2 bits, and a non-finite loss. ``training=False``: inference mode."""
 
     def replica_fn(images):
-        model(images, training=False)
+        model(images, training=training)
         return tf.cast(tf.shape(images)[0], tf.float32)
 
     def step(images, labels):
@@ -420,7 +429,9 @@ def make_calibrate_step(strategy, model) -> Callable:
         saved = [(q, q.mode) for q in wrap.activation_quantizers(model)]
         wrap.set_mode(model, "calibrate")
         try:
-            count = strategy.run(replica_fn, args=(images,))
+            with (frozen_batch_norm_statistics(model) if training
+                  else contextlib.nullcontext()):
+                count = strategy.run(replica_fn, args=(images,))
         finally:
             for q, mode in saved:
                 q.mode = mode

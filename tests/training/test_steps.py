@@ -166,8 +166,11 @@ def _run_all_steps(strategy, float_model, batches):
         tf.data.Dataset.from_tensor_slices(batches).batch(16))
     outputs = []
     for index, (images, labels) in enumerate(dataset):
-        if index == 0:
-            steps.make_calibrate_step(strategy, model)(images, labels)
+        if index == 0:  # inference-mode calibration: no cross-replica sums, equal steps.
+            # On batch statistics (synchronized BatchNorm) the steps differ by ~1e-16, and
+            # the pooling of an on-grid tensor makes exact ties (sum / 64 = k + 1/2) that
+            # such a difference moves across a rounding boundary.
+            steps.make_calibrate_step(strategy, model, training=False)(images, labels)
         if index < 2:
             outputs.append(meta(images, labels))
             outputs.append(search(images, labels))
@@ -281,3 +284,25 @@ def test_meta_batch_must_be_full_or_split():
     with pytest.raises(ValueError, match="meta_batch"):
         steps.make_meta_step(strategy, model, weight_opt, groups.weights_and_steps,
                              CANDIDATES, meta_batch="half")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "moving_stats"])
+def test_calibrate_step_uses_the_statistics_of_its_mode_and_keeps_the_moving_ones(training):
+    """Moving statistics that do not describe the data (variance 100 here, as after a short
+    float run): ``training=True`` calibrates on the activations the training steps quantize
+    (batch statistics), ``training=False`` on the inference ones; neither changes them."""
+    strategy = tf.distribute.get_strategy()
+    model, *_ = build(strategy)
+    model.get_layer("bn0").moving_variance.assign(np.full(8, 100.0, np.float32))
+    moving = snapshot([v for v in model.non_trainable_variables if "moving" in v.path])
+    images, labels = random_batch()
+    steps.make_calibrate_step(strategy, model, training=training)(images, labels)
+    assert not any(changed(moving, [v for v in model.non_trainable_variables
+                                    if "moving" in v.path]))
+    wrap.set_mode(model, "float")
+    relu0 = keras.Model(model.input, model.get_layer("relu0").output)
+    with steps.frozen_batch_norm_statistics(model):
+        x = relu0(images, training=training).numpy()
+    qp = np.array([2.0**b - 1 for b in CANDIDATES])
+    np.testing.assert_allclose(model.get_layer("dw1").input_quantizer.step_size.numpy(),
+                               2 * np.mean(np.abs(x)) / np.sqrt(qp), rtol=1e-5)
