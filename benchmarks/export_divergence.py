@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from metamix_tf.export import divergence, families, graph  # noqa: E402
-from metamix_tf.export import run as export_run  # noqa: E402
+from metamix_tf.export import divergence, families  # noqa: E402
 
 
 def main() -> None:
@@ -40,15 +38,10 @@ def main() -> None:
         calibration = families.images_for(args.family, 32, 0)
         model, _ = families.prepare(args.family, calibration, 0)
         images = families.images_for(args.family, args.examples, 1)
+        rows = divergence.model_divergence(model, calibration, images)
     else:
-        run = export_run.load_run(args.model_dir)
-        model = run.model
-        calibration, images, _, _, _ = export_run._run_data(run, args.examples, 256)
+        rows = divergence.run_divergence(args.model_dir, args.examples)
     name = args.family or args.model_dir
-    export_plan = graph.plan(model, calibration)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = divergence.stored_tensor_divergence(
-            model, export_plan, graph.build(export_plan, native=True), images, tmp)
     differing = [r for r in rows if r["mismatches"]]
     print(f"{name}: {len(rows)} tensors compared, {len(differing)} differ")
     for r in differing[:args.show]:
@@ -56,7 +49,7 @@ def main() -> None:
               f"{r['elements']} integers differ; max |frac(x/step) - 1/2| = "
               f"{r['max_tie_distance']:.3g}; first: {r['first'][:2]}")
     starts = divergence.first_divergence_per_input(rows)
-    print(f"inputs whose integers differ: {len(starts)} of {len(images)}; where each starts "
+    print(f"inputs whose integers differ: {len(starts)} of {args.examples}; where each starts "
           "(tensor, integers, max |frac - 1/2|):")
     for image, (tensor, count, tie) in starts.items():
         print(f"  input {image}: {tensor}, {count}, {tie:.3g}")

@@ -14,15 +14,23 @@ large when the difference was carried in from an earlier tensor or is a real err
 from __future__ import annotations
 
 import os
+import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from metamix_tf.export import tflite, verify
+from metamix_tf.export import graph, tflite, verify
 from metamix_tf.export.graph import ExportPlan
 
-__all__ = ["stored_tensor_divergence", "first_divergence", "first_divergence_per_input"]
+__all__ = ["FLOAT32_TIE", "stored_tensor_divergence", "model_divergence", "run_divergence",
+           "first_divergence", "first_divergence_per_input", "departures_off_ties"]
+
+# Largest |frac(x / step) - 1/2| at which float32 noise can still decide a rounding: the Keras
+# value of x / step carries its conv's accumulation error, about sqrt(K) * 2^-24 * |x / step|
+# for K products (ResNet-50's 3x3x512 conv at 100 steps: 76 * 6e-8 * 100 = 5e-4 of a step).
+# A departure farther from a tie is carried in or a rule error (NASNet's: 0.21 of a step).
+FLOAT32_TIE = 1e-3
 
 
 def _keras_side(model: keras.Model, export_plan: ExportPlan) -> list:
@@ -93,6 +101,24 @@ def stored_tensor_divergence(model: keras.Model, export_plan: ExportPlan,
     return rows
 
 
+def model_divergence(model: keras.Model, calibration: np.ndarray, images: np.ndarray) -> list:
+    """:func:`stored_tensor_divergence` of ``model``'s export planned on ``calibration``."""
+    export_plan = graph.plan(model, calibration)
+    with tempfile.TemporaryDirectory() as tmp:
+        return stored_tensor_divergence(model, export_plan,
+                                        graph.build(export_plan, native=True), images, tmp)
+
+
+def run_divergence(model_dir: str, examples: int = 64, calibration_examples: int = 256) -> list:
+    """:func:`model_divergence` of a ``train.py`` run's ``final.keras`` on its first
+    ``examples`` eval images, calibrated on its training images as ``export_tflite.py`` is."""
+    from metamix_tf.export import run as export_run  # it imports this module's exporters
+
+    run = export_run.load_run(model_dir)
+    calibration, images, *_ = export_run._run_data(run, examples, calibration_examples)
+    return model_divergence(run.model, calibration, images)
+
+
 def first_divergence(rows: list) -> dict | None:
     """The first row (graph order) whose integers differ, or None."""
     return next((r for r in rows if r["mismatches"]), None)
@@ -107,3 +133,10 @@ def first_divergence_per_input(rows: list) -> dict:
         for image, (count, tie) in r.get("inputs", {}).items():
             out.setdefault(image, (r["tensor"], count, tie))
     return dict(sorted(out.items()))
+
+
+def departures_off_ties(rows: list, tie: float = FLOAT32_TIE) -> dict:
+    """The entries of :func:`first_divergence_per_input` whose first differing tensor is
+    farther than ``tie`` from a rounding boundary: departures float32 noise cannot explain."""
+    return {image: start for image, start in first_divergence_per_input(rows).items()
+            if start[2] > tie}
