@@ -176,7 +176,8 @@ def search(qmodel, train_data, *, target_gbops: float | None = None,
            callbacks=None, strategy=None, **settings) -> SearchResult:
     """Searches the activation bits of ``qmodel`` (from :func:`metamix_tf.apply`).
 
-    Calibrates the step sizes on the first batch, runs ``epochs`` epochs of ``searcher``
+    Calibrates the step sizes on the first batch (BatchNorm on that batch's statistics, as
+    the search steps compute; moving statistics untouched), runs ``epochs`` epochs of ``searcher``
     (``"metamix"``, ``"joint"``, ``"uniform"`` or a :class:`metamix_tf.training.searchers.Searcher`)
     and leaves ``qmodel`` in ``"selected"`` mode at the found bits (weights trained by the
     search, weight quantization off).
