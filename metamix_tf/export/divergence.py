@@ -29,7 +29,8 @@ __all__ = ["FLOAT32_TIE", "stored_tensor_divergence", "model_divergence", "run_d
 # Largest |frac(x / step) - 1/2| at which float32 noise can still decide a rounding: the Keras
 # value of x / step carries its conv's accumulation error, about sqrt(K) * 2^-24 * |x / step|
 # for K products (ResNet-50's 3x3x512 conv at 100 steps: 76 * 6e-8 * 100 = 5e-4 of a step).
-# A departure farther from a tie is carried in or a rule error (NASNet's: 0.21 of a step).
+# A departure farther from a tie is carried in or a rule error (NASNet's rescaling ReLU,
+# since fixed: 0.21 of a step).
 FLOAT32_TIE = 1e-3
 
 

@@ -610,6 +610,22 @@ def _pools_one_element(layer) -> bool:
     return tuple(layer.input.shape[1:3]) == (1, 1)
 
 
+def _rescaling_relu(export_plan: ExportPlan, node: Node, by_name: dict) -> bool:
+    """A standalone ReLU (or a ReLU6 whose grid tops out at or below 6) between two stored
+    int8 tensors: the int8 model would run it as a RELU op that rescales."""
+    layer = node.layer
+    if node.kind != "op" or not rules.is_fusable_activation(layer) or \
+            node.name not in export_plan.tensors:
+        return False
+    source = export_plan.tensors.get(_stored_source(node.inputs[0], by_name))
+    grid = export_plan.tensors[node.name].grid
+    if source is None or grid.qmin != 0 or not grid.fits_int8:
+        return False
+    six = (isinstance(layer, keras.layers.ReLU) and layer.max_value is not None) or \
+        rules.activation_name(layer) == "relu6"
+    return not six or grid.qmax * grid.scale <= 6.0
+
+
 def _identity_weight(used: dict, source: str) -> int:
     """127, 126, ... for the requantizing identity convs that read ``source`` (``used``
     counts them): the converter merges equal convs on one tensor, which would leave one
@@ -723,6 +739,15 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
         elif isinstance(node.layer, keras.layers.Concatenate):
             t = _call(node, _rebuilt(node),
                       _concat_inputs(export_plan, node, new, fq_native, used))
+        elif fq_native and _rescaling_relu(export_plan, node, by_name):
+            # LiteRT's int8 RELU that changes the scale computes round((q + 1/2) s_in / s_out)
+            # (measured: NASNet's ReLU of a stored add, 0.21 steps off); the requantizing
+            # identity conv with the ReLU fused into it rounds exactly.
+            source = _stored_source(node.inputs[0], by_name)
+            t = FakeQuant.from_grid(
+                export_plan.tensors[node.name].grid, requantize=True, native=True, relu=True,
+                identity_weight=_identity_weight(used, source),
+                name=f"{node.name}_requant")(new[node.inputs[0]])
         elif fq_native and _pools_one_element(node.layer) and node.name in export_plan.tensors:
             # The converter drops a mean over one element together with the rescaling of
             # its output quantizer (the reader's bias keeps that scale, its input gets the
