@@ -610,20 +610,28 @@ def _pools_one_element(layer) -> bool:
     return tuple(layer.input.shape[1:3]) == (1, 1)
 
 
-def _rescaling_relu(export_plan: ExportPlan, node: Node, by_name: dict) -> bool:
-    """A standalone ReLU (or a ReLU6 whose grid tops out at or below 6) between two stored
-    int8 tensors: the int8 model would run it as a RELU op that rescales."""
+def _rescaling_relu_source(export_plan: ExportPlan, node: Node, by_name: dict) -> str | None:
+    """The stored tensor that a standalone ReLU (or a ReLU6 whose grid tops out at or below 6)
+    reads when its output is stored too: the int8 model would run it as a RELU op that
+    rescales. None for any other node."""
     layer = node.layer
     if node.kind != "op" or not rules.is_fusable_activation(layer) or \
             node.name not in export_plan.tensors:
-        return False
-    source = export_plan.tensors.get(_stored_source(node.inputs[0], by_name))
+        return None
+    source = _stored_source(node.inputs[0], by_name)
     grid = export_plan.tensors[node.name].grid
-    if source is None or grid.qmin != 0 or not grid.fits_int8:
-        return False
+    if source not in export_plan.tensors or grid.qmin != 0 or not grid.fits_int8:
+        return None
     six = (isinstance(layer, keras.layers.ReLU) and layer.max_value is not None) or \
         rules.activation_name(layer) == "relu6"
-    return not six or grid.qmax * grid.scale <= 6.0
+    return None if six and grid.qmax * grid.scale > 6.0 else source
+
+
+def _requantized(x, grid: Grid, used: dict, source: str, relu: bool, name: str):
+    """``x`` (read from the stored tensor ``source``) rescaled onto ``grid`` by a requantizing
+    identity conv in the converter-native graph."""
+    return FakeQuant.from_grid(grid, requantize=True, native=True, relu=relu,
+                               identity_weight=_identity_weight(used, source), name=name)(x)
 
 
 def _identity_weight(used: dict, source: str) -> int:
@@ -739,25 +747,20 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
         elif isinstance(node.layer, keras.layers.Concatenate):
             t = _call(node, _rebuilt(node),
                       _concat_inputs(export_plan, node, new, fq_native, used))
-        elif fq_native and _rescaling_relu(export_plan, node, by_name):
+        elif fq_native and (source := _rescaling_relu_source(export_plan, node, by_name)):
             # LiteRT's int8 RELU that changes the scale computes round((q + 1/2) s_in / s_out)
             # (measured: NASNet's ReLU of a stored add, 0.21 steps off); the requantizing
             # identity conv with the ReLU fused into it rounds exactly.
-            source = _stored_source(node.inputs[0], by_name)
-            t = FakeQuant.from_grid(
-                export_plan.tensors[node.name].grid, requantize=True, native=True, relu=True,
-                identity_weight=_identity_weight(used, source),
-                name=f"{node.name}_requant")(new[node.inputs[0]])
+            t = _requantized(new[node.inputs[0]], export_plan.tensors[node.name].grid, used,
+                             source, True, f"{node.name}_requant")
         elif fq_native and _pools_one_element(node.layer) and node.name in export_plan.tensors:
             # The converter drops a mean over one element together with the rescaling of
             # its output quantizer (the reader's bias keeps that scale, its input gets the
             # other: MobileNetV3's squeeze-and-excitation at 1x1); rescale before it.
             grid = export_plan.tensors[node.name].grid
             source = node.inputs[0]
-            requantized = FakeQuant.from_grid(
-                grid, requantize=True, native=True, relu=_relu_bottom(export_plan, grid),
-                identity_weight=_identity_weight(used, source),
-                name=f"{node.name}_requant")(new[source])
+            requantized = _requantized(new[source], grid, used, source,
+                                       _relu_bottom(export_plan, grid), f"{node.name}_requant")
             t = _call(node, _rebuilt(node), {**new, source: requantized})
         else:
             t = _call(node, _rebuilt(node), new)
