@@ -31,7 +31,8 @@ from absl import app, flags  # noqa: E402
 from metamix_tf import config as config_lib  # noqa: E402
 from metamix_tf import data as data_lib  # noqa: E402
 from metamix_tf import models  # noqa: E402
-from metamix_tf.training import optimizers, steps, trainer  # noqa: E402
+from metamix_tf.analysis import evaluation  # noqa: E402
+from metamix_tf.training import averaging, optimizers, steps, trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("config", [], "YAML config file(s), applied in order.")
@@ -41,6 +42,14 @@ flags.DEFINE_string("out", None, "Path prefix of the .weights.h5 and .json writt
 flags.DEFINE_integer("epochs", None, "Overrides pretrain.epochs.")
 flags.DEFINE_string("init_weights", None,
                     "A .weights.h5 to start from (a warm restart: a new learning-rate cycle).")
+flags.DEFINE_integer("swa_from", 0,
+                     "Stochastic weight averaging (SWA): from this epoch (1-based) on, each "
+                     "epoch's end weights join a running mean that is the result (0: off).")
+flags.DEFINE_boolean("constant_lr", False,
+                     "Hold the learning rate after the warm-up instead of the cosine decay "
+                     "(SWA's constant schedule).")
+flags.DEFINE_integer("bn_batches", 200,
+                     "SWA: training batches that re-estimate BatchNorm at the mean weights.")
 flags.DEFINE_integer("max_train_examples", None, "A stratified subset (smoke checks).")
 flags.DEFINE_integer("max_eval_examples", None, "A stratified eval subset (smoke checks only).")
 
@@ -75,7 +84,8 @@ def main(argv):
     variables = list(model.trainable_variables)
     total = p.epochs * steps_per_epoch
     schedule = optimizers.cosine_schedule(p.learning_rate, total,
-                                       round(p.warmup_epochs * steps_per_epoch))
+                                          round(p.warmup_epochs * steps_per_epoch),
+                                          final_fraction=1.0 if FLAGS.constant_lr else 0.0)
     optimizer = optimizers.make_optimizer(
         schedule, variables, weight_decay=p.weight_decay, l2=p.l2, kind=p.optimizer,
         momentum=p.momentum, nesterov=p.nesterov, no_decay=_no_decay(variables))
@@ -83,14 +93,36 @@ def main(argv):
                                  label_smoothing=p.label_smoothing)
     eval_fn = steps.make_eval_step(strategy, model)
     eval_dataset = strategy.experimental_distribute_dataset(data.eval)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    hooks = []
+    if FLAGS.swa_from:
+        average = averaging.WeightAverage(variables)
+        checkpoint.swa = average  # a resumed run continues the same mean
+
+        def snapshot(epoch):  # before the epoch's checkpoint is written
+            if epoch + 1 >= FLAGS.swa_from:
+                average.update()
+
+        hooks.append(trainer.Hooks(before_eval=snapshot))
     phase = trainer.Phase("pretrain", p.epochs, epoch_step=lambda epoch: step, eval_fn=eval_fn,
-                          checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer))
+                          checkpoint=checkpoint, hooks=hooks)
     result = trainer.run_epochs(phase, trainer.Loop(
         strategy, trainer.EpochIterators(strategy, data.train), steps_per_epoch,
         eval_dataset=eval_dataset,
         checkpoint_dir=os.path.join(FLAGS.model_dir, "ckpt", "pretrain"),
         log_dir=os.path.join(FLAGS.model_dir, "logs", "pretrain")))
     metrics = trainer.evaluate(strategy, eval_fn, eval_dataset)
+    swa = None
+    if FLAGS.swa_from:
+        swa = {"from_epoch": FLAGS.swa_from, "snapshots": int(average.count.numpy()),
+               "last_epoch_val_acc": metrics["val_acc"], "bn_batches": FLAGS.bn_batches}
+        average.assign_to()
+        evaluation.reestimate_batch_norm(model, data.train, bits={},
+                                         num_batches=FLAGS.bn_batches)
+        metrics = trainer.evaluate(strategy, eval_fn, eval_dataset)
+        print(f"SWA of {swa['snapshots']} epoch-end snapshots: val_acc "
+              f"{metrics['val_acc']:.4f} (the last epoch's weights: "
+              f"{swa['last_epoch_val_acc']:.4f})", flush=True)
     print(f"done: {p.epochs} epochs, val_acc {metrics['val_acc']:.4f} on {data.eval_size} "
           f"images, wall time {result.wall_time_s:.0f} s", flush=True)
     if FLAGS.out:
@@ -99,7 +131,7 @@ def main(argv):
         record = {
             "model": m.name, "dataset": data.name, "eval_images": data.eval_size,
             "train_images": data.train_size, "epochs": p.epochs,
-            "init_weights": FLAGS.init_weights,
+            "init_weights": FLAGS.init_weights, "constant_lr": FLAGS.constant_lr, "swa": swa,
             "val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
             "wall_time_s": round(result.wall_time_s, 1),
             "history": [{k: v for k, v in h.items() if not isinstance(v, dict)}

@@ -16,16 +16,22 @@ import tensorflow as tf
 __all__ = ["OPTIMIZERS", "cosine_schedule", "make_optimizer"]
 
 
-def cosine_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0):
-    """Cosine decay from ``learning_rate`` to 0 over ``total_steps`` optimizer steps
-    (``lr_t = lr * (1 + cos(pi * t / T)) / 2``), after an optional linear warm-up."""
+def cosine_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                    final_fraction: float = 0.0):
+    """Cosine decay from ``learning_rate`` to ``final_fraction * learning_rate`` over
+    ``total_steps`` optimizer steps (``lr_t = lr * (f + (1 - f) * (1 + cos(pi * t / T)) / 2)``),
+    after an optional linear warm-up; ``final_fraction=1`` holds ``learning_rate`` (SWA)."""
+    if not 0.0 <= final_fraction <= 1.0:
+        raise ValueError(f"`final_fraction` must be in [0, 1]. "
+                         f"Received: final_fraction={final_fraction!r}")
     total_steps = max(int(total_steps), 1)
     warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
     if warmup_steps:
         return keras.optimizers.schedules.CosineDecay(
-            0.0, decay_steps=total_steps - warmup_steps, warmup_target=learning_rate,
-            warmup_steps=warmup_steps)
-    return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps)
+            0.0, decay_steps=total_steps - warmup_steps, alpha=final_fraction,
+            warmup_target=learning_rate, warmup_steps=warmup_steps)
+    return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps,
+                                                  alpha=final_fraction)
 
 
 class _CoupledL2:

@@ -64,3 +64,20 @@ def test_bounded_steps_under_tf_function_and_two_replicas(two_cpu_strategy):
     step()
     # Gradients are summed over the two replicas (each 1.0).
     np.testing.assert_allclose(v.numpy(), [1e-3 - 1e-4 * 2, 1.0 - 0.01 * 2], rtol=1e-6)
+
+
+def test_cosine_schedule_ends_at_its_final_fraction():
+    lr, total, warmup = 0.05, 100, 10
+    decayed = optimizers.cosine_schedule(lr, total, warmup)
+    held = optimizers.cosine_schedule(lr, total, warmup, final_fraction=1.0)
+    floor = optimizers.cosine_schedule(lr, total, 0, final_fraction=0.2)
+    value = lambda schedule, step: float(schedule(step))  # noqa: E731
+    # The same linear warm-up; then cosine to 0, a constant rate, or cosine to 0.2 * lr.
+    assert value(decayed, 5) == value(held, 5) == pytest.approx(lr / 2, rel=1e-6)
+    assert value(decayed, total) == 0.0
+    assert [value(held, s) for s in (10, 50, 100)] == pytest.approx([lr] * 3, rel=1e-6)
+    midway = lr * (0.2 + 0.8 * 0.5)  # cos(pi / 2) = 0
+    assert [value(floor, s) for s in (0, 50, 100)] == pytest.approx([lr, midway, 0.2 * lr],
+                                                                     rel=1e-6)
+    with pytest.raises(ValueError, match=r"Received: final_fraction=1.5"):
+        optimizers.cosine_schedule(lr, total, final_fraction=1.5)
