@@ -3,7 +3,8 @@
 For each family (``metamix_tf.export.families``: random weights, small input, BatchNorm
 statistics from one batch, ``apply()``, calibration, random bits from {2, 3, 4, 8}, 4-bit
 weights, biases snapped), exports int8 and float32 TFLite and prints: top-1 agreement of
-the int8 model with the Keras model on ``--examples`` inputs, whether every quantized input
+the int8 model with the Keras model on ``--examples`` inputs (and with the same Keras model
+computed in float64, ``metamix_tf.export.precision``), whether every quantized input
 is on its b-bit grid, the int8 file size, and the float32 / int8 median latency (1 thread,
 XNNPACK). Results go to ``--json`` one family at a time; ``--markdown`` writes the table.
 
@@ -50,6 +51,7 @@ def measure(name: str, examples: int) -> dict:
         "quantized_inputs": len(v["grid_check"]["layers"]),
         "median_input_match": v["grid_check"]["median_match_keras"],
         "float_graph_agreement": v["keras_graphs"]["float"]["top1_agreement"],
+        "float64": v.get("float64_reference"),
         "float_layers": report["float_layers"], "float_prefix": report["float_prefix"],
         "float_islands": report["float_islands"],
         "int8_float_ops": report["graphs"]["int8"]["float_ops"],
@@ -69,18 +71,31 @@ def _islands(row: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def _float64(row: dict) -> str:
+    """int8 against the Keras model computed in float64: agreement and max |dlogit|."""
+    f64 = row.get("float64")
+    if not f64:
+        return "-"
+    if "error" in f64:
+        return f"n/a ({f64['error'][:60]})"
+    c = f64["int8_vs_float64"]
+    return (f"{100 * c['top1_agreement']:.1f}% ({c['disagreements']}/{c['examples']}), "
+            f"max {c['max_abs_logit_diff']:.1g}")
+
+
 def markdown(rows: list) -> str:
-    lines = ["| family | input | top-1 agreement (int8 vs Keras) | BN-folded float graph | "
-             "on b-bit grids | quantized inputs | int8 KiB | float32 KiB | "
-             "float32/int8 latency | float islands |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| family | input | top-1 agreement (int8 vs Keras) | int8 vs Keras in float64 | "
+             "BN-folded float graph | on b-bit grids | quantized inputs | int8 KiB | "
+             "float32 KiB | float32/int8 latency | float islands |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['family']} | | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['family']} | | failed: {r['error']} | | | | | | | | |")
             continue
         lines.append(
             f"| {r['family']} | {r['input_size']} | {100 * r['top1_agreement']:.1f}% "
-            f"({r['disagreements']}/{r['examples']}) | {100 * r['float_graph_agreement']:.1f}% "
+            f"({r['disagreements']}/{r['examples']}) | {_float64(r)} "
+            f"| {100 * r['float_graph_agreement']:.1f}% "
             f"| {r['all_on_grid']} | {r['quantized_inputs']} | {r['int8_bytes'] / 1024:.0f} | "
             f"{r['float32_bytes'] / 1024:.0f} | {r['float32_over_int8']:.2f}x | "
             f"{_islands(r)} |")

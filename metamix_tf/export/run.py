@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from metamix_tf import config as config_lib
-from metamix_tf.export import aimet, graph, int4, tflite, verify
+from metamix_tf.export import aimet, graph, int4, precision, tflite, verify
 from metamix_tf.export import encodings as encodings_lib
 from metamix_tf.export import integer_io as integer_io_lib
 from metamix_tf.export.bias_grid import STORAGE_GRIDS
@@ -369,6 +369,9 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
     for fmt in formats:
         result = verify.run_tflite(files[fmt], images)
         out["tflite"][fmt] = verify.compare(reference, result, labels)
+        if fmt == "int8":
+            out["float64_reference"] = _float64_reference(model, images, reference, result,
+                                                          labels, log)
         if fmt in ("int8", "int4"):
             out["tflite"][fmt]["vs_int8_keras_twin"] = verify.compare(
                 logits["int8_twin"], result, labels)
@@ -429,6 +432,19 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
     if "int8" in lat and "int4" in lat:
         out["latency"]["int4_over_int8"] = lat["int4"]["median_ms"] / lat["int8"]["median_ms"]
     return out
+
+
+def _float64_reference(model, images, reference, int8_logits, labels, log) -> dict:
+    """The Keras model computed in float64 (:func:`precision.float64_copy`) against the
+    int8 model and against itself in float32: where the int8 model departs from the float32
+    Keras model only by float32 rounding, it agrees with this one."""
+    try:
+        exact = precision.float64_logits(model, images)
+    except Exception as error:  # noqa: BLE001 -- a user layer may fix its dtype: report it
+        log(f"No float64 reference: {type(error).__name__}: {error}")
+        return {"error": f"{type(error).__name__}: {error}"}
+    return {"int8_vs_float64": verify.compare(exact, int8_logits, labels),
+            "keras_float32_vs_float64": verify.compare(exact, reference, labels)}
 
 
 def _median(values):
@@ -518,6 +534,15 @@ def format_report(report: dict) -> str:
     if v:
         lines.append(f"Reference: the Keras fake-quant model on {v['examples']} images, "
                      f"accuracy {_pct(v.get('reference_accuracy'))}.")
+        f64 = v.get("float64_reference")
+        if f64 and "error" not in f64:
+            exact, own = f64["int8_vs_float64"], f64["keras_float32_vs_float64"]
+            lines.append(f"The Keras model in float64: int8 agrees {_pct(exact['top1_agreement'])}"
+                         f" (max |dlogit| {exact['max_abs_logit_diff']:.2g}), the Keras model "
+                         f"in float32 {_pct(own['top1_agreement'])} (max |dlogit| "
+                         f"{own['max_abs_logit_diff']:.2g}).")
+        elif f64:
+            lines.append(f"No float64 reference: {f64['error']}")
         ratio = v.get("latency", {}).get("float32_over_int8")
         if ratio:
             lines.append(f"float32 / int8 latency: {ratio:.2f}x "
