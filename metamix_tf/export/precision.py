@@ -7,10 +7,11 @@ BatchNorm), whose rounding moves a value lying within about 1e-6 of a rounding b
 the other side now and then, and a random-weight network with 2-bit layers carries that one
 step on to the logits. :func:`float64_copy` rebuilds the model from its config with every
 layer's dtype policy at float64 and copies its variables (step sizes, bit indices and modes
-included): its pre-rounding values are exact to about 1e-15, so it rounds as the integer
-model does except within float32 of XNNPACK's requantization (a float32 multiply of the
-exact accumulator). Agreement with it separates what the export computes from the float32
-arithmetic of the Keras model itself.
+included): its pre-rounding values are exact to about 1e-15, so where it and the int8
+model still round a value differently, the cause is in the int8 file's own float32 numbers
+(the BatchNorm-folded per-channel scales, XNNPACK's float32 requantization multiply), not in
+the Keras model's arithmetic. Agreement with it separates what the export computes from the
+float32 arithmetic of the Keras model itself.
 """
 
 from __future__ import annotations
