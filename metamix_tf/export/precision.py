@@ -19,6 +19,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from metamix_tf.export import verify
+
 __all__ = ["float64_copy", "float64_logits"]
 
 _POLICIES = ("DTypePolicy", "FloatDTypePolicy")
@@ -68,8 +70,4 @@ def float64_copy(model: keras.Model) -> keras.Model:
 
 def float64_logits(model: keras.Model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """Logits of :func:`float64_copy` of ``model`` on ``images`` (eager calls, inference)."""
-    copy = float64_copy(model)
-    images = np.asarray(images, np.float64)
-    return np.concatenate([keras.ops.convert_to_numpy(copy(images[i:i + batch_size],
-                                                           training=False))
-                           for i in range(0, len(images), batch_size)])
+    return verify.keras_logits(float64_copy(model), np.asarray(images, np.float64), batch_size)

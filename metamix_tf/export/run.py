@@ -37,7 +37,6 @@ import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from metamix_tf import config as config_lib
 from metamix_tf.export import aimet, graph, int4, precision, tflite, verify
@@ -189,14 +188,6 @@ def _run_data(run: Run, max_eval_examples: int | None, calibration_examples: int
 
 
 # -- export ----------------------------------------------------------------------------------
-
-
-def _reference_logits(model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """Eager calls: nothing traced, so the quantizers' current modes always apply."""
-    return np.concatenate([
-        keras.ops.convert_to_numpy(model(tf.convert_to_tensor(images[i:i + batch_size]),
-                                         training=False))
-        for i in range(0, len(images), batch_size)])
 
 
 def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
@@ -351,7 +342,7 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
             latency_rounds, latency_runs, latency_threads, tensor_costs, log,
             baselines) -> dict:
     log(f"Verifying on {len(images)} images")
-    reference = _reference_logits(model, images)
+    reference = verify.keras_logits(model, images)
     out = {"examples": int(len(images)), "reference": "keras fake-quant model",
            "max_abs_reference_logit": float(np.abs(reference).max()),
            "keras_graphs": {}, "tflite": {}}
@@ -363,7 +354,7 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
     evaluated = {**graphs}
     if "int8" in graphs:
         evaluated["int8"] = graph.build(export_plan, native=True, twin=True)
-    logits = {key: _reference_logits(g, images) for key, g in evaluated.items()}
+    logits = {key: verify.keras_logits(g, images) for key, g in evaluated.items()}
     for key in graphs:
         out["keras_graphs"][key] = verify.compare(reference, logits[key], labels)
     for fmt in formats:
@@ -417,7 +408,7 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
         if tensor_costs:
             log("Measuring what each int8-only tensor costs")
             out["int8_tensor_costs"] = verify.tensor_costs(export_plan, images, reference,
-                                                           _reference_logits)
+                                                           verify.keras_logits)
     log("Timing " + ", ".join((*formats, *baselines)))
     lat = verify.latency({**{fmt: files[fmt] for fmt in formats}, **baselines},
                          rounds=latency_rounds, runs_per_round=latency_runs,

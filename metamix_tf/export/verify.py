@@ -1,6 +1,7 @@
 """Verification of exported TFLite models with the LiteRT interpreter (``ai_edge_litert``).
 
-* :func:`run_tflite`: logits of a ``.tflite`` file over a set of images.
+* :func:`keras_logits` / :func:`run_tflite`: logits of a Keras model / a ``.tflite`` file
+  over a set of images.
 * :func:`compare`: top-1 agreement with the Keras reference, logit differences, accuracies.
 * :func:`check_grids`: reads every quantized layer's input tensor inside the int8 model
   (``experimental_preserve_all_tensors``, reference kernels) and checks that it is on that
@@ -31,6 +32,7 @@ from metamix_tf.export.layers import FakeQuant
 
 __all__ = [
     "interpreter",
+    "keras_logits",
     "run_tflite",
     "compare",
     "LayerGridCheck",
@@ -64,6 +66,15 @@ def _resize(interp, batch: int) -> None:
     if int(detail["shape"][0]) != batch:
         interp.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
         interp.allocate_tensors()
+
+
+def keras_logits(model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Inference logits of ``model`` over ``images`` in batches. Eager calls: nothing traced,
+    so the quantizers' current modes always apply."""
+    return np.concatenate([
+        keras.ops.convert_to_numpy(model(tf.convert_to_tensor(images[i:i + batch_size]),
+                                         training=False))
+        for i in range(0, len(images), batch_size)])
 
 
 def run_tflite(model_path: str, images: np.ndarray, batch_size: int = 32,

@@ -35,7 +35,7 @@ class WeightAverage(tf.Module):
 
     def update(self) -> int:
         """Adds the variables' current values as one snapshot; returns the snapshot count."""
-        n = tf.cast(self.count + 1, self.means[0].dtype)
+        n = self.count + 1
         for mean, source in zip(self.means, self._sources, strict=True):
             mean.assign_add((tf.convert_to_tensor(source) - mean) / tf.cast(n, mean.dtype))
         self.count.assign_add(1)
