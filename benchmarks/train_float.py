@@ -45,6 +45,10 @@ flags.DEFINE_string("init_weights", None,
 flags.DEFINE_integer("swa_from", 0,
                      "Stochastic weight averaging (SWA): from this epoch (1-based) on, each "
                      "epoch's end weights join a running mean that is the result (0: off).")
+flags.DEFINE_string("swa_continue", None,
+                    "SWA: path prefix of an earlier SWA result (.weights.h5 and .json): the "
+                    "mean starts there, counting its snapshots, so the result averages both "
+                    "runs' snapshots (start this run from the same weights).")
 flags.DEFINE_boolean("constant_lr", False,
                      "Hold the learning rate after the warm-up instead of the cosine decay "
                      "(SWA's constant schedule).")
@@ -56,6 +60,19 @@ flags.DEFINE_integer("max_eval_examples", None, "A stratified eval subset (smoke
 
 def _no_decay(variables) -> list:
     return [v for v in variables if len(v.shape) <= 1]
+
+
+def _continue_average(average, prefix, name, image_shape, num_classes) -> None:
+    """Starts ``average`` at the SWA mean stored under ``prefix`` with its snapshot count."""
+    with open(prefix + ".json") as f:
+        count = (json.load(f).get("swa") or {}).get("snapshots")
+    if not count:
+        raise ValueError(f"--swa_continue={prefix}: {prefix}.json records no SWA snapshots; "
+                         "give the prefix of a run trained with --swa_from.")
+    earlier = models.build(name, image_shape, num_classes,
+                           weights=prefix + ".weights.h5")
+    average.start_from([v.value for v in earlier.trainable_variables], count)
+    print(f"SWA continues {prefix}: {count} snapshots averaged already", flush=True)
 
 
 def main(argv):
@@ -97,6 +114,9 @@ def main(argv):
     hooks = []
     if FLAGS.swa_from:
         average = averaging.WeightAverage(variables)
+        if FLAGS.swa_continue:
+            _continue_average(average, FLAGS.swa_continue, m.name, data.image_shape,
+                              data.num_classes)
         checkpoint.swa = average  # a resumed run continues the same mean
 
         def snapshot(epoch):  # before the epoch's checkpoint is written
@@ -114,7 +134,8 @@ def main(argv):
     metrics = trainer.evaluate(strategy, eval_fn, eval_dataset)
     swa = None
     if FLAGS.swa_from:
-        swa = {"from_epoch": FLAGS.swa_from, "snapshots": int(average.count.numpy()),
+        swa = {"from_epoch": FLAGS.swa_from, "continues": FLAGS.swa_continue,
+               "snapshots": int(average.count.numpy()),
                "last_epoch_val_acc": metrics["val_acc"], "bn_batches": FLAGS.bn_batches}
         average.assign_to()
         evaluation.reestimate_batch_norm(model, data.train, bits={},

@@ -33,6 +33,18 @@ class WeightAverage(tf.Module):
         self.means = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
                                   name=f"mean_{i}") for i, v in enumerate(self._sources)]
 
+    def start_from(self, values: Sequence[tf.Tensor], count: int) -> None:
+        """Sets the mean to ``values`` as if ``count`` snapshots were averaged already (continues
+        a mean that another run wrote; a checkpoint restored afterwards overrides it)."""
+        if count < 1:
+            raise ValueError(f"start_from needs count >= 1 snapshots. Received: {count}")
+        if len(values) != len(self.means):
+            raise ValueError(f"start_from needs {len(self.means)} values, one per variable. "
+                             f"Received: {len(values)}")
+        for mean, value in zip(self.means, values, strict=True):
+            mean.assign(value)
+        self.count.assign(count)
+
     def update(self) -> int:
         """Adds the variables' current values as one snapshot; returns the snapshot count."""
         n = self.count + 1

@@ -40,3 +40,27 @@ def test_assign_before_any_snapshot_and_no_variables_are_refused():
         averaging.WeightAverage([tf.Variable(1.0)]).assign_to()
     with pytest.raises(ValueError, match="at least one variable"):
         averaging.WeightAverage([])
+
+
+def test_start_from_continues_another_runs_mean():
+    rng = np.random.default_rng(1)
+    snapshots = [rng.normal(size=(3,)).astype(np.float32) for _ in range(6)]
+    variable = tf.Variable(tf.zeros((3,)))
+    first = averaging.WeightAverage([variable])
+    for value in snapshots[:4]:
+        variable.assign(value)
+        first.update()
+    # Another run starts its mean at the first run's mean with the first run's count.
+    second = averaging.WeightAverage([variable])
+    second.start_from([first.means[0]], int(first.count.numpy()))
+    for value in snapshots[4:]:
+        variable.assign(value)
+        assert second.update() in (5, 6)
+    second.assign_to()
+    # Six float32 running-mean updates of values below 4 in magnitude: < 1e-5 (as above).
+    np.testing.assert_allclose(variable.numpy(), np.mean(snapshots, axis=0, dtype=np.float64),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="count >= 1"):
+        second.start_from([first.means[0]], 0)
+    with pytest.raises(ValueError, match="one per variable"):
+        second.start_from([], 3)
