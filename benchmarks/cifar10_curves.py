@@ -17,7 +17,9 @@ Methods, for every seed of ``--seeds``: uniform A2/A3/A4/A8; joint and MetaMix a
 of uniform A4W4, A3W4 and A2.5W4; at the A3 target MetaMix's fixed-meta-state ablation
 (weights also stepped in the bit-search step, ``MetaMix(update_weights_in_search=True)``)
 and the joint searcher given MetaMix's search wall time (its epochs scaled by the measured
-ratio of the two searches' times; it needs both A3 runs of that seed finished).
+ratio of the two searches' times; it needs both A3 runs of that seed finished), and MetaMix
+with the split-batch bit-meta pass (``MetaMix(meta_batch="split")``, issue 14's cheaper
+search: one forward/backward with the batch cut into one part per candidate instead of K).
 
 After the search, for every method alike, BatchNorm statistics are re-estimated
 (``metamix_tf.analysis.evaluation.reestimate_batch_norm``, ``--bn_batches`` training batches) at the
@@ -36,7 +38,7 @@ the methods whose file exists. ``--report`` reads them, writes ``report.md``,
 EPOCHS AND TIME. Defaults: full passes over the 50,000 training images (390 batches of
 128), 2 search epochs for every searcher (MetaMix: 1 bit-meta warm-up + 1 bit-search
 epoch; alpha lr from the displacement rule, so lr x alpha steps = 0.5 for both), 2
-weight-training epochs, seeds 0 and 1: 24 methods. Extrapolated from a timing run (process
+weight-training epochs, seeds 0 and 1: 26 methods. Extrapolated from a timing run (process
 CPU seconds per step, measured under load, 2 shared cores):
 
     for m in uniform_a4 joint_a3 metamix_a3; do PYTHONPATH=. python \\
@@ -50,10 +52,12 @@ CPU seconds per step: uniform 0.93, joint 1.35, MetaMix (bit-meta + bit-search) 
 weight training 1.04; per method fixed (tracing, BN re-estimation, four test-set
 inferences, about 65 stability passes) about 0.1 CPU-h. Per method: uniform 0.5 CPU-h,
 joint 0.6, MetaMix 1.5, the ablation 1.8, joint at MetaMix's wall time 1.5. Total 23.3
-CPU-hours; with the float ResNet-20's CPU seconds per image against its quiet 520 images/s
-(0.42 quiet wall seconds per CPU second, also measured under load) about 9.8 hours of
-quiet wall time. Both are estimates from a loaded machine (CPU time is inflated by
-contention too); ``--steps_per_epoch=200 --finetune_epochs=3``: 14.5 CPU-h, about 6 h.
+CPU-hours for the 24 methods before the split-batch MetaMix was added (--estimate counts its
+step as MetaMix's full one, an upper bound: +3 CPU-h); with the float ResNet-20's CPU
+seconds per image against its quiet 520 images/s (0.42 quiet wall seconds per CPU second,
+also measured under load) about 9.8 hours of quiet wall time. Both are estimates from a
+loaded machine (CPU time is inflated by contention too); ``--steps_per_epoch=200
+--finetune_epochs=3``: 14.5 CPU-h, about 6 h.
 
 About 700 lines, one script for the study's three modes (run, --report, --estimate); what
 is reusable lives in the package (metamix_tf.analysis.evaluation, .paired_bootstrap,
@@ -88,21 +92,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from metamix_tf import (  # noqa: E402
-    api,
-    evaluation,
-    models,
-    searchers,
-    stability,
-    stability_layerwise,
-    trainer,
-    wrap,
-)
+from metamix_tf import api, models  # noqa: E402
 from metamix_tf import config as config_lib  # noqa: E402
 from metamix_tf import data as data_lib  # noqa: E402
+from metamix_tf.analysis import evaluation, stability, stability_layerwise  # noqa: E402
 from metamix_tf.analysis.paired_bootstrap import paired_bootstrap  # noqa: E402
+from metamix_tf.quant import wrap  # noqa: E402
 from metamix_tf.quant.cost import CostModel  # noqa: E402
-from metamix_tf.training import loop as loop_lib  # noqa: E402
+from metamix_tf.training import searchers, trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", "folder:/tmp/cifar10", "folder:PATH of the CIFAR-10 JPEGs.")
@@ -150,7 +147,8 @@ CANDIDATE_BITS = (2, 3, 4, 8)
 UNIFORM_BITS = (2, 3, 4, 8)
 TARGETS = {"a4": 4.0, "a3": 3.0, "a2.5": 2.5}  # GBOPs of uniform A<b>W4
 ABLATION_TARGET = "a3"
-FAMILIES = ("uniform", "joint", "metamix", "metamix_wsearch", "joint_walltime")
+FAMILIES = ("uniform", "joint", "metamix", "metamix_wsearch", "joint_walltime",
+            "metamix_split")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +169,8 @@ def method_list(seeds) -> list[dict]:
         out += [dict(name=f"metamix_wsearch_{t}_s{seed}", family="metamix_wsearch",
                      bits=None, target=t, seed=seed),
                 dict(name=f"joint_walltime_{t}_s{seed}", family="joint_walltime",
+                     bits=None, target=t, seed=seed),
+                dict(name=f"metamix_split_{t}_s{seed}", family="metamix_split",
                      bits=None, target=t, seed=seed)]
     return out
 
@@ -194,6 +194,7 @@ def _searcher(m: dict, epochs: int) -> searchers.Searcher:
     if m["family"] in ("joint", "joint_walltime"):
         return searchers.Joint()
     return searchers.MetaMix(min(FLAGS.warmup_epochs, epochs - 1),
+                             meta_batch="split" if m["family"] == "metamix_split" else "full",
                              update_weights_in_search=m["family"] == "metamix_wsearch")
 
 
@@ -311,7 +312,7 @@ def run_method(study: Study, m: dict) -> dict:
     target = None if m["target"] is None else cost.uniform_gbops(TARGETS[m["target"]])
     steps = study.steps_per_epoch(data)
     iterators = trainer.EpochIterators(study.strategy, data.train)
-    loop = loop_lib.Loop(strategy=study.strategy, iterators=iterators, steps_per_epoch=steps)
+    loop = trainer.Loop(strategy=study.strategy, iterators=iterators, steps_per_epoch=steps)
     searcher = _searcher(m, epochs)
     began, cpu_began = time.time(), time.process_time()
     search_clock, finetune_clock = CpuClock(), CpuClock()
@@ -352,7 +353,7 @@ def run_method(study: Study, m: dict) -> dict:
     stability_s, cpu["stability"] = time.time() - t0, time.process_time() - c0
     c0 = time.process_time()
 
-    ft_loop = loop_lib.Loop(strategy=study.strategy, iterators=iterators,
+    ft_loop = trainer.Loop(strategy=study.strategy, iterators=iterators,
                             steps_per_epoch=steps, slot_offset=epochs + 1)
     finetuned = api.run_finetune(model, ft_loop, epochs=FLAGS.finetune_epochs,
                                  options=finetune_options(), bits=selected,
@@ -468,7 +469,8 @@ def comparisons(groups: dict) -> list[dict]:
         if key[0] != "metamix":
             continue
         gbops = float(np.mean([r["gbops"] for r in runs]))
-        others = [("joint", key[1]), ("metamix_wsearch", key[1]), ("joint_walltime", key[1])]
+        others = [("joint", key[1]), ("metamix_wsearch", key[1]), ("joint_walltime", key[1]),
+                  ("metamix_split", key[1])]
         above = [k for g, k in uniform if g >= gbops * (1 - 1e-9)]
         if above:
             others.append(above[0])
@@ -556,7 +558,8 @@ def plot(results: list[dict], path: str) -> None:
               "metamix": ("MetaMix", "tab:blue", "o"),
               "metamix_wsearch": ("MetaMix, weights in bit-search (ablation)", "tab:purple",
                                   "D"),
-              "joint_walltime": ("joint, MetaMix's wall time", "tab:red", "v")}
+              "joint_walltime": ("joint, MetaMix's wall time", "tab:red", "v"),
+              "metamix_split": ("MetaMix, split-batch bit-meta", "tab:cyan", "P")}
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4))
     groups = _groups(results)
     for family, (label, color, marker) in styles.items():
@@ -699,9 +702,10 @@ def estimate(directory: str) -> dict:
     search = {"uniform": step_cpu["uniform"], "joint": step_cpu["joint"],
               "metamix": step_cpu["metamix"],
               "metamix_wsearch": step_cpu["metamix"] + step_cpu["joint"],
-              "joint_walltime": step_cpu["metamix"]}
+              "joint_walltime": step_cpu["metamix"], "metamix_split": step_cpu["metamix"]}
     base = {"uniform": "uniform", "joint": "joint", "metamix": "metamix",
-            "metamix_wsearch": "metamix", "joint_walltime": "joint"}
+            "metamix_wsearch": "metamix", "joint_walltime": "joint",
+            "metamix_split": "metamix"}
     cost = {k: fixed[base[k]] + per_method + n * s * v for k, v in search.items()}
     methods = method_list([int(x) for x in FLAGS.seeds])
     total = sum(cost[m["family"]] for m in methods)
