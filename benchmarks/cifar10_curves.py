@@ -6,7 +6,7 @@ time it takes):
 
     unzip -q ../shared/data/cifar10-jpeg.zip -d /tmp/cifar10
     PYTHONPATH=. python benchmarks/cifar10_curves.py --data=folder:/tmp/cifar10 \\
-        --weights=weights/cifar10_resnet20.weights.h5 --results_dir=docs/results/cifar10_curves
+        --weights=weights/cifar10_resnet20_swa3.weights.h5 --results_dir=docs/results/cifar10_curves
     PYTHONPATH=. python benchmarks/cifar10_curves.py --results_dir=docs/results/cifar10_curves \\
         --report
 
@@ -67,7 +67,7 @@ Smoke check (tiny settings, numbers mean nothing; run for uniform_a4, metamix_a3
 metamix_wsearch_a3 and joint_walltime_a3, then --report):
 
     PYTHONPATH=. python benchmarks/cifar10_curves.py --data=folder:/tmp/cifar10 \\
-        --weights=weights/cifar10_resnet20.weights.h5 --results_dir=/tmp/curves_smoke \\
+        --weights=weights/cifar10_resnet20_swa3.weights.h5 --results_dir=/tmp/curves_smoke \\
         --seeds=0 --steps_per_epoch=2 --search_epochs=2 --finetune_epochs=1 \\
         --max_train_examples=2048 --max_eval_examples=500 --bn_batches=2 \\
         --stability_images=32 --swap_bits=2
@@ -103,7 +103,7 @@ from metamix_tf.training import searchers, trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", "folder:/tmp/cifar10", "folder:PATH of the CIFAR-10 JPEGs.")
-flags.DEFINE_string("weights", "weights/cifar10_resnet20.weights.h5",
+flags.DEFINE_string("weights", "weights/cifar10_resnet20_swa3.weights.h5",
                     "The float ResNet-20 every method starts from.")
 flags.DEFINE_string("results_dir", "docs/results/cifar10_curves",
                     "One JSON per finished method; the report's files.")
