@@ -19,6 +19,9 @@ skips, so it sees exactly the batches an uninterrupted run sees.
 
 Losses that are not finite stop the phase with :class:`NonFiniteLossError`; the checkpoint
 of the last finished epoch stays the latest one.
+
+About 400 lines, one idea (the epoch loop and its resume); the data-order slots stay here
+because resume depends on them.
 """
 
 from __future__ import annotations
