@@ -101,6 +101,7 @@ __all__ = [
     "with_int32_biases",
     "int8_bias_plan",
     "bias_target",
+    "on_grid_tolerance",
     "snap_biases",
     "build",
     "image_batches",
@@ -507,6 +508,16 @@ def bias_target(model: keras.Model, weights: WeightPlan):
     return layer.bias if getattr(layer, "use_bias", False) else None
 
 
+def on_grid_tolerance(target: np.ndarray, folded_bias: np.ndarray) -> np.ndarray:
+    """How far (absolute, per channel) a folded bias may sit from its int32 grid point and
+    still count as on it: ``4 ulp(target) + 8 eps32 |b|``, the float32 rounding of the
+    variable the snap writes (``target``, see :func:`bias_target`) and of the folding
+    arithmetic. A large ``target`` (a BatchNorm beta that cancels a large mean) can make this
+    more than 1e-3 of a small unit; the int8 export still stores the same integer."""
+    return (4 * np.spacing(np.abs(np.asarray(target, np.float32))).astype(np.float64)
+            + 8 * np.finfo(np.float32).eps * np.abs(folded_bias))
+
+
 def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
     """Moves every quantized layer's folded bias onto the int32 grid an int8 TFLite conv
     stores it on (units of ``input_step * weight_scale`` per output channel), in place.
@@ -536,9 +547,7 @@ def snap_biases(model: keras.Model, weight_storage: str = "spread") -> dict:
             continue
         unit = _bias_unit(export_plan, name)
         value = keras.ops.convert_to_numpy(target)
-        tolerance = (4 * np.spacing(np.abs(value)).astype(np.float64)
-                     + 8 * np.finfo(np.float32).eps * np.abs(w.folded.bias))
-        delta = np.where(np.abs(delta) <= tolerance, 0.0, delta)
+        delta = np.where(np.abs(delta) <= on_grid_tolerance(value, w.folded.bias), 0.0, delta)
         if not np.any(delta):
             continue
         target.assign(value + delta.astype(np.float32))
