@@ -64,6 +64,10 @@ def _no_decay(variables) -> list:
 
 def _continue_average(average, prefix, name, image_shape, num_classes) -> None:
     """Starts ``average`` at the SWA mean stored under ``prefix`` with its snapshot count."""
+    missing = [prefix + ext for ext in (".json", ".weights.h5") if not os.path.exists(prefix + ext)]
+    if missing:
+        raise FileNotFoundError(f"--swa_continue={prefix}: {missing} not found; give the --out "
+                                "prefix of an earlier run trained with --swa_from.")
     with open(prefix + ".json") as f:
         count = (json.load(f).get("swa") or {}).get("snapshots")
     if not count:
@@ -77,6 +81,8 @@ def _continue_average(average, prefix, name, image_shape, num_classes) -> None:
 
 def main(argv):
     del argv
+    if FLAGS.swa_continue and not FLAGS.swa_from:
+        raise ValueError("--swa_continue continues an SWA mean: give --swa_from too.")
     config = config_lib.load(FLAGS.config)
     if FLAGS.dataset:
         config.data.dataset = FLAGS.dataset
