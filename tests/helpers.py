@@ -1,6 +1,7 @@
 """Helpers shared by several test modules (imported as ``helpers``: pytest puts this folder
 on ``sys.path``)."""
 
+import ast
 import hashlib
 import os
 
@@ -66,3 +67,18 @@ def random_batch(n=16, seed=0, shape=(16, 16, 3), num_classes=4):
     rng = np.random.default_rng(seed)
     return (tf.constant(rng.normal(size=(n, *shape)).astype(np.float32)),
             tf.constant(rng.integers(0, num_classes, n).astype(np.int32)))
+
+
+def package_imports(path: str) -> list[tuple[str, str | None]]:
+    """``(module, name)`` of each ``metamix_tf`` import in the Python file ``path``, read with
+    ``ast`` (``from a.b import c`` -> ``("a.b", "c")``; ``import a.b`` -> ``("a.b", None)``)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), filename=path)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("metamix_tf"):
+            out += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(alias.name, None) for alias in node.names
+                    if alias.name.startswith("metamix_tf")]
+    return out

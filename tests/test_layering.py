@@ -1,11 +1,10 @@
 """The package's import graph has no upward edges: each top-level module or subpackage imports
 only the ones listed below it in LAYERS (read from the source with ``ast``)."""
 
-import ast
 import glob
 import os
 
-from helpers import ROOT
+from helpers import ROOT, package_imports
 
 PACKAGE = os.path.join(ROOT, "metamix_tf")
 
@@ -29,16 +28,12 @@ def _unit(path: str) -> str:
 
 
 def _imported_units(path: str) -> set[str]:
-    with open(path) as f:
-        tree = ast.parse(f.read(), filename=path)
+    """The top-level modules / subpackages of ``metamix_tf`` that ``path`` imports."""
     out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("metamix_tf"):
-            parts = node.module.split(".")
-            out |= {a.name for a in node.names} if len(parts) == 1 else {parts[1]}
-        elif isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names
-                    if a.name.startswith("metamix_tf.")}
+    for module, name in package_imports(path):
+        parts = module.split(".")
+        if len(parts) > 1 or name:  # `import metamix_tf` alone names no unit
+            out.add(parts[1] if len(parts) > 1 else name)
     return out
 
 

@@ -6,31 +6,16 @@ with ``ast`` and resolved, so a module moved inside the package breaks this test
 next multi-hour study.
 """
 
-import ast
 import glob
 import importlib
 import os
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, package_imports
 
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))
                  + glob.glob(os.path.join(ROOT, "examples", "*.py"))
                  + glob.glob(os.path.join(ROOT, "*.py")))
-
-
-def _package_imports(path: str) -> list[tuple[str, str | None]]:
-    """``(module, name)`` of each ``metamix_tf`` import in ``path`` (name None: ``import m``)."""
-    with open(path) as f:
-        tree = ast.parse(f.read(), filename=path)
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("metamix_tf"):
-            out += [(node.module, alias.name) for alias in node.names]
-        elif isinstance(node, ast.Import):
-            out += [(alias.name, None) for alias in node.names
-                    if alias.name.startswith("metamix_tf")]
-    return out
 
 
 def test_the_scripts_are_found():
@@ -41,7 +26,7 @@ def test_the_scripts_are_found():
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_package_import_resolves(path):
     missing = []
-    for module_name, name in _package_imports(path):
+    for module_name, name in package_imports(path):
         module = importlib.import_module(module_name)
         if name is None or hasattr(module, name):
             continue
