@@ -353,27 +353,25 @@ def test_snap_biases_puts_every_folded_bias_on_its_int32_grid(weight_storage):
         assert _off_grid(model, spread) <= 1.0
 
 
+def _bias_offsets(plan):
+    """``(name, weights, |int32-rounded bias - bias|)`` per quantized layer of ``plan``."""
+    twin = graph.with_int32_biases(plan)
+    for name, w in plan.weights.items():
+        yield name, w, np.abs(twin.weights[name].folded.bias - w.folded.bias)
+
+
 def _bias_moves(plan) -> dict:
     """Per layer, the largest int32 rounding of a bias, in units of its grid."""
-    twin = graph.with_int32_biases(plan)
-    out = {}
-    for name, w in plan.weights.items():
-        unit = plan.inputs[name].grid.scale * w.folded.scale
-        out[name] = float(np.abs((twin.weights[name].folded.bias - w.folded.bias) / unit).max())
-    return out
+    return {name: float((offset / (plan.inputs[name].grid.scale * w.folded.scale)).max())
+            for name, w, offset in _bias_offsets(plan)}
 
 
 def _off_grid(model, plan) -> float:
     """The largest distance of a folded bias from its int32 grid point, in units of the
     float32 rounding the snap cannot avoid (:func:`graph.on_grid_tolerance`): <= 1 is on it."""
-    twin = graph.with_int32_biases(plan)
-    worst = 0.0
-    for name, w in plan.weights.items():
-        target = keras.ops.convert_to_numpy(graph.bias_target(model, w))
-        distance = np.abs(twin.weights[name].folded.bias - w.folded.bias)
-        worst = max(worst, float((distance / graph.on_grid_tolerance(target, w.folded.bias))
-                                 .max()))
-    return worst
+    return max(float((offset / graph.on_grid_tolerance(
+        keras.ops.convert_to_numpy(graph.bias_target(model, w)), w.folded.bias)).max())
+        for _, w, offset in _bias_offsets(plan))
 
 
 def test_snap_biases_refuses_a_model_without_int8_export():
