@@ -32,8 +32,12 @@ Activation stability is measured on the searched model: the all-layers metric
 
 Each method's result is written to ``<results_dir>/<method>.json`` as soon as it finishes
 (per-image correctness bit-packed, so the report can bootstrap over images); a rerun skips
-the methods whose file exists. ``--report`` reads them, writes ``report.md``,
-``report.json`` and ``accuracy_vs_gbops.png`` into ``results_dir`` and prints the table.
+the methods whose file exists. The method in progress checkpoints every search and
+weight-training epoch into ``--state_dir`` (``runs/cifar10_curves_state/<method>``, not
+committed): a rerun resumes it from its last finished epoch (a state made with other flags
+is refused), and the directory goes when the method's file is written. ``--report`` reads
+the files, writes ``report.md``, ``report.json`` and ``accuracy_vs_gbops.png`` into
+``results_dir`` and prints the table.
 
 EPOCHS AND TIME. Defaults: full passes over the 50,000 training images (390 batches of
 128), 2 search epochs for every searcher (MetaMix: 1 bit-meta warm-up + 1 bit-search
@@ -82,6 +86,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 
@@ -107,6 +112,9 @@ flags.DEFINE_string("weights", "weights/cifar10_resnet20_swa3.weights.h5",
                     "The float ResNet-20 every method starts from.")
 flags.DEFINE_string("results_dir", "docs/results/cifar10_curves",
                     "One JSON per finished method; the report's files.")
+flags.DEFINE_string("state_dir", "runs/cifar10_curves_state",
+                    "Per-method checkpoints (each search and weight-training epoch): a killed "
+                    "method resumes from its last finished epoch; removed when it finishes.")
 flags.DEFINE_bool("report", False, "Only build the table, CIs and plot from results_dir.")
 flags.DEFINE_string("estimate", None, "A results_dir of a timing run (uniform_a4, joint_a3, "
                     "metamix_a3 with >= 3 search epochs of a few steps, full test set): "
@@ -196,6 +204,34 @@ def _searcher(m: dict, epochs: int) -> searchers.Searcher:
     return searchers.MetaMix(min(FLAGS.warmup_epochs, epochs - 1),
                              meta_batch="split" if m["family"] == "metamix_split" else "full",
                              update_weights_in_search=m["family"] == "metamix_wsearch")
+
+
+# The flags a method's checkpoints depend on: a state left with other values is refused.
+STATE_FLAGS = ("data", "weights", "steps_per_epoch", "search_epochs", "warmup_epochs",
+               "finetune_epochs", "cost_weight", "cost_normalization", "alpha_displacement",
+               "alpha_l2", "alpha_init_bias", "max_train_examples")
+
+
+def method_state(m: dict, epochs: int) -> str:
+    """The checkpoint directory of method ``m`` (``<state_dir>/<name>``), with the settings
+    it was started with in ``settings.json``; a rerun with other settings is refused in one
+    line, since resuming would mix two runs."""
+    path = os.path.join(FLAGS.state_dir, m["name"])
+    settings = json.loads(json.dumps({"method": m, "search_epochs_run": epochs,
+                                      **{k: FLAGS[k].value for k in STATE_FLAGS}}))
+    recorded = os.path.join(path, "settings.json")
+    if os.path.exists(recorded):
+        old = _read(recorded)
+        changed = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
+        if changed:
+            raise SystemExit(
+                f"{path} holds checkpoints of {m['name']} made with other settings "
+                f"({', '.join(changed)}): remove it to start the method again, or pass the "
+                f"same flags. Received: " + ", ".join(f"{k}={settings.get(k)!r}" for k in changed))
+    else:
+        os.makedirs(path, exist_ok=True)
+        _write(recorded, settings)
+    return path
 
 
 def _result_path(name: str) -> str:
@@ -312,7 +348,9 @@ def run_method(study: Study, m: dict) -> dict:
     target = None if m["target"] is None else cost.uniform_gbops(TARGETS[m["target"]])
     steps = study.steps_per_epoch(data)
     iterators = trainer.EpochIterators(study.strategy, data.train)
-    loop = trainer.Loop(strategy=study.strategy, iterators=iterators, steps_per_epoch=steps)
+    checkpoints = method_state(m, epochs)
+    loop = trainer.Loop(strategy=study.strategy, iterators=iterators, steps_per_epoch=steps,
+                        checkpoint_dir=os.path.join(checkpoints, "search"))
     searcher = _searcher(m, epochs)
     began, cpu_began = time.time(), time.process_time()
     search_clock, finetune_clock = CpuClock(), CpuClock()
@@ -354,7 +392,8 @@ def run_method(study: Study, m: dict) -> dict:
     c0 = time.process_time()
 
     ft_loop = trainer.Loop(strategy=study.strategy, iterators=iterators,
-                            steps_per_epoch=steps, slot_offset=epochs + 1)
+                            steps_per_epoch=steps, slot_offset=epochs + 1,
+                            checkpoint_dir=os.path.join(checkpoints, "finetune"))
     finetuned = api.run_finetune(model, ft_loop, epochs=FLAGS.finetune_epochs,
                                  options=finetune_options(), bits=selected,
                                  callbacks=[finetune_clock])
@@ -384,6 +423,10 @@ def run_method(study: Study, m: dict) -> dict:
                         "total": time.time() - began},
         "cpu_s": {**cpu, "search_epochs": search_clock.epochs,
                   "finetune_epochs": finetune_clock.epochs},
+        # epochs restored from an earlier process's checkpoints (their CPU time is not in
+        # cpu_s; their wall time is in wall_time_s)
+        "resumed_epochs": {"search": len(result.history) - len(search_clock.epochs),
+                           "finetune": len(finetuned.history) - len(finetune_clock.epochs)},
         "stability_images": int(len(images)),
         "stability_swaps": len(one["per_swap"]), "bn_batches": FLAGS.bn_batches,
         "weights": FLAGS.weights, "train_images": data.train_size,
@@ -423,6 +466,7 @@ def run_study() -> None:
         print(f"[{i + 1}/{len(todo)}] {m['name']} ...", flush=True)
         record = run_method(study, m)
         _write(path, record)
+        shutil.rmtree(os.path.join(FLAGS.state_dir, m["name"]), ignore_errors=True)
         print(f"[{i + 1}/{len(todo)}] {m['name']}: {record['gbops']:.4f} GBOPs, after search "
               f"{100 * record['after_search']['lowered']['acc']:.2f}%, final "
               f"{100 * record['final_acc']:.2f}%, {record['wall_time_s']['total']:.0f} s "
