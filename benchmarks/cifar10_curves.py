@@ -305,17 +305,20 @@ class Study:
 
 class CpuClock(keras.callbacks.Callback):
     """The process CPU seconds of every epoch (independent of the machine's load, unlike
-    the wall time), for --estimate."""
+    the wall time), for --estimate, and the 1-minute load average at each epoch's end (the
+    study's own threads make about 2 on 2 cores; more means other jobs shared the cores,
+    which the wall-time comparison of the searchers must know)."""
 
     def __init__(self):
         super().__init__()
-        self.epochs, self._start = [], None
+        self.epochs, self.load, self._start = [], [], None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
         self.epochs.append(time.process_time() - self._start)
+        self.load.append(round(os.getloadavg()[0], 2))
 
 
 def _batch_norm_state(model) -> list:
@@ -423,6 +426,8 @@ def run_method(study: Study, m: dict) -> dict:
                         "total": time.time() - began},
         "cpu_s": {**cpu, "search_epochs": search_clock.epochs,
                   "finetune_epochs": finetune_clock.epochs},
+        "load_average_1min": {"search_epochs": search_clock.load,
+                              "finetune_epochs": finetune_clock.load},
         # epochs restored from an earlier process's checkpoints (their CPU time is not in
         # cpu_s; their wall time is in wall_time_s)
         "resumed_epochs": {"search": len(result.history) - len(search_clock.epochs),
