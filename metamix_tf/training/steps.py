@@ -43,7 +43,6 @@ modules, those would become public for no caller outside this one.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Sequence
 
 import keras
@@ -234,9 +233,12 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
     as ``meta<b>_loss_sum`` / ``meta<b>_correct`` / ``meta<b>_count`` (per epoch:
     ``record["meta_losses"]``), so a pass that dominates the average shows.
 
-    Each candidate's forward and backward is its own ``strategy.run`` (the bits are set
-    between them, see :func:`_distributed`), so only one pass's activations are alive at a
-    time.
+    Each candidate's forward and backward is its own ``strategy.run``, so only one pass's
+    activations are alive at a time. The passes share one traced function: the quantizers
+    run in ``"selected"`` mode and each pass first sets every searchable quantizer's
+    ``bit_index`` to its candidate (restored after the last pass), so tracing and graph
+    optimization cost one pass, not ``K`` (the same values as ``"uniform"`` mode at those
+    bits).
 
     ``meta_batch="split"`` (a shortcut, not the paper's): each replica's batch is cut into
     ``K`` contiguous parts and part ``i`` runs at ``candidate_bits[i]``, so the step costs
@@ -276,7 +278,7 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
             else:
                 has_grad[index] = True
                 grad = tf.convert_to_tensor(grad)
-            out.append(grad + accumulated[index] if accumulated else grad)
+            out.append(grad + accumulated[index])
         metrics = {"loss_sum": tf.reduce_sum(per_example), "correct": _correct(labels, logits),
                    "count": tf.cast(tf.shape(labels)[0], tf.float32)}
         return out, metrics
@@ -286,23 +288,32 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
                                     zip(grads, has_grad, strict=True)], variables)
         return tf.constant(0.0)
 
-    grad_pass_fns = [_compiled(functools.partial(grad_pass, part), jit_compile)
-                     for part in range(len(candidate_bits))]
+    # one traced pass for all candidates (a tf.function even without XLA, so that the K
+    # calls reuse its graph)
+    grad_pass_fn = tf.function(grad_pass, jit_compile=jit_compile or None, autograph=False)
     apply_fn = _compiled(apply, jit_compile)
     teacher_fn = _compiled(lambda images: _teacher_logits(teacher, images), jit_compile)
+    searchable = wrap.activation_quantizers(model, searchable_only=True)
 
     def step(images, labels):
+        wrap.set_mode(model, "selected")  # read while tracing the pass
         teacher_logits = None if teacher is None else strategy.run(teacher_fn, args=(images,))
-        accumulated, totals = (), {}
+        accumulated = tuple(tf.zeros(v.shape, v.dtype) for v in variables)
+        totals = {}
         share = 1.0 if split else 1.0 / k  # parts add up; full passes average
-        for bits, grad_pass_fn in zip(candidate_bits, grad_pass_fns, strict=True):
-            wrap.set_uniform(model, bits)  # read while tracing this pass
+        selected = [tf.identity(q.bit_index) for q in searchable]
+        for part, bits in enumerate(candidate_bits):
+            for q in searchable:
+                q.bit_index.assign(q.index_of(bits))
             accumulated, metrics = strategy.run(
-                grad_pass_fn, args=(images, labels, teacher_logits, *accumulated))
+                grad_pass_fn, args=(tf.constant(part), images, labels, teacher_logits,
+                                    *accumulated))
             for key, value in _reduce(strategy, metrics).items():
                 totals[f"{META_PREFIX}{bits}_{key}"] = value  # this candidate's own
                 if key != "count":
                     totals[key] = totals.get(key, 0.0) + value * share
+        for q, index in zip(searchable, selected, strict=True):
+            q.bit_index.assign(index)
         strategy.run(apply_fn, args=tuple(accumulated))
         count = strategy.run(lambda y: tf.cast(tf.shape(y)[0], tf.float32), args=(labels,))
         totals["count"] = strategy.reduce(SUM, count, axis=None)
