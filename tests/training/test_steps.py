@@ -77,6 +77,31 @@ def test_meta_step_changes_weights_and_step_sizes_not_alphas():
         assert np.all(before != keras.ops.convert_to_numpy(step))
 
 
+@pytest.mark.parametrize("meta_batch", ["full", "split"])
+def test_meta_step_traces_one_pass_for_all_candidates_and_keeps_the_selection(meta_batch,
+                                                                             monkeypatch):
+    """The K passes share one traced forward/backward (tracing costs one pass, not K), each
+    at its own bits (the losses differ), and the selected bits are as before the step."""
+    strategy = tf.distribute.get_strategy()
+    model, groups, weight_opt, _ = build(strategy)
+    batch = random_batch()
+    calibrated(strategy, model, batch)
+    selected = wrap.select_bits(model, {
+        layer.name: CANDIDATES[1] for layer in wrap.quant_layers(model)
+        if layer.input_quantizer is not None and layer.input_quantizer.searchable})
+    traced = []
+    call = model.call
+    monkeypatch.setattr(model, "call", lambda *a, **k: traced.append(1) or call(*a, **k))
+    meta = steps.make_meta_step(strategy, model, weight_opt, groups.weights_and_steps,
+                                CANDIDATES, meta_batch=meta_batch)
+    out = meta(*batch)
+    assert len(traced) == 1
+    assert len({float(out[f"meta{b}_loss_sum"]) for b in CANDIDATES}) == len(CANDIDATES)
+    assert wrap.get_bits(model) == selected
+    meta(*batch)
+    assert len(traced) == 1
+
+
 def test_search_step_changes_alphas_only():
     strategy = tf.distribute.get_strategy()
     model, groups, _, alpha_opt = build(strategy)
