@@ -288,8 +288,9 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
                                     zip(grads, has_grad, strict=True)], variables)
         return tf.constant(0.0)
 
-    # one traced pass for all candidates (a tf.function even without XLA, so that the K
-    # calls reuse its graph)
+    # One traced pass for all candidates: a tf.function even without XLA, so that the K calls
+    # reuse its graph, and passed to strategy.run itself (a tf.function nested inside the
+    # replica function could not trace synchronized BatchNorm's cross-replica calls).
     grad_pass_fn = tf.function(grad_pass, jit_compile=jit_compile or None, autograph=False)
     apply_fn = _compiled(apply, jit_compile)
     teacher_fn = _compiled(lambda images: _teacher_logits(teacher, images), jit_compile)
