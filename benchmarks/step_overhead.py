@@ -14,9 +14,11 @@ For each setting (default: MobileNetV2 at 32x32 with batch 128, and at 224x224 w
 * ``metamix_split``: the same with ``meta_batch="split"`` (one pass, the batch cut into one
   part per candidate).
 
-A variant's time in a round is the median of ``--steps`` calls; its ratio to ``float`` and
-to ``joint`` is taken within the round (slow drifts of the machine's load cancel), and the
-median over rounds is reported beside the targets of issue 14. Run it on a quiet machine.
+Each variant's first call is timed on its own (tracing, graph optimization and XLA kernel
+compilation: what a training phase pays once, in its first epoch). A variant's time in a
+round is the median of ``--steps`` calls; its ratio to ``float`` and to ``joint`` is taken
+within the round (slow drifts of the machine's load cancel), and the median over rounds is
+reported beside the targets of issue 14. Run it on a quiet machine.
 
 ``--save FILE`` writes the ratios as JSON; ``--check FILE`` compares a run with such a
 file and exits 1 if a ratio grew by more than ``--tolerance`` (a regression guard, run by
@@ -118,8 +120,12 @@ def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int) -
     images = tf.constant(rng.uniform(-1, 1, (batch, input_size, input_size, 3)), tf.float32)
     labels = tf.constant(rng.integers(0, 10, batch), tf.int32)
     fns = build_steps(input_size, images, labels)
-    for fn in fns.values():
-        for _ in range(warmup):
+    first_call = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        _sync(fn(images, labels))  # tracing, graph optimization, XLA kernels
+        first_call[name] = time.perf_counter() - start
+        for _ in range(warmup - 1):
             _sync(fn(images, labels))
     names = list(fns)
     times = {name: [] for name in names}
@@ -139,18 +145,20 @@ def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int) -
             for base in ("float", "joint"):
                 ratios[name][base].append(this_round[name] / this_round[base])
     return {name: {"ms": statistics.median(times[name]) * 1e3,
-                   **{base: statistics.median(v) for base, v in ratios[name].items()}}
+                   **{base: statistics.median(v) for base, v in ratios[name].items()},
+                   "first_call_s": first_call[name]}
             for name in names}
 
 
 def _table(setting: str, result: dict) -> None:
     print(f"\n{setting}")
-    print("| variant | ms/step (median) | vs float | vs joint | target |")
-    print("|---|---:|---:|---:|---|")
+    print("| variant | ms/step (median) | vs float | vs joint | target | first call (s) |")
+    print("|---|---:|---:|---:|---|---:|")
     for name, r in result.items():
         base_target = TARGETS.get(name)
         target = f"<= {base_target[1]:.2f}x {base_target[0]}" if base_target else "-"
-        print(f"| {name} | {r['ms']:.0f} | {r['float']:.2f}x | {r['joint']:.2f}x | {target} |")
+        print(f"| {name} | {r['ms']:.0f} | {r['float']:.2f}x | {r['joint']:.2f}x | {target} "
+              f"| {r['first_call_s']:.1f} |")
 
 
 def _check(results: dict, path: str, tolerance: float) -> int:
