@@ -134,7 +134,13 @@ class _Clock:
 
 
 def evaluate(strategy: tf.distribute.Strategy, eval_fn: Callable, dataset) -> dict:
-    """Runs ``eval_fn`` over a distributed eval dataset: ``{"val_loss", "val_acc"}``."""
+    """Runs ``eval_fn`` over a distributed eval dataset: ``{"val_loss", "val_acc"}``.
+
+    A ``tf.function`` ``eval_fn`` is first traced for the dataset's element spec (batch size
+    unknown), so that the last, partial batch does not trace it a second time."""
+    spec = getattr(dataset, "element_spec", None)
+    if spec is not None and hasattr(eval_fn, "get_concrete_function"):
+        eval_fn.get_concrete_function(*spec)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for images, labels in dataset:
         out = eval_fn(images, labels)

@@ -116,6 +116,24 @@ def test_split_meta_step_runs_under_xla():
     assert all(np.isfinite(out[f"meta{b}_loss_sum"]) for b in CANDIDATES)
 
 
+def test_evaluation_traces_once_for_every_batch_size(monkeypatch):
+    """The eval set's last, partial batch (5 of 21 = 8 + 8 + 5) reuses the eval step's
+    trace, and the result is the one of a per-batch reference."""
+    strategy = tf.distribute.get_strategy()
+    model, *_ = build(strategy)
+    images, labels = random_batch(n=21)
+    calibrated(strategy, model, (images[:16], labels[:16]))
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    traced = []
+    call = model.call
+    monkeypatch.setattr(model, "call", lambda *a, **k: traced.append(1) or call(*a, **k))
+    result = trainer.evaluate(strategy, steps.make_eval_step(strategy, model), dataset)
+    assert len(traced) == 1
+    logits = np.concatenate([keras.ops.convert_to_numpy(call(x, training=False))
+                             for x, _ in dataset])
+    assert result["val_acc"] == np.mean(np.argmax(logits, -1) == labels.numpy())
+
+
 def test_search_step_changes_alphas_only():
     strategy = tf.distribute.get_strategy()
     model, groups, _, alpha_opt = build(strategy)
