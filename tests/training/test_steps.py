@@ -51,6 +51,15 @@ def calibrated(strategy, model, batch):
     steps.make_calibrate_step(strategy, model)(*batch)
 
 
+def count_traces(monkeypatch, model) -> list:
+    """A list that grows by one each time ``model`` is called: in a ``tf.function``, once
+    per trace."""
+    traced = []
+    call = model.call
+    monkeypatch.setattr(model, "call", lambda *a, **k: traced.append(1) or call(*a, **k))
+    return traced
+
+
 def test_meta_step_changes_weights_and_step_sizes_not_alphas():
     strategy = tf.distribute.get_strategy()
     model, groups, weight_opt, _ = build(strategy)
@@ -89,9 +98,7 @@ def test_meta_step_traces_one_pass_for_all_candidates_and_keeps_the_selection(me
     selected = wrap.select_bits(model, {
         layer.name: CANDIDATES[1] for layer in wrap.quant_layers(model)
         if layer.input_quantizer is not None and layer.input_quantizer.searchable})
-    traced = []
-    call = model.call
-    monkeypatch.setattr(model, "call", lambda *a, **k: traced.append(1) or call(*a, **k))
+    traced = count_traces(monkeypatch, model)
     meta = steps.make_meta_step(strategy, model, weight_opt, groups.weights_and_steps,
                                 CANDIDATES, meta_batch=meta_batch)
     out = meta(*batch)
@@ -124,9 +131,8 @@ def test_evaluation_traces_once_for_every_batch_size(monkeypatch):
     images, labels = random_batch(n=21)
     calibrated(strategy, model, (images[:16], labels[:16]))
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
-    traced = []
     call = model.call
-    monkeypatch.setattr(model, "call", lambda *a, **k: traced.append(1) or call(*a, **k))
+    traced = count_traces(monkeypatch, model)
     result = trainer.evaluate(strategy, steps.make_eval_step(strategy, model), dataset)
     assert len(traced) == 1
     logits = np.concatenate([keras.ops.convert_to_numpy(call(x, training=False))
