@@ -222,7 +222,8 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
                    loss_fn: Callable | None = None, jit_compile: bool = False,
                    meta_batch: str = "full") -> Callable:
     """Bit-meta training: the same batch once per candidate bit-width, every searchable
-    layer at that width (:func:`metamix_tf.quant.wrap.set_uniform`), losses averaged.
+    layer at that width (the values of :func:`metamix_tf.quant.wrap.set_uniform`, set through
+    each quantizer's ``bit_index``), losses averaged.
 
     Forward: ``L_meta = (1/K) sum_b L(model_b(x))``. Gradient: ``dL_meta/dv`` for ``v`` in
     ``variables`` (weights, BatchNorm parameters, every branch's step size), accumulated
