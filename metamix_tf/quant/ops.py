@@ -133,7 +133,8 @@ def _as(x: tf.Tensor, value) -> tf.Tensor:
     return value if value.dtype == x.dtype else tf.cast(value, x.dtype)
 
 
-def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor) -> tf.Tensor:
+def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor,
+                 grad_scale=None) -> tf.Tensor:
     """LSQ fake quantization ``q = round(clip(x / s, -Qn, Qp)) * s``.
 
     ``step`` broadcasts against ``x`` (a scalar per tensor, or one value per channel).
@@ -142,22 +143,38 @@ def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor) ->
     Gradients (STE on ``round`` only):
       * ``dq/dx = 1`` if ``-Qn <= x/s <= Qp`` else ``0``;
       * ``dq/ds = round(x/s) - x/s`` inside the range, ``-Qn`` below it, ``Qp`` above it,
-        summed to the shape of ``step``;
+        summed to the shape of ``step``, then times ``grad_scale`` (the LSQ gradient scale
+        ``g``; the same values as :func:`scale_gradient` in front of ``step``, with no op
+        of its own);
       * none for ``qn`` and ``qp``.
-    Apply the LSQ gradient scale to ``step`` beforehand with :func:`scale_gradient`.
     """
     x = tf.convert_to_tensor(x)
     step = _as(x, step)
     qn = _as(x, qn)
     qp = _as(x, qp)
-    return _lsq_quantize(x, step, qn, qp)
+    if grad_scale is None:
+        return _lsq_quantize(x, step, qn, qp)
+    return _lsq_quantize_scaled(x, step, qn, qp, _as(x, grad_scale))
+
+
+def _lsq_gradients(dy, x, step, qn, qp):
+    dx, dstep = _quantize_backward(dy, x, step, qn, qp)
+    return dx, _sum_to_shape(dstep, step.shape), tf.zeros_like(qn), tf.zeros_like(qp)
 
 
 @tf.custom_gradient
 def _lsq_quantize(x, step, qn, qp):
     def grad(dy):
-        dx, dstep = _quantize_backward(dy, x, step, qn, qp)
-        return dx, _sum_to_shape(dstep, step.shape), tf.zeros_like(qn), tf.zeros_like(qp)
+        return _lsq_gradients(dy, x, step, qn, qp)
+
+    return _quantize_forward(x, step, qn, qp), grad
+
+
+@tf.custom_gradient
+def _lsq_quantize_scaled(x, step, qn, qp, grad_scale):
+    def grad(dy):
+        dx, dstep, dqn, dqp = _lsq_gradients(dy, x, step, qn, qp)
+        return dx, dstep * grad_scale, dqn, dqp, tf.zeros_like(grad_scale)
 
     return _quantize_forward(x, step, qn, qp), grad
 
@@ -198,15 +215,16 @@ def _mixture_step_terms(dy, x, steps, qns, qps, num_branches: int):
     return tuple(terms)
 
 
-def lsq_mixture(x: tf.Tensor, steps: tf.Tensor, probs: tf.Tensor, qns, qps) -> tf.Tensor:
+def lsq_mixture(x: tf.Tensor, steps: tf.Tensor, probs: tf.Tensor, qns, qps,
+                grad_scale=None) -> tf.Tensor:
     """Probability-weighted sum of K per-tensor LSQ branches, fused in one op.
 
     Forward: ``y = sum_k p_k * round(clip(x / s_k, -Qn_k, Qp_k)) * s_k`` with ``steps``,
     ``probs``, ``qns``, ``qps`` all of shape ``[K]`` (K known while tracing).
 
     Gradients: ``dy/dx = sum_k p_k * 1[x/s_k in range]``;
-    ``dL/ds_k = p_k * sum(dy * (r_k - 1[in range] * x/s_k))`` (LSQ, as in
-    :func:`lsq_quantize`); ``dL/dp_k = sum(dy * q_k)``.
+    ``dL/ds_k = p_k * sum(dy * (r_k - 1[in range] * x/s_k)) * g_k`` (LSQ, as in
+    :func:`lsq_quantize`, ``g = grad_scale``, shape ``[K]``, or 1); ``dL/dp_k = sum(dy * q_k)``.
     Equivalent to summing :func:`lsq_quantize` branches, but with no per-branch
     intermediate kept for autodiff (the backward recomputes the grid from ``x``); the
     three gradients are separate kernels, so a step that differentiates only some of them
@@ -217,11 +235,12 @@ def lsq_mixture(x: tf.Tensor, steps: tf.Tensor, probs: tf.Tensor, qns, qps) -> t
     probs = _as(x, probs)
     qns = _as(x, qns)
     qps = _as(x, qps)
-    return _lsq_mixture(x, steps, probs, qns, qps)
+    grad_scale = tf.ones_like(steps) if grad_scale is None else _as(x, grad_scale)
+    return _lsq_mixture(x, steps, probs, qns, qps, grad_scale)
 
 
 @tf.custom_gradient
-def _lsq_mixture(x, steps, probs, qns, qps):
+def _lsq_mixture(x, steps, probs, qns, qps, grad_scale):
     k = steps.shape[0]
     if k is None:
         raise ValueError("`steps` must have a static number of branches. "
@@ -233,8 +252,8 @@ def _lsq_mixture(x, steps, probs, qns, qps):
                               for t in _mixture_prob_terms(dy, x, steps, qns, qps, k)])
         step_sums = tf.stack([tf.reduce_sum(t)
                               for t in _mixture_step_terms(dy, x, steps, qns, qps, k)])
-        return (dx, probs * step_sums, prob_sums * steps, tf.zeros_like(qns),
-                tf.zeros_like(qps))
+        return (dx, probs * step_sums * grad_scale, prob_sums * steps, tf.zeros_like(qns),
+                tf.zeros_like(qps), tf.zeros_like(grad_scale))
 
     return _mixture_forward(x, steps, probs, qns, qps, k), grad
 

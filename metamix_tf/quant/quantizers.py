@@ -142,15 +142,16 @@ class ActivationQuantizer(keras.layers.Layer):
             aggregation="mean")
         self._sync_trainable()
 
-    def _grad_scales(self, x) -> tf.Tensor:
-        """Per-branch LSQ gradient scales (in ``x``'s dtype), as constants when the shape is
-        known."""
+    def _grad_scales(self, x):
+        """Per-branch LSQ gradient scales: a numpy array when the shape is known, else a
+        tensor in ``x``'s dtype."""
         if self.grad_scale == "none":
-            return tf.ones([self.num_branches], x.dtype)
+            return np.ones([self.num_branches], x.dtype.as_numpy_dtype)
         dims = x.shape[1:] if self.grad_scale == "per_sample" else x.shape
         if dims.is_fully_defined():
             n = float(np.prod(dims.as_list()))
-            return tf.constant(1.0 / np.sqrt(n * self._qp.astype(np.float64)), x.dtype)
+            return (1.0 / np.sqrt(n * self._qp.astype(np.float64))).astype(
+                x.dtype.as_numpy_dtype)
         shape = tf.shape(x)
         n = tf.reduce_prod(shape[1:]) if self.grad_scale == "per_sample" else tf.size(x)
         return tf.cast(ops.lsq_grad_scale(n, self._qp), x.dtype)
@@ -176,19 +177,19 @@ class ActivationQuantizer(keras.layers.Layer):
                 [ops.lsq_init_step(x, qp) for qp in self._qp]))
             self.initialized.assign(1.0)
             return inputs
-        steps = ops.scale_gradient(tf.cast(self.step_size, x.dtype), self._grad_scales(x))
+        steps = tf.cast(self.step_size, x.dtype)
+        scales = self._grad_scales(x)
         if mode == "mixture" and self.searchable:
             y = ops.lsq_mixture(x, steps, tf.cast(self.probabilities(), x.dtype), self._qn,
-                                self._qp)
-        else:
-            if mode == "uniform":
-                index = self.uniform_index
-            elif mode == "selected" and self.searchable:
-                index = tf.convert_to_tensor(self.bit_index)
-            else:  # one branch: "selected" or "mixture" is that branch
-                index = 0
+                                self._qp, scales)
+        elif mode == "selected" and self.searchable:  # the branch in a variable
+            index = tf.convert_to_tensor(self.bit_index)
             y = ops.lsq_quantize(x, tf.gather(steps, index), tf.gather(self._qn, index),
-                                 tf.gather(self._qp, index))
+                                 tf.gather(self._qp, index), tf.gather(scales, index))
+        else:  # a branch fixed while tracing; one branch: "selected" or "mixture" is that
+            index = self.uniform_index if mode == "uniform" else 0
+            y = ops.lsq_quantize(x, steps[index], self._qn[index], self._qp[index],
+                                 scales[index])
         return tf.cast(y, inputs.dtype)
 
     # -- bits ------------------------------------------------------------------------------
@@ -284,9 +285,8 @@ class WeightQuantizer(keras.layers.Layer):
             return kernel
         dtype = ops.quant_dtype(kernel.dtype)
         g = tf.constant(1.0 / np.sqrt(float(self._per_channel) * self.qp), dtype)
-        step = ops.scale_gradient(tf.cast(self.step_size, dtype), g)
-        return tf.cast(ops.lsq_quantize(tf.cast(kernel, dtype), step, float(self.qn),
-                                        float(self.qp)), kernel.dtype)
+        return tf.cast(ops.lsq_quantize(tf.cast(kernel, dtype), tf.cast(self.step_size, dtype),
+                                        float(self.qn), float(self.qp), g), kernel.dtype)
 
     def get_config(self):
         config = super().get_config()

@@ -180,6 +180,29 @@ def test_scaled_step_gradient():
     np.testing.assert_allclose(ds_scaled, ds / np.sqrt(n * qp), rtol=1e-5)
 
 
+@pytest.mark.parametrize("where", WHERE)
+def test_grad_scale_argument_equals_scale_gradient_in_front(where):
+    """``grad_scale=g`` gives the values of ``scale_gradient(s, g)`` in front, bit for bit
+    (the same multiply after the same sum), for one step and for a mixture's K steps."""
+    x, step, qn, qp, dy = _case("per_channel", 3, False)
+    g = np.float32(0.37)
+    inside = tape_grads(lambda x, s: ops.lsq_quantize(x, s, qn, qp, g), [x, step], dy, where)
+    in_front = tape_grads(lambda x, s: ops.lsq_quantize(x, ops.scale_gradient(s, g), qn, qp),
+                          [x, step], dy, where)
+    x, steps, probs, qns, qps, dy = _mixture_case((2, 4, 8), False)
+    gs = np.array([0.3, 0.2, 0.1], np.float32)
+    mixture_inside = tape_grads(lambda x, s, p: ops.lsq_mixture(x, s, p, qns, qps, gs),
+                                [x, steps, probs], dy, where)
+    mixture_in_front = tape_grads(
+        lambda x, s, p: ops.lsq_mixture(x, ops.scale_gradient(s, gs), p, qns, qps),
+        [x, steps, probs], dy, where)
+    for (y_a, grads_a), (y_b, grads_b) in ((inside, in_front),
+                                           (mixture_inside, mixture_in_front)):
+        np.testing.assert_array_equal(y_a, y_b)
+        for a, b in zip(grads_a, grads_b, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 # -- against TensorFlow's FakeQuant ----------------------------------------------------------
 def _fake_quant_case(signed):
     """8-bit inputs on which FakeQuant and LSQ must agree exactly.
