@@ -14,8 +14,13 @@ For each setting (default: MobileNetV2 at 32x32 with batch 128, and at 224x224 w
 * ``metamix_split``: the same with ``meta_batch="split"`` (one pass, the batch cut into one
   part per candidate).
 
+``--breakdown`` adds two halves of ``selected``: ``activations_only`` (the same step with
+weight quantization off) and ``weights_only`` (every activation quantizer in ``"float"``
+mode), to show which quantizers the selected step's overhead comes from.
+
 Each variant's first call is timed on its own (tracing, graph optimization and XLA kernel
-compilation: what a training phase pays once, in its first epoch). A variant's time in a
+compilation: what a training phase pays once, in its first epoch), and the operations of its
+traced graph are counted (tracing time grows with them). A variant's time in a
 round is the median of ``--steps`` calls; its ratio to ``float`` and to ``joint`` is taken
 within the round (slow drifts of the machine's load cancel), and the median over rounds is
 reported beside the targets of issue 14. Run it on a quiet machine.
@@ -59,7 +64,24 @@ def _sgd(variables, learning_rate=1e-3):
     return optimizer
 
 
-def build_steps(input_size: int, images, labels) -> dict:
+def _half_step(strategy, float_model, config, selected, weights: bool):
+    """The selected step with only its weight quantizers (``weights``) or only its activation
+    quantizers, on a copy of ``selected`` (same bits, steps and weights)."""
+    half = metamix_tf.apply(float_model, config)
+    half.set_weights(selected.get_weights())
+    if weights:
+        metamix_tf.enable_weight_quantization(half)
+
+        def configure():
+            metamix_tf.set_mode(half, "float")
+    else:
+        configure = steps.fixed_bits(half, metamix_tf.get_bits(selected))
+    groups = metamix_tf.variable_groups(half)
+    return steps.make_train_step(strategy, half, _sgd(groups.weights_and_steps),
+                                 groups.weights_and_steps, configure=configure)
+
+
+def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dict:
     """``name -> callable(images, labels)`` built with the library's step factories."""
     strategy = tf.distribute.get_strategy()
     float_model = keras.applications.MobileNetV2(
@@ -80,6 +102,9 @@ def build_steps(input_size: int, images, labels) -> dict:
     out["selected"] = steps.make_train_step(
         strategy, selected, _sgd(groups.weights_and_steps), groups.weights_and_steps,
         configure=steps.fixed_bits(selected, metamix_tf.get_bits(selected)))
+    if breakdown:
+        out["activations_only"] = _half_step(strategy, float_model, config, selected, False)
+        out["weights_only"] = _half_step(strategy, float_model, config, selected, True)
 
     def searching():
         model = metamix_tf.apply(float_model, config)
@@ -113,18 +138,22 @@ def _sync(result) -> None:
         value.numpy()
 
 
-def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int) -> dict:
+def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int,
+            breakdown: bool = False) -> dict:
     """``{variant: {"ms", "float", "joint"}}``: median ms per call and median ratios."""
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(-1, 1, (batch, input_size, input_size, 3)), tf.float32)
     labels = tf.constant(rng.integers(0, 10, batch), tf.int32)
-    fns = build_steps(input_size, images, labels)
-    first_call = {}
+    fns = build_steps(input_size, images, labels, breakdown)
+    first_call, graph_ops = {}, {}
     for name, fn in fns.items():
         start = time.perf_counter()
         _sync(fn(images, labels))  # tracing, graph optimization, XLA kernels
         first_call[name] = time.perf_counter() - start
+        if hasattr(fn, "get_concrete_function"):  # one tf.function (not metamix's two)
+            graph_ops[name] = len(fn.get_concrete_function(images, labels).graph
+                                  .get_operations())
         for _ in range(warmup - 1):
             _sync(fn(images, labels))
     names = list(fns)
@@ -146,19 +175,20 @@ def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int) -
                 ratios[name][base].append(this_round[name] / this_round[base])
     return {name: {"ms": statistics.median(times[name]) * 1e3,
                    **{base: statistics.median(v) for base, v in ratios[name].items()},
-                   "first_call_s": first_call[name]}
+                   "first_call_s": first_call[name], "graph_ops": graph_ops.get(name)}
             for name in names}
 
 
 def _table(setting: str, result: dict) -> None:
     print(f"\n{setting}")
-    print("| variant | ms/step (median) | vs float | vs joint | target | first call (s) |")
-    print("|---|---:|---:|---:|---|---:|")
+    print("| variant | ms/step (median) | vs float | vs joint | target | first call (s) "
+          "| graph ops |")
+    print("|---|---:|---:|---:|---|---:|---:|")
     for name, r in result.items():
         base_target = TARGETS.get(name)
         target = f"<= {base_target[1]:.2f}x {base_target[0]}" if base_target else "-"
         print(f"| {name} | {r['ms']:.0f} | {r['float']:.2f}x | {r['joint']:.2f}x | {target} "
-              f"| {r['first_call_s']:.1f} |")
+              f"| {r['first_call_s']:.1f} | {r.get('graph_ops') or '-'} |")
 
 
 def _check(results: dict, path: str, tolerance: float) -> int:
@@ -188,12 +218,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--save", help="write the ratios to this JSON file")
     parser.add_argument("--check", help="compare with the ratios in this JSON file")
     parser.add_argument("--tolerance", type=float, default=0.15)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the selected step's activation and weight halves")
     args = parser.parse_args(argv)
 
     results = {}
     for setting in args.settings.split(","):
         size, batch = (int(v) for v in setting.split("x"))
-        results[setting] = measure(size, batch, args.rounds, args.steps, args.warmup)
+        results[setting] = measure(size, batch, args.rounds, args.steps, args.warmup,
+                                   args.breakdown)
     header = (f"MobileNetV2, candidates {CANDIDATES}, {os.cpu_count()} CPU cores "
               f"({platform.machine()}), TF {tf.__version__}, Keras {keras.__version__}; "
               f"{args.rounds} interleaved rounds x {args.steps} calls; load average at the "
