@@ -152,29 +152,16 @@ def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor,
     step = _as(x, step)
     qn = _as(x, qn)
     qp = _as(x, qp)
-    if grad_scale is None:
-        return _lsq_quantize(x, step, qn, qp)
-    return _lsq_quantize_scaled(x, step, qn, qp, _as(x, grad_scale))
-
-
-def _lsq_gradients(dy, x, step, qn, qp):
-    dx, dstep = _quantize_backward(dy, x, step, qn, qp)
-    return dx, _sum_to_shape(dstep, step.shape), tf.zeros_like(qn), tf.zeros_like(qp)
+    grad_scale = tf.ones_like(step) if grad_scale is None else _as(x, grad_scale)
+    return _lsq_quantize(x, step, qn, qp, grad_scale)
 
 
 @tf.custom_gradient
-def _lsq_quantize(x, step, qn, qp):
+def _lsq_quantize(x, step, qn, qp, grad_scale):
     def grad(dy):
-        return _lsq_gradients(dy, x, step, qn, qp)
-
-    return _quantize_forward(x, step, qn, qp), grad
-
-
-@tf.custom_gradient
-def _lsq_quantize_scaled(x, step, qn, qp, grad_scale):
-    def grad(dy):
-        dx, dstep, dqn, dqp = _lsq_gradients(dy, x, step, qn, qp)
-        return dx, dstep * grad_scale, dqn, dqp, tf.zeros_like(grad_scale)
+        dx, dstep = _quantize_backward(dy, x, step, qn, qp)
+        return (dx, _sum_to_shape(dstep, step.shape) * grad_scale, tf.zeros_like(qn),
+                tf.zeros_like(qp), tf.zeros_like(grad_scale))
 
     return _quantize_forward(x, step, qn, qp), grad
 
