@@ -1,0 +1,89 @@
+"""The integer arithmetic of LiteRT's default CPU kernels (XNNPACK) for the int8 ops that
+write a stored tensor, as numpy functions of the int8 integers and the file's scales.
+
+These are the values an int8 model computes, bit for bit (tested against one-op LiteRT
+models in ``tests/export/test_kernels.py``); a Keras model that should agree with the int8
+model on every input has to compute them, not the exact real-number results:
+
+* :func:`conv_requantize` (CONV_2D; XNNPACK's depthwise and fully connected kernels use
+  the same float32 requantization, not tested here): the int32
+  accumulator (products plus bias) times a float32 scale ``s_in * s_w[c] / s_out``, rounded
+  half to even: ``q = rint(float32(acc) * scale[c]) + z_out``, clamped to int8. A rounding
+  tie goes to the even integer, as in ``tf.round``.
+* :func:`add` (ADD): fixed-point, ``q = (2^(n-1) + m_a (q_a - z_a) + m_b (q_b - z_b)) >> n
+  + z_out`` with 21-bit multipliers ``m = rint(float32(s / s_out) * 2^n)``. A tie goes up
+  (``floor(x + 1/2)``), and the multipliers are ``s / s_out`` to about 2^-21, so the result
+  can differ by one from rounding the exact sum ``s_a q_a + s_b q_b`` near a tie (16 of the
+  65,536 input pairs for one of the tests' scale triples, none for others): no float
+  computation of the sum, float32 or float64, reproduces it there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["AddParams", "add_params", "add", "conv_scale", "conv_requantize"]
+
+_INT8 = (-128, 127)
+
+
+def _f32(x) -> np.ndarray:
+    return np.asarray(x, np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class AddParams:
+    """Fixed-point form of an int8 ADD: ``multiplier_a``, ``multiplier_b`` (signed, at most
+    2^21) and the right ``shift`` (12 to 30)."""
+
+    multiplier_a: int
+    multiplier_b: int
+    shift: int
+
+
+def add_params(scale_a: float, scale_b: float, scale_out: float) -> AddParams:
+    """The multipliers and shift XNNPACK derives from the three tensor scales: the ratios
+    ``float32(s / s_out)``, a shift that puts the larger one in ``[2^20, 2^21)``, and each
+    multiplier that ratio times ``2^shift`` rounded half to even."""
+    ratio_a = _f32(scale_a) / _f32(scale_out)
+    ratio_b = _f32(scale_b) / _f32(scale_out)
+    largest = max(abs(ratio_a), abs(ratio_b))
+    exponent = int(np.frexp(largest)[1]) - 1  # floor(log2), exact for a float32
+    shift = 20 - exponent
+    if not 12 <= shift <= 30:
+        raise ValueError(f"ADD scale ratios {float(ratio_a):.6g}, {float(ratio_b):.6g} are "
+                         "outside the range int8 ADD kernels accept ([2^-10, 2^8))")
+
+    def multiplier(ratio):
+        m = int(np.rint(_f32(abs(ratio)) * _f32(2.0 ** shift)))
+        return -m if ratio < 0 else m
+
+    return AddParams(multiplier(ratio_a), multiplier(ratio_b), shift)
+
+
+def add(q_a, q_b, zero_points: tuple[int, int, int], params: AddParams,
+        out_range: tuple[int, int] = _INT8) -> np.ndarray:
+    """Int8 ADD of integer arrays ``q_a``, ``q_b`` (stored values, zero points included):
+    ``zero_points`` is ``(z_a, z_b, z_out)``; ``out_range`` the clamp of the stored output
+    (int8, or narrower for a fused ReLU)."""
+    z_a, z_b, z_out = zero_points
+    acc = ((1 << (params.shift - 1))
+           + params.multiplier_a * (np.asarray(q_a, np.int64) - z_a)
+           + params.multiplier_b * (np.asarray(q_b, np.int64) - z_b))
+    return np.clip((acc >> params.shift) + z_out, *out_range)
+
+
+def conv_scale(input_scale: float, weight_scales, output_scale: float) -> np.ndarray:
+    """Per-output-channel float32 requantization scale ``(s_in * s_w[c]) / s_out``."""
+    return (_f32(input_scale) * _f32(weight_scales)) / _f32(output_scale)
+
+
+def conv_requantize(acc, scale, zero_point: int,
+                    out_range: tuple[int, int] = _INT8) -> np.ndarray:
+    """Int8 output of a conv / depthwise conv / fully connected from its int32 accumulator
+    ``acc`` (input integers minus their zero point times weight integers, summed, plus the
+    int32 bias; channels last) and :func:`conv_scale` ``scale``."""
+    scaled = _f32(np.asarray(acc, np.int64).astype(np.float32) * _f32(scale))
+    return np.clip(np.rint(scaled).astype(np.int64) + zero_point, *out_range)

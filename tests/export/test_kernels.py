@@ -1,0 +1,146 @@
+"""``metamix_tf.export.kernels`` against one-op int8 models run by LiteRT's default (XNNPACK)
+kernels: every output integer equal, rounding ties included."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from metamix_tf.export import kernels, verify
+
+
+def _fake_quant(x, scale: float, zero_point: int):
+    """Int8 fake quant whose converted tensor has exactly ``scale`` and ``zero_point``."""
+    return tf.quantization.fake_quant_with_min_max_vars(
+        x, (-128 - zero_point) * scale, (127 - zero_point) * scale, num_bits=8)
+
+
+def _int8_file(model, inputs: list, path) -> str:
+    def representative():
+        for i in range(0, len(inputs[0]), max(1, len(inputs[0]) // 8)):
+            yield [x[i:i + 1] for x in inputs]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    path = str(path)
+    with open(path, "wb") as f:
+        f.write(converter.convert())
+    return path
+
+
+def _run(path: str, integers: dict) -> tuple[np.ndarray, tuple, dict]:
+    """Runs the file under XNNPACK on int8 inputs keyed by their scale (6 digits); returns
+    the output integers, the output's (scale, zero point) and each input's by key."""
+    interp = verify.interpreter(path)
+    details = interp.get_input_details()
+    for d in details:
+        interp.resize_tensor_input(d["index"], integers[_key(d)].shape)
+    interp.allocate_tensors()
+    for d in interp.get_input_details():
+        interp.set_tensor(d["index"], integers[_key(d)].astype(np.int8))
+    interp.invoke()
+    out = interp.get_output_details()[0]
+    return (interp.get_tensor(out["index"]).astype(np.int64), out["quantization"],
+            {_key(d): d["quantization"] for d in details})
+
+
+def _key(detail) -> float:
+    return round(float(detail["quantization"][0]), 6)
+
+
+@pytest.mark.parametrize("scales, zero_points", [
+    ((0.1121, 0.1911, 0.0459), (0, 0, 0)),
+    ((0.1908, 0.0761, 0.0962), (-17, 40, -128)),
+    ((0.0250, 0.1556, 0.1169), (5, -128, 3)),
+])
+def test_add_equals_litert_on_every_input_pair(tmp_path, scales, zero_points):
+    s_a, s_b, s_out = scales
+    z_a, z_b, z_out = zero_points
+    a_in, b_in = keras.Input((256,)), keras.Input((256,))
+    fq = [keras.layers.Lambda(lambda x, s=s, z=z: _fake_quant(x, s, z))
+          for s, z in zip(scales, zero_points, strict=True)]
+    model = keras.Model([a_in, b_in], fq[2](keras.layers.Add()([fq[0](a_in), fq[1](b_in)])))
+    q_a, q_b = np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij")
+    real = [((q_a - z_a) * s_a).astype(np.float32), ((q_b - z_b) * s_b).astype(np.float32)]
+    path = _int8_file(model, real, tmp_path / "add.tflite")
+    out, (file_s_out, file_z_out), file_in = _run(path, {round(s_a, 6): q_a,
+                                                         round(s_b, 6): q_b})
+    (file_s_a, file_z_a), (file_s_b, file_z_b) = file_in[round(s_a, 6)], file_in[round(s_b, 6)]
+    assert (file_z_a, file_z_b, file_z_out) == zero_points
+    expected = kernels.add(q_a, q_b, zero_points,
+                           kernels.add_params(file_s_a, file_s_b, file_s_out))
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_add_rounds_ties_up_and_conv_rounds_them_to_even(tmp_path):
+    """Dyadic scales make exact ties: ADD sends them up (``floor(x + 1/2)``), the conv's
+    float32 requantization to the even integer (``np.rint``)."""
+    s = 2.0 ** -4
+    params = kernels.add_params(s, s / 2, s)
+    q_a, q_b = np.meshgrid(np.arange(-60, 60), np.arange(-60, 60, 1), indexing="ij")
+    exact = q_a + q_b / 2
+    out = kernels.add(q_a, q_b, (0, 0, 0), params)
+    ties = exact != np.round(exact)
+    np.testing.assert_array_equal(out[ties], np.floor(exact[ties] + 0.5))
+    acc = np.arange(-41, 41, 2)  # odd accumulators times 1/2: every one a tie
+    np.testing.assert_array_equal(kernels.conv_requantize(acc, 0.5, 0), np.rint(acc / 2))
+    test_conv_equals_litert(tmp_path, input_scale=s, weight_scale=2.0 ** -3, output_scale=s)
+
+
+def test_conv_equals_litert(tmp_path, input_scale=0.0173, weight_scale=None,
+                            output_scale=0.0412):
+    rng = np.random.default_rng(0)
+    channels, zero_in, zero_out = 8, -9, 11
+    weight_scales = (np.full(channels, weight_scale) if weight_scale
+                     else rng.uniform(0.01, 0.05, channels)).astype(np.float32)
+    weights = rng.integers(-7, 8, (3, 3, 16, channels))
+    bias = rng.normal(0, 0.05, channels).astype(np.float32)
+
+    class Conv(keras.layers.Layer):
+        def call(self, x):
+            x = _fake_quant(x, input_scale, zero_in)
+            kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                tf.constant((weights * weight_scales).astype(np.float32)),
+                -127 * weight_scales, 127 * weight_scales, num_bits=8, narrow_range=True)
+            y = tf.nn.conv2d(x, kernel, 1, "VALID") + bias
+            return _fake_quant(y, output_scale, zero_out)
+
+    inputs = keras.Input((6, 6, 16))
+    model = keras.Model(inputs, Conv()(inputs))
+    q_in = rng.integers(-128, 128, (32, 6, 6, 16))
+    path = _int8_file(model, [((q_in - zero_in) * input_scale).astype(np.float32)],
+                      tmp_path / "conv.tflite")
+    out, (file_s_out, file_z_out), file_in = _run(path, {round(input_scale, 6): q_in})
+    ((file_s_in, file_z_in),) = file_in.values()
+    assert (file_z_in, file_z_out) == (zero_in, zero_out)
+    constants = verify.interpreter(path, delegates=False)
+    (filters,) = [d for d in constants.get_tensor_details() if len(d["shape"]) == 4
+                  and d["dtype"] == np.int8 and d["shape"][0] == channels]
+    (bias_detail,) = [d for d in constants.get_tensor_details() if d["dtype"] == np.int32]
+    file_weights = constants.get_tensor(filters["index"]).transpose(1, 2, 3, 0)  # OHWI -> HWIO
+    file_scales = filters["quantization_parameters"]["scales"]
+    np.testing.assert_array_equal(file_weights, weights)  # the integers trained are stored
+    acc = tf.nn.conv2d(tf.constant(q_in - zero_in, tf.float64),
+                       tf.constant(file_weights, tf.float64), 1, "VALID").numpy()
+    acc = np.rint(acc).astype(np.int64) + constants.get_tensor(bias_detail["index"])
+    expected = kernels.conv_requantize(
+        acc, kernels.conv_scale(file_s_in, file_scales, file_s_out), file_z_out)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_add_differs_from_rounding_the_exact_sum():
+    """Why a float Keras ADD cannot agree everywhere: the fixed-point multipliers move a few
+    near-tie sums across the boundary (and the LiteRT test above would catch a kernel that
+    rounded the exact sum instead)."""
+    s_a, s_b, s_out = (np.float32(v) for v in (0.1908, 0.0761, 0.0962))
+    q_a, q_b = np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij")
+    fixed_point = kernels.add(q_a, q_b, (0, 0, 0), kernels.add_params(s_a, s_b, s_out))
+    exact = np.floor(q_a * np.float64(s_a) / s_out + q_b * np.float64(s_b) / s_out + 0.5)
+    differ = fixed_point != np.clip(exact, -128, 127)
+    assert differ.sum() == 16
+    assert np.abs(fixed_point - exact)[differ].max() == 1
