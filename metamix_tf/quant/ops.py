@@ -35,6 +35,7 @@ __all__ = [
     "lsq_quantize",
     "lsq_mixture",
     "lsq_init_step",
+    "requantize_accumulator",
     "straight_through",
     "argmax_bits_ste",
 ]
@@ -250,6 +251,27 @@ def lsq_init_step(x: tf.Tensor, qp, axis=None) -> tf.Tensor:
     mean_abs = tf.reduce_mean(tf.abs(x), axis=axis)
     step = 2.0 * mean_abs / math.sqrt(float(qp))
     return tf.maximum(step, 1e-8)
+
+
+def requantize_accumulator(x: tf.Tensor, unit: tf.Tensor, scale: tf.Tensor, qn, qp,
+                           offset=0.0) -> tf.Tensor:
+    """The integers an int8 conv (or MEAN) kernel writes for the tensor whose float value
+    is ``x``.
+
+    Forward: ``A = round(x / unit)`` in float64, the kernel's integer accumulator (input
+    integers times weight integers plus the int32 bias; ``unit = s_in * s_w`` per output
+    channel, last axis), recovered exactly while the float error of ``x`` is below half a
+    unit; then the kernel's float32 requantization ``round(float32(A) * scale + offset) -
+    offset`` (``scale = s_in * s_w / s_out``, ties to even; ``offset``: the output zero
+    point where the kernel adds it before rounding, as MEAN does) clipped to ``[-Qn, Qp]``
+    (:mod:`metamix_tf.export.kernels`). Returns integers as ``x``'s dtype.
+
+    Gradient: none (inference only).
+    """
+    accumulator = tf.round(tf.cast(x, tf.float64) / tf.cast(unit, tf.float64))
+    offset = tf.cast(offset, tf.float32)
+    q = tf.round(tf.cast(accumulator, tf.float32) * tf.cast(scale, tf.float32) + offset)
+    return tf.stop_gradient(tf.cast(tf.clip_by_value(q - offset, -qn, qp), x.dtype))
 
 
 @tf.custom_gradient

@@ -76,11 +76,13 @@ class ActivationQuantizer(keras.layers.Layer):
         sample (``"per_sample"``), per batch (``"per_batch"``) or ``g = 1`` (``"none"``).
       temperature: softmax temperature of the mixture and the expected bits.
       mode: initial mode, one of :data:`MODES`.
+      kernel_rounding: ``{"unit": [...], "scale": [...], "step": s}`` or None; see
+        :meth:`set_kernel_rounding`.
     """
 
     def __init__(self, candidate_bits: Sequence[int] = (2, 3, 4, 8), signed: bool = False,
                  grad_scale: str = "per_sample", temperature: float = 1.0,
-                 mode: str = "float", **kwargs):
+                 mode: str = "float", kernel_rounding: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         if candidate_bits is None or len(tuple(candidate_bits)) == 0:
             raise ValueError("`candidate_bits` must list at least one bit-width. "
@@ -97,6 +99,10 @@ class ActivationQuantizer(keras.layers.Layer):
         ranges = [ops.quant_range(b, self.signed) for b in self.candidate_bits]
         self._qn = np.array([r[0] for r in ranges], np.float32)
         self._qp = np.array([r[1] for r in ranges], np.float32)
+        self.kernel_rounding = None
+        if kernel_rounding is not None:
+            self.set_kernel_rounding(kernel_rounding["unit"], kernel_rounding["scale"],
+                                     kernel_rounding["step"], kernel_rounding.get("offset", 0))
 
     @property
     def mode(self) -> str:
@@ -167,7 +173,7 @@ class ActivationQuantizer(keras.layers.Layer):
         # so such a wrapped model saved but did not load.
         return input_shape
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         mode = self._mode
         if mode == "float":
             return inputs
@@ -184,13 +190,49 @@ class ActivationQuantizer(keras.layers.Layer):
                                 self._qp, scales)
         elif mode == "selected" and self.searchable:  # the branch in a variable
             index = tf.convert_to_tensor(self.bit_index)
-            y = ops.lsq_quantize(x, tf.gather(steps, index), tf.gather(self._qn, index),
-                                 tf.gather(self._qp, index), tf.gather(scales, index))
+            step, qn, qp = (tf.gather(steps, index), tf.gather(self._qn, index),
+                            tf.gather(self._qp, index))
+            y = ops.lsq_quantize(x, step, qn, qp, tf.gather(scales, index))
         else:  # a branch fixed while tracing; one branch: "selected" or "mixture" is that
             index = self.uniform_index if mode == "uniform" else 0
-            y = ops.lsq_quantize(x, steps[index], self._qn[index], self._qp[index],
-                                 scales[index])
+            step, qn, qp = steps[index], self._qn[index], self._qp[index]
+            y = ops.lsq_quantize(x, step, qn, qp, scales[index])
+        if self.kernel_rounding is not None and mode == "selected" and not training:
+            y = self._kernel_rounded(x, y, step, qn, qp)
         return tf.cast(y, inputs.dtype)
+
+    # -- the int8 conv kernels' rounding ---------------------------------------------------
+    def set_kernel_rounding(self, unit, scale, step: float | None = None,
+                            offset: int = 0) -> None:
+        """Makes inference (``"selected"`` mode, ``training`` false) round as the int8
+        kernel that writes this tensor does: :func:`ops.requantize_accumulator` with
+        ``unit = s_in * s_w``, ``scale = unit / s_out`` per output channel (float32) and
+        ``offset``, in place of ``round(x / s)``; the two differ only where float32 noise
+        puts ``x / s`` on the other side of a rounding boundary (or on an exact tie the
+        kernel breaks another way). It applies while the selected step is ``step``
+        (default: the selected step now), so new bits or steps turn it off. A Python
+        attribute, in the config: functions traced before are not changed.
+        ``metamix_tf.export.kernel_rounding.set_kernel_rounding`` sets it from an export
+        plan."""
+        unit = np.asarray(unit, np.float64).reshape(-1)
+        scale = np.asarray(scale, np.float32).reshape(-1)
+        if unit.shape != scale.shape or not (np.all(unit > 0) and np.all(scale > 0)):
+            raise ValueError(f"Quantizer '{self.name}': `unit` and `scale` must be positive "
+                             f"and of one length. Received: {unit.shape}, {scale.shape}")
+        step = self.selected_step if step is None else step
+        self.kernel_rounding = {"unit": unit.tolist(), "scale": scale.astype(float).tolist(),
+                                "step": float(np.float32(step)), "offset": int(offset)}
+
+    def clear_kernel_rounding(self) -> None:
+        self.kernel_rounding = None
+
+    def _kernel_rounded(self, x, y, step, qn, qp):
+        rounding = self.kernel_rounding
+        q = ops.requantize_accumulator(x, np.asarray(rounding["unit"], np.float64),
+                                       np.asarray(rounding["scale"], np.float32), qn, qp,
+                                       float(rounding["offset"]))
+        current = tf.equal(step, tf.constant(rounding["step"], step.dtype))
+        return tf.where(current, q * step, y)
 
     # -- bits ------------------------------------------------------------------------------
     def index_of(self, bits: int) -> int:
@@ -225,7 +267,7 @@ class ActivationQuantizer(keras.layers.Layer):
         config = super().get_config()
         config.update(candidate_bits=list(self.candidate_bits), signed=self.signed,
                       grad_scale=self.grad_scale, temperature=self.temperature,
-                      mode=self.mode)
+                      mode=self.mode, kernel_rounding=self.kernel_rounding)
         return config
 
 

@@ -341,3 +341,23 @@ def test_lsq_init_step(qp, axis):
 
 def test_lsq_init_step_is_positive_for_zeros():
     assert ops.lsq_init_step(np.zeros((4, 4), np.float32), 15).numpy() == pytest.approx(1e-8)
+
+
+def test_requantize_accumulator_matches_the_kernel_arithmetic_and_has_no_gradient():
+    from metamix_tf.export import kernels
+
+    rng = np.random.default_rng(0)
+    unit = np.array([0.013, 0.5, 3e-5])
+    scale = np.array([0.25, 0.5, 1.5], np.float32)  # 0.5 and 1.5 make exact ties
+    acc = rng.integers(-500, 500, (64, 3))
+    x = tf.constant(((acc + rng.uniform(-0.3, 0.3, acc.shape)) * unit).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        q = ops.requantize_accumulator(x, unit, scale, 128.0, 127.0)
+    np.testing.assert_array_equal(q.numpy(), kernels.conv_requantize(acc, scale, 0))
+    assert tape.gradient(q, x) is None
+    # MEAN adds its (here odd) output zero point before rounding: other ties go up
+    shifted = ops.requantize_accumulator(x, unit, scale, 128.0, 127.0, offset=-5.0)
+    np.testing.assert_array_equal(shifted.numpy(),
+                                  kernels.mean_requantize(acc, scale, -5, (-133, 122)) + 5)
+    assert (shifted.numpy() != q.numpy()).any()

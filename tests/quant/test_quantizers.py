@@ -330,3 +330,50 @@ def test_an_optimizer_step_never_takes_a_step_size_below_its_floor(kind):
     expected[0] = MinimumStep().minimum
     np.testing.assert_array_equal(q.step_size.numpy(), expected)
     assert MinimumStep.from_config(MinimumStep(1e-6).get_config()).minimum == 1e-6
+
+
+# -- the int8 conv kernels' rounding ---------------------------------------------------------
+def _kernel_rounding_case(seed=0):
+    """A quantizer over a 3-channel tensor that holds ``(A + noise) * unit``: integer
+    accumulators ``A`` seen through float noise below a quarter unit, which moves some
+    ``x / s`` across a rounding boundary."""
+    rng = np.random.default_rng(seed)
+    unit = np.array([0.01, 0.02, 0.005])
+    step = 0.25
+    scale = (unit / step).astype(np.float32)
+    acc = rng.integers(-3000, 3000, SHAPE)
+    x = ((acc + rng.uniform(-0.25, 0.25, SHAPE)) * unit).astype(np.float32)
+    q = make_quantizer(signed=True, candidates=(8,), mode="selected", steps=[step])
+    return q, x, acc, unit, scale
+
+
+def test_kernel_rounding_rounds_the_recovered_accumulator_as_the_int8_kernel():
+    from metamix_tf.export import kernels
+
+    q, x, acc, unit, scale = _kernel_rounding_case()
+    q.set_kernel_rounding(unit, scale)
+    expected = np.clip(kernels.conv_requantize(acc, scale, 0), -128, 127) * 0.25
+    np.testing.assert_array_equal(q(tf.constant(x), training=False).numpy(), expected)
+    np.testing.assert_array_equal(tf.function(lambda v: q(v, training=False))(x).numpy(),
+                                  expected)
+    # training, another step, or no rounding set: LSQ's own round(x / s)
+    plain = np_quantize(x, 0.25, 8, True)
+    assert (plain != expected).any()  # the noise moved some across a boundary
+    np.testing.assert_array_equal(q(tf.constant(x), training=True).numpy(), plain)
+    q.step_size.assign([0.5])
+    np.testing.assert_array_equal(q(tf.constant(x)).numpy(), np_quantize(x, 0.5, 8, True))
+    q.step_size.assign([0.25])
+    q.clear_kernel_rounding()
+    np.testing.assert_array_equal(q(tf.constant(x)).numpy(), plain)
+
+
+def test_kernel_rounding_is_in_the_config():
+    q, x, _, unit, scale = _kernel_rounding_case()
+    q.set_kernel_rounding(unit, scale, offset=-3)
+    clone = ActivationQuantizer.from_config(q.get_config())
+    assert clone.kernel_rounding == q.kernel_rounding
+    clone.build(SHAPE)
+    clone.set_weights(q.get_weights())
+    np.testing.assert_array_equal(clone(tf.constant(x)).numpy(), q(tf.constant(x)).numpy())
+    with pytest.raises(ValueError, match="positive and of one length"):
+        q.set_kernel_rounding(unit, scale[:2])
