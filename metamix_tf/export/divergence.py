@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from metamix_tf.export import graph, tflite, verify
+from metamix_tf.export import graph, kernel_rounding, tflite, verify
 from metamix_tf.export.graph import ExportPlan
 
 __all__ = ["FLOAT32_TIE", "stored_tensor_divergence", "model_divergence", "run_divergence",
@@ -34,21 +34,6 @@ __all__ = ["FLOAT32_TIE", "stored_tensor_divergence", "model_divergence", "run_d
 FLOAT32_TIE = 1e-3
 
 
-def _keras_side(model: keras.Model, export_plan: ExportPlan) -> list:
-    """``[(tensor plan, keras float tensor, quantizer)]`` for the grid / quantized tensors."""
-    nodes = {n.name: n for n in export_plan.nodes}
-    out = []
-    for name, t in export_plan.tensors.items():
-        if t.kind == "grid":
-            q = model.get_layer(t.quant_readers[0]).input_quantizer
-        elif t.kind == "quantized":
-            q = nodes[name].output_quantizer
-        else:
-            continue
-        out.append((t, nodes[name].keras_output, q))
-    return out
-
-
 def stored_tensor_divergence(model: keras.Model, export_plan: ExportPlan,
                              inference_graph: keras.Model, images: np.ndarray,
                              workdir: str) -> list:
@@ -57,7 +42,7 @@ def stored_tensor_divergence(model: keras.Model, export_plan: ExportPlan,
     integer, int8 integer), ...], "inputs": {input index: (mismatches, max tie distance)}}``
     (module docstring). ``inference_graph``: the
     converter-native graph of ``export_plan``."""
-    items = [(t, x, q) for t, x, q in _keras_side(model, export_plan)
+    items = [(t, x, q) for t, x, q in kernel_rounding.rounding_quantizers(model, export_plan)
              if t.fake_quant in {layer.name for layer in inference_graph.layers}]
     probe = keras.Model(inference_graph.inputs,
                         [inference_graph.get_layer(t.fake_quant).output for t, _, _ in items])
@@ -105,6 +90,7 @@ def stored_tensor_divergence(model: keras.Model, export_plan: ExportPlan,
 def model_divergence(model: keras.Model, calibration: np.ndarray, images: np.ndarray) -> list:
     """:func:`stored_tensor_divergence` of ``model``'s export planned on ``calibration``."""
     export_plan = graph.plan(model, calibration)
+    kernel_rounding.set_kernel_rounding(model, export_plan)  # as the export does
     with tempfile.TemporaryDirectory() as tmp:
         return stored_tensor_divergence(model, export_plan,
                                         graph.build(export_plan, native=True), images, tmp)

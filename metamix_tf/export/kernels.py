@@ -16,6 +16,9 @@ model on every input has to compute them, not the exact real-number results:
   can differ by one from rounding the exact sum ``s_a q_a + s_b q_b`` near a tie (16 of the
   65,536 input pairs for one of the tests' scale triples, none for others): no float
   computation of the sum, float32 or float64, reproduces it there.
+* :func:`mean_requantize` (MEAN, a global average pooling): the sum of the input integers
+  times :func:`mean_scale` in float32, plus the output zero point *before* rounding half
+  to even (so an odd zero point moves which ties go up).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["AddParams", "add_params", "add", "conv_scale", "conv_requantize"]
+__all__ = ["AddParams", "add_params", "add", "conv_scale", "conv_requantize", "mean_scale",
+           "mean_requantize"]
 
 _INT8 = (-128, 127)
 
@@ -87,3 +91,16 @@ def conv_requantize(acc, scale, zero_point: int,
     int32 bias; channels last) and :func:`conv_scale` ``scale``."""
     scaled = _f32(np.asarray(acc, np.int64).astype(np.float32) * _f32(scale))
     return np.clip(np.rint(scaled).astype(np.int64) + zero_point, *out_range)
+
+
+def mean_scale(input_scale: float, output_scale: float, count: int) -> np.float32:
+    """Float32 requantization scale ``s_in / (s_out n)`` of an int8 MEAN over ``n`` values."""
+    return _f32(input_scale) / (_f32(output_scale) * _f32(count))
+
+
+def mean_requantize(total, scale, zero_point: int,
+                    out_range: tuple[int, int] = _INT8) -> np.ndarray:
+    """Int8 output of a MEAN from the sum ``total`` of its input integers (minus their zero
+    point): ``rint(float32(float32(total) * scale) + zero_point)``, clamped."""
+    scaled = _f32(np.asarray(total, np.int64).astype(np.float32) * _f32(scale))
+    return np.clip(np.rint(_f32(scaled + _f32(zero_point))).astype(np.int64), *out_range)

@@ -39,7 +39,7 @@ import keras
 import numpy as np
 
 from metamix_tf import config as config_lib
-from metamix_tf.export import aimet, graph, int4, precision, tflite, verify
+from metamix_tf.export import aimet, graph, int4, kernel_rounding, precision, tflite, verify
 from metamix_tf.export import encodings as encodings_lib
 from metamix_tf.export import integer_io as integer_io_lib
 from metamix_tf.export.bias_grid import STORAGE_GRIDS
@@ -254,6 +254,8 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
     # "int8_twin": the same with the biases rounded as the int8 model stores them, a Keras
     # model that computes what the int8 TFLite model computes (verification only).
     graphs = {"float": graph.build(export_plan, native=False)}
+    # the Keras model rounds what the int8 convs write as their kernels do (verified below)
+    rounded = kernel_rounding.set_kernel_rounding(model, export_plan) if int8 else []
     if int8:
         graphs["int8"] = graph.build(export_plan, native=True)
         graphs["int8_twin"] = graph.build(graph.with_int32_biases(export_plan), native=True,
@@ -322,6 +324,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         "float_prefix": export_plan.float_prefix,
         "float_islands": export_plan.float_islands,
         "inexact_inputs": [n for n, p in export_plan.inputs.items() if not p.exact],
+        "kernel_rounding": rounded,
         "integer_io": io_specs if int8 else {},
     }
     if verify_models and eval_images is not None:
@@ -587,5 +590,6 @@ def format_report(report: dict) -> str:
     lines.append(f"int8 tensors: {t['grid']} on learned grids, {t.get('quantized', 0)} on "
                  f"output quantizers' grids, {t['shared']} shared, {t['calibrated']} calibrated "
                  "(float in Keras); inexact quantized inputs: "
-                 f"{len(report['inexact_inputs'])}")
+                 f"{len(report['inexact_inputs'])}; rounded in Keras as the int8 conv "
+                 f"kernels do: {len(report.get('kernel_rounding', []))}")
     return "\n".join(lines)

@@ -144,3 +144,25 @@ def test_add_differs_from_rounding_the_exact_sum():
     differ = fixed_point != np.clip(exact, -128, 127)
     assert differ.sum() == 16
     assert np.abs(fixed_point - exact)[differ].max() == 1
+
+
+@pytest.mark.parametrize("scales, size", [((0.0173, 0.0041), 6), ((2.0 ** -4, 2.0 ** -4), 2)])
+def test_mean_equals_litert(tmp_path, scales, size):
+    """A global average pooling's int8 MEAN: the integer sum requantized with
+    ``mean_scale`` (the second case: dyadic scales over 4 values, a quarter of the sums a
+    tie, which the odd output zero point decides)."""
+    s_in, s_out = scales
+    inputs = keras.Input((size, size, 16))
+    pooled = keras.layers.GlobalAveragePooling2D()(
+        keras.layers.Lambda(lambda x: _fake_quant(x, s_in, 3))(inputs))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: _fake_quant(x, s_out, -5))(pooled))
+    q_in = np.random.default_rng(0).integers(-128, 128, (512, size, size, 16))
+    path = _int8_file(model, [((q_in - 3) * s_in).astype(np.float32)], tmp_path / "mean.tflite")
+    out, (file_s_out, file_z_out), file_in = _run(path, {round(s_in, 6): q_in})
+    ((file_s_in, file_z_in),) = file_in.values()
+    assert (file_z_in, file_z_out) == (3, -5)
+    total = (q_in - 3).sum(axis=(1, 2))
+    scale = kernels.mean_scale(file_s_in, file_s_out, size * size)
+    np.testing.assert_array_equal(out, kernels.mean_requantize(total, scale, file_z_out))
+    if size == 2:  # the conv's order (zero point after rounding) gets the ties wrong
+        assert (out != kernels.conv_requantize(total, scale, file_z_out)).any()

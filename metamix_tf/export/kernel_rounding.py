@@ -1,0 +1,123 @@
+"""The Keras model rounds what an int8 conv (or MEAN) writes as the int8 kernel does.
+
+A tensor that a conv, depthwise conv or dense layer writes (BatchNorm folded, a ReLU / ReLU6
+fused), or a global average pooling, is rounded in Keras as ``round(y / s_out)`` of a
+float32 ``y`` and in the int8 model as ``round(float32(A) * scale)`` of the exact integer
+accumulator ``A``
+(:mod:`metamix_tf.export.kernels`). The two differ where float32 noise puts ``y / s_out``
+on the other side of a rounding boundary, and in a network with low-bit layers one such
+integer can change a prediction. :func:`set_kernel_rounding` gives each such tensor's
+rounding quantizer the kernel's arithmetic
+(:meth:`~metamix_tf.quant.quantizers.ActivationQuantizer.set_kernel_rounding`): it recovers
+``A = round(y / (s_in * s_w))`` from the float value and rounds ``A`` as the kernel does, so
+those tensors hold the int8 model's integers. The export sets it before it verifies.
+
+Not covered (they keep Keras' rounding): tensors written by int8 ADD (fixed-point, see
+:func:`metamix_tf.export.kernels.add`), MUL, the activation lookup tables, average poolings
+(depthwise mean convs), concatenations that requantize and a BatchNorm that does not fold.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from metamix_tf.export import kernels
+from metamix_tf.export.graph import ExportPlan
+from metamix_tf.quant import graph_rules as rules
+from metamix_tf.quant import wrap
+
+__all__ = ["rounding_quantizers", "kernel_arithmetic", "set_kernel_rounding",
+           "clear_kernel_rounding"]
+
+
+def rounding_quantizers(model: keras.Model, export_plan: ExportPlan) -> list:
+    """``[(tensor plan, keras float tensor, quantizer)]``: each tensor the int8 model stores
+    on a learned grid (kinds ``"grid"`` and ``"quantized"``) with the Keras tensor and the
+    quantizer that rounds it (the reader's input quantizer, or the output quantizer)."""
+    nodes = {n.name: n for n in export_plan.nodes}
+    out = []
+    for name, t in export_plan.tensors.items():
+        if t.kind == "grid":
+            q = model.get_layer(t.quant_readers[0]).input_quantizer
+        elif t.kind == "quantized":
+            q = nodes[name].output_quantizer
+        else:
+            continue
+        out.append((t, nodes[name].keras_output, q))
+    return out
+
+
+def _conv_writer(export_plan: ExportPlan, nodes: dict, name: str) -> str | None:
+    """The quantized layer whose int8 kernel writes tensor ``name`` (through fused ReLU /
+    ReLU6 and identities), or None when another op writes it."""
+    node = nodes.get(name)
+    while node is not None and node.kind != "quant":
+        passes = rules.is_fusable_activation(node.layer) or rules.is_identity(node.layer)
+        if not (passes and len(node.inputs) == 1):
+            return None
+        node = nodes.get(node.inputs[0])
+    return node.name if node is not None and node.name in export_plan.weights else None
+
+
+def _stored_input_scale(export_plan: ExportPlan, nodes: dict, node) -> float | None:
+    name = node.inputs[0]
+    while nodes[name].kind == "pass":
+        name = nodes[name].inputs[0]
+    tensor = export_plan.tensors.get(name)
+    return None if tensor is None else tensor.grid.scale
+
+
+def kernel_arithmetic(model: keras.Model, export_plan: ExportPlan,
+                      name: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """``(unit, scale, offset)`` (per output channel) of the int8 op that writes tensor
+    ``name`` when it rounds an integer accumulator (module docstring), else None:
+
+    * a conv / depthwise conv / dense (BatchNorm folded, ReLU / ReLU6 fused): ``unit = s_in
+      * s_w[c]``, ``scale = unit / s_out`` (:func:`kernels.conv_scale`), offset 0;
+    * a global average pooling (int8 MEAN, :func:`kernels.mean_requantize`): the sum of
+      the ``n`` input integers, ``unit = s_in / n``, offset the output zero point.
+    """
+    nodes = {n.name: n for n in export_plan.nodes}
+    s_out = export_plan.tensors[name].grid.scale
+    writer = _conv_writer(export_plan, nodes, name)
+    if writer is not None:
+        weights = export_plan.weights[writer]
+        s_in = (export_plan.inputs[writer].stored_grid.scale if weights.input_scale is None
+                else weights.input_scale)
+        s_w = np.asarray(weights.folded.scale, np.float32)
+        if s_w.size != model.get_layer(writer).output.shape[-1]:
+            return None
+        return (np.float64(np.float32(s_in)) * s_w.astype(np.float64),
+                kernels.conv_scale(s_in, s_w, s_out), 0)
+    node = nodes[name]
+    pooled = tuple(node.layer.input.shape[1:3]) if isinstance(
+        node.layer, keras.layers.GlobalAveragePooling2D) else None
+    s_in = _stored_input_scale(export_plan, nodes, node) if pooled else None
+    if s_in is None or pooled == (1, 1):  # over a 1x1 map it is an identity conv
+        return None
+    count, channels = pooled[0] * pooled[1], node.layer.input.shape[-1]
+    return (np.full(channels, np.float64(np.float32(s_in)) / count),
+            np.full(channels, kernels.mean_scale(s_in, s_out, count)),
+            export_plan.tensors[name].grid.zero_point)
+
+
+def set_kernel_rounding(model: keras.Model, export_plan: ExportPlan) -> list[str]:
+    """Sets the int8 kernels' rounding (module docstring) on the quantizer of every tensor
+    :func:`kernel_arithmetic` covers in ``export_plan`` (planned from ``model``); returns
+    those tensors. Set again after changing the model (the export does)."""
+    clear_kernel_rounding(model)
+    done = []
+    for t, _, q in rounding_quantizers(model, export_plan):
+        arithmetic = kernel_arithmetic(model, export_plan, t.name)
+        if arithmetic is not None:
+            unit, scale, offset = arithmetic
+            q.set_kernel_rounding(unit, scale, offset=offset)
+            done.append(t.name)
+    return done
+
+
+def clear_kernel_rounding(model: keras.Model) -> None:
+    """Back to Keras' own rounding on every activation quantizer of ``model``."""
+    for q in wrap.activation_quantizers(model):
+        q.clear_kernel_rounding()

@@ -1,0 +1,76 @@
+"""``metamix_tf.export.kernel_rounding``: which tensors get the int8 conv kernels' rounding,
+and that with it every integer the Keras model and the int8 model both round is equal."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+import metamix_tf as mm
+from metamix_tf.export import divergence, families, graph, kernel_rounding
+from metamix_tf.quant import wrap
+
+L = keras.layers
+
+
+def _model() -> keras.Model:
+    """conv + BN + ReLU (fused); a wide 3x3 conv (1,152 products per output: float32
+    accumulation noise puts some values across rounding boundaries) + BN; a depthwise
+    conv + BN + ReLU6 read by one conv (its grid); a residual add + ReLU (written by the
+    int8 ADD, not a conv); a pooling and a dense head."""
+    inp = keras.Input((8, 8, 3))
+    x = L.ReLU(name="stem_relu")(L.BatchNormalization(name="stem_bn")(
+        L.Conv2D(128, 3, padding="same", use_bias=False, name="stem")(inp)))
+    x = L.ReLU(name="wide_relu")(L.BatchNormalization(name="wide_bn")(
+        L.Conv2D(32, 3, padding="same", use_bias=False, name="wide")(x)))
+    y = L.ReLU(6.0, name="dw_relu")(L.BatchNormalization(name="dw_bn")(
+        L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)))
+    y = L.BatchNormalization(name="project_bn")(
+        L.Conv2D(32, 1, use_bias=False, name="project")(y))
+    x = L.ReLU(name="out_relu")(L.Add(name="add")([x, y]))
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inp, L.Dense(10, name="logits")(x))
+
+
+def _prepared(images):
+    """Wrapped, calibrated, every activation at 8 bits (the widest grids, where float32
+    noise moves the most values), 4-bit weights, biases snapped; and its export plan."""
+    keras.utils.set_random_seed(0)
+    model = _model()
+    families.set_batch_norm_statistics(model, images)
+    wrapped = mm.apply(model)
+    mm.calibrate(wrapped, images)
+    mm.select_bits(wrapped, {q.name: 8 for q in mm.quant_layers(wrapped)
+                             if q.input_quantizer.searchable})
+    mm.enable_weight_quantization(wrapped)
+    graph.snap_biases(wrapped)
+    return wrapped, graph.plan(wrapped, images)
+
+
+def test_every_conv_written_tensor_and_nothing_else_gets_the_kernel_rounding():
+    images = np.random.default_rng(0).uniform(-1, 1, (32, 8, 8, 3)).astype(np.float32)
+    wrapped, export_plan = _prepared(images)
+    rounded = kernel_rounding.set_kernel_rounding(wrapped, export_plan)
+    assert set(rounded) == {"stem_relu", "wide_relu", "dw_relu", "project", "pool", "logits"}
+    by_tensor = {t.name: q for t, _, q in kernel_rounding.rounding_quantizers(wrapped,
+                                                                               export_plan)}
+    assert by_tensor["out_relu"].kernel_rounding is None  # written by the int8 ADD
+    pool = by_tensor["pool"].kernel_rounding  # int8 MEAN: its zero point before rounding
+    assert pool["offset"] == export_plan.tensors["pool"].grid.zero_point == -128
+    assert pool["step"] == np.float32(by_tensor["pool"].selected_step)
+    assert by_tensor["stem_relu"].kernel_rounding["offset"] == 0
+    assert by_tensor["dw_relu"] is wrapped.get_layer("project").input_quantizer
+    kernel_rounding.clear_kernel_rounding(wrapped)
+    assert all(q.kernel_rounding is None for q in wrap.activation_quantizers(wrapped))
+
+
+def test_with_the_kernel_rounding_every_stored_integer_equals_the_int8_models():
+    """Conv outputs are rounded from the recovered accumulator as the kernels do, and the
+    ADD's inputs are then the int8 model's integers."""
+    rng = np.random.default_rng(1)
+    calibration, images = (rng.uniform(-1, 1, (n, 8, 8, 3)).astype(np.float32)
+                           for n in (32, 64))
+    wrapped, _ = _prepared(calibration)
+    rows = divergence.model_divergence(wrapped, calibration, images)
+    assert {r["tensor"] for r in rows} >= {"stem_relu", "dw_relu", "project", "out_relu"}
+    assert divergence.first_divergence(rows) is None
