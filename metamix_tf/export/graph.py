@@ -86,6 +86,7 @@ from metamix_tf.export.reader import (
     unsupported,
 )
 from metamix_tf.quant import graph_rules as rules
+from metamix_tf.quant.layers import QuantAdd
 from metamix_tf.quant.quantizers import ActivationQuantizer, MinimumStep
 
 __all__ = [
@@ -682,6 +683,10 @@ def _rebuilt(node: Node):
     op = node.layer
     if not isinstance(op, keras.layers.Layer):
         return op
+    if isinstance(op, QuantAdd):  # the converter adds int8 tensors itself
+        config = op.get_config()
+        config.pop("kernel_rounding")
+        return keras.layers.Add.from_config(config)
     return type(op).from_config(op.get_config())
 
 

@@ -12,9 +12,13 @@ rounding quantizer the kernel's arithmetic
 ``A = round(y / (s_in * s_w))`` from the float value and rounds ``A`` as the kernel does, so
 those tensors hold the int8 model's integers. The export sets it before it verifies.
 
-Not covered (they keep Keras' rounding): tensors written by int8 ADD (fixed-point, see
-:func:`metamix_tf.export.kernels.add`), MUL, the activation lookup tables, average poolings
-(depthwise mean convs), concatenations that requantize and a BatchNorm that does not fold.
+A tensor an int8 ADD writes gets the kernel's fixed-point sum
+(:func:`metamix_tf.export.kernels.add`) from the :class:`~metamix_tf.quant.layers.QuantAdd`
+that ``apply()`` puts in place of each ``Add`` (``QuantAdd.kernel_rounding``).
+
+Not covered (they keep Keras' rounding): tensors written by MUL, the activation lookup
+tables, average poolings (depthwise mean convs), concatenations that requantize and a
+BatchNorm that does not fold.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from metamix_tf.export import kernels
 from metamix_tf.export.graph import ExportPlan
 from metamix_tf.quant import graph_rules as rules
 from metamix_tf.quant import wrap
+from metamix_tf.quant.layers import QuantAdd
 
 __all__ = ["rounding_quantizers", "kernel_arithmetic", "set_kernel_rounding",
            "clear_kernel_rounding"]
@@ -53,15 +58,24 @@ def _conv_writer(export_plan: ExportPlan, nodes: dict, name: str) -> str | None:
     ReLU6 and identities), or None when another op writes it."""
     node = nodes.get(name)
     while node is not None and node.kind != "quant":
-        passes = rules.is_fusable_activation(node.layer) or rules.is_identity(node.layer)
-        if not (passes and len(node.inputs) == 1):
-            return None
-        node = nodes.get(node.inputs[0])
+        node = _fused_source(export_plan, nodes, node)
     return node.name if node is not None and node.name in export_plan.weights else None
 
 
-def _stored_input_scale(export_plan: ExportPlan, nodes: dict, node) -> float | None:
-    name = node.inputs[0]
+def _fused_source(export_plan: ExportPlan, nodes: dict, node, identities: bool = True):
+    """The node whose int8 op also computes ``node`` (a ReLU / ReLU6 fused into it, or an
+    identity), or None: when ``node`` is another op, or reads a tensor the int8 model
+    stores (then ``node`` is a requantization of that tensor)."""
+    passes = rules.is_fusable_activation(node.layer) or (
+        identities and rules.is_identity(node.layer))
+    if not (passes and len(node.inputs) == 1) or node.inputs[0] in export_plan.tensors:
+        return None
+    return nodes.get(node.inputs[0])
+
+
+def _stored_input_scale(export_plan: ExportPlan, nodes: dict, node,
+                        index: int = 0) -> float | None:
+    name = node.inputs[index]
     while nodes[name].kind == "pass":
         name = nodes[name].inputs[0]
     tensor = export_plan.tensors.get(name)
@@ -102,22 +116,56 @@ def kernel_arithmetic(model: keras.Model, export_plan: ExportPlan,
             export_plan.tensors[name].grid.zero_point)
 
 
+def _add_writer(model: keras.Model, export_plan: ExportPlan, nodes: dict,
+                name: str) -> tuple[QuantAdd, dict] | None:
+    """The :class:`QuantAdd` that writes tensor ``name`` (through a fused ReLU / ReLU6) and
+    the int8 ADD kernel's parameters for it, or None."""
+    node = nodes.get(name)
+    while node is not None and not isinstance(node.layer, QuantAdd):
+        node = _fused_source(export_plan, nodes, node, identities=False)
+    if node is None or len(node.inputs) != 2:
+        return None
+    steps = [_stored_input_scale(export_plan, nodes, node, i) for i in range(2)]
+    if None in steps:
+        return None
+    s_out = export_plan.tensors[name].grid.scale
+    try:
+        params = kernels.add_params(steps[0], steps[1], s_out)
+    except ValueError:  # scale ratios outside the int8 ADD kernel's range
+        return None
+    return model.get_layer(node.name), {
+        "steps": [float(np.float32(s)) for s in steps],
+        "multipliers": [params.multiplier_a, params.multiplier_b], "shift": params.shift,
+        "output_step": float(np.float32(s_out))}
+
+
 def set_kernel_rounding(model: keras.Model, export_plan: ExportPlan) -> list[str]:
     """Sets the int8 kernels' rounding (module docstring) on the quantizer of every tensor
-    :func:`kernel_arithmetic` covers in ``export_plan`` (planned from ``model``); returns
-    those tensors. Set again after changing the model (the export does)."""
+    :func:`kernel_arithmetic` covers in ``export_plan`` (planned from ``model``), and on
+    every :class:`~metamix_tf.quant.layers.QuantAdd` whose sum is stored; returns those
+    tensors. Set again after changing the model (the export does)."""
     clear_kernel_rounding(model)
+    nodes = {n.name: n for n in export_plan.nodes}
     done = []
     for t, _, q in rounding_quantizers(model, export_plan):
         arithmetic = kernel_arithmetic(model, export_plan, t.name)
+        add = _add_writer(model, export_plan, nodes, t.name)
         if arithmetic is not None:
             unit, scale, offset = arithmetic
             q.set_kernel_rounding(unit, scale, offset=offset)
-            done.append(t.name)
+        elif add is not None:
+            layer, params = add
+            layer.kernel_rounding = params
+        else:
+            continue
+        done.append(t.name)
     return done
 
 
 def clear_kernel_rounding(model: keras.Model) -> None:
-    """Back to Keras' own rounding on every activation quantizer of ``model``."""
+    """Back to Keras' own rounding and sums in ``model``."""
     for q in wrap.activation_quantizers(model):
         q.clear_kernel_rounding()
+    for layer in model.layers:
+        if isinstance(layer, QuantAdd):
+            layer.kernel_rounding = None

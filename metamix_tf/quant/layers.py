@@ -9,11 +9,15 @@ kernel). Both accept a layer, its serialized dict, or None (no quantization).
 from __future__ import annotations
 
 import keras
+import numpy as np
+import tensorflow as tf
 from keras import ops as kops
 
+from metamix_tf.quant import ops
 from metamix_tf.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
-__all__ = ["QuantConv2D", "QuantDepthwiseConv2D", "QuantDense", "QUANT_LAYERS", "QuantLayerMixin"]
+__all__ = ["QuantConv2D", "QuantDepthwiseConv2D", "QuantDense", "QuantAdd", "QUANT_LAYERS",
+           "QuantLayerMixin"]
 
 
 def _as_layer(value, cls):
@@ -177,6 +181,37 @@ class QuantDense(QuantLayerMixin, keras.layers.Dense):
 
     def get_config(self):
         return self._quantizer_config(super().get_config())
+
+
+@keras.saving.register_keras_serializable(package="metamix_tf")
+class QuantAdd(keras.layers.Add):
+    """``keras.layers.Add`` that, with ``kernel_rounding`` set, adds two inputs at inference
+    as LiteRT's int8 ADD kernel does (:func:`metamix_tf.quant.ops.fixed_point_add`): its
+    21-bit multipliers put a few sums on the other side of a rounding boundary from the
+    exact sum. ``kernel_rounding``: ``{"steps": [s_a, s_b], "multipliers": [m_a, m_b],
+    "shift": k, "output_step": s_out}`` (set by
+    ``metamix_tf.export.kernel_rounding.set_kernel_rounding``), used only while both inputs
+    are on those grids; otherwise, in training and without it, the float sum."""
+
+    def __init__(self, kernel_rounding: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_rounding = kernel_rounding
+
+    def call(self, inputs, training=None):
+        total = super().call(inputs)
+        rounding = self.kernel_rounding
+        if rounding is None or training or len(inputs) != 2:
+            return total
+        steps = rounding["steps"]
+        exact = ops.fixed_point_add(inputs[0], inputs[1], steps, rounding["multipliers"],
+                                    rounding["shift"], rounding["output_step"])
+        on_grids = tf.reduce_all([
+            tf.reduce_all(tf.abs(x / step - tf.round(x / step)) < 1e-3)
+            for x, step in zip(inputs, (np.float32(s) for s in steps), strict=True)])
+        return tf.where(on_grids, exact, total)
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_rounding": self.kernel_rounding}
 
 
 # Stock layer type -> quantized counterpart, most specific first.

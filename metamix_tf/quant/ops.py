@@ -36,6 +36,7 @@ __all__ = [
     "lsq_mixture",
     "lsq_init_step",
     "requantize_accumulator",
+    "fixed_point_add",
     "straight_through",
     "argmax_bits_ste",
 ]
@@ -272,6 +273,25 @@ def requantize_accumulator(x: tf.Tensor, unit: tf.Tensor, scale: tf.Tensor, qn, 
     offset = tf.cast(offset, tf.float32)
     q = tf.round(tf.cast(accumulator, tf.float32) * tf.cast(scale, tf.float32) + offset)
     return tf.stop_gradient(tf.cast(tf.clip_by_value(q - offset, -qn, qp), x.dtype))
+
+
+def fixed_point_add(x_a: tf.Tensor, x_b: tf.Tensor, steps, multipliers, shift: int,
+                    output_step) -> tf.Tensor:
+    """The sum an int8 ADD kernel writes for inputs ``x_a``, ``x_b`` on the grids of
+    ``steps = (s_a, s_b)``, on the grid of ``output_step``.
+
+    Forward: ``n = round(x / s)`` for each input, then the kernel's fixed-point sum
+    ``floor((2^(k-1) + m_a n_a + m_b n_b) / 2^k) * s_out`` with ``multipliers = (m_a,
+    m_b)`` and ``shift = k`` (:func:`metamix_tf.export.kernels.add_params`), in int64.
+    Unclamped (the quantizer that rounds the sum clamps it). Gradient: none (inference).
+    """
+    terms = []
+    for x, step, multiplier in zip((x_a, x_b), steps, multipliers, strict=True):
+        n = tf.cast(tf.round(tf.cast(x, tf.float32) / tf.cast(step, tf.float32)), tf.int64)
+        terms.append(n * int(multiplier))
+    total = terms[0] + terms[1] + (1 << (int(shift) - 1))
+    q = tf.math.floordiv(total, tf.constant(1 << int(shift), tf.int64))
+    return tf.stop_gradient(tf.cast(q, x_a.dtype) * tf.cast(output_step, x_a.dtype))
 
 
 @tf.custom_gradient

@@ -13,7 +13,7 @@ from metamix_tf.config import QuantConfig
 from metamix_tf.quant import canonical
 from metamix_tf.quant import graph_rules as rules
 from metamix_tf.quant.flatten import flatten, is_graph_model
-from metamix_tf.quant.layers import QUANT_LAYERS, QuantLayerMixin
+from metamix_tf.quant.layers import QUANT_LAYERS, QuantAdd, QuantLayerMixin
 from metamix_tf.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = [
@@ -171,6 +171,8 @@ def apply(model: keras.Model, config: QuantConfig | None = None) -> keras.Model:
     def clone(layer):
         layer_config = layer.get_config()
         quant_cls = _quant_class(layer) if layer.name in target_names else None
+        if type(layer) is keras.layers.Add:  # the same sum; can add as int8 ADD does
+            return QuantAdd.from_config(layer_config)
         if quant_cls is None:
             return layer.__class__.from_config(layer_config)
         fixed = config.first_last_bits if layer.name in edge else None

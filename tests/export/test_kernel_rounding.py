@@ -7,7 +7,7 @@ import keras
 import numpy as np
 
 import metamix_tf as mm
-from metamix_tf.export import divergence, families, graph, kernel_rounding
+from metamix_tf.export import divergence, families, graph, kernel_rounding, kernels
 from metamix_tf.quant import wrap
 
 L = keras.layers
@@ -47,14 +47,20 @@ def _prepared(images):
     return wrapped, graph.plan(wrapped, images)
 
 
-def test_every_conv_written_tensor_and_nothing_else_gets_the_kernel_rounding():
+def test_every_conv_mean_and_add_written_tensor_gets_the_kernel_rounding():
     images = np.random.default_rng(0).uniform(-1, 1, (32, 8, 8, 3)).astype(np.float32)
     wrapped, export_plan = _prepared(images)
     rounded = kernel_rounding.set_kernel_rounding(wrapped, export_plan)
-    assert set(rounded) == {"stem_relu", "wide_relu", "dw_relu", "project", "pool", "logits"}
+    assert set(rounded) == {"stem_relu", "wide_relu", "dw_relu", "project", "out_relu", "pool",
+                            "logits"}
     by_tensor = {t.name: q for t, _, q in kernel_rounding.rounding_quantizers(wrapped,
                                                                                export_plan)}
-    assert by_tensor["out_relu"].kernel_rounding is None  # written by the int8 ADD
+    assert by_tensor["out_relu"].kernel_rounding is None  # written by the int8 ADD: its
+    add = wrapped.get_layer("add").kernel_rounding  # QuantAdd adds as the kernel does
+    grids = [export_plan.tensors[n].grid.scale for n in ("wide_relu", "project", "out_relu")]
+    params = kernels.add_params(*grids)
+    assert add["multipliers"] == [params.multiplier_a, params.multiplier_b]
+    assert add["shift"] == params.shift
     pool = by_tensor["pool"].kernel_rounding  # int8 MEAN: its zero point before rounding
     assert pool["offset"] == export_plan.tensors["pool"].grid.zero_point == -128
     assert pool["step"] == np.float32(by_tensor["pool"].selected_step)
@@ -62,6 +68,7 @@ def test_every_conv_written_tensor_and_nothing_else_gets_the_kernel_rounding():
     assert by_tensor["dw_relu"] is wrapped.get_layer("project").input_quantizer
     kernel_rounding.clear_kernel_rounding(wrapped)
     assert all(q.kernel_rounding is None for q in wrap.activation_quantizers(wrapped))
+    assert wrapped.get_layer("add").kernel_rounding is None
 
 
 def test_with_the_kernel_rounding_every_stored_integer_equals_the_int8_models():

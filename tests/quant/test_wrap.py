@@ -417,3 +417,31 @@ def test_separable_conv_is_quantized_as_depthwise_and_pointwise():
     assert not wrap.unsupported_layers(model)
     x = images(2)[:, :8, :8]
     np.testing.assert_allclose(model(x).numpy(), original(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_adds_become_quant_adds_that_add_as_the_int8_kernel_with_kernel_rounding():
+    """apply() puts a QuantAdd in place of each Add: the float sum until the export sets its
+    kernel rounding, then (inference, inputs on their grids) the int8 ADD kernel's sum,
+    which differs from rounding the float32 sum on 32 of the 65,536 input pairs here."""
+    from metamix_tf.export import kernels
+    from metamix_tf.quant.layers import QuantAdd
+
+    a, b = keras.Input((256,)), keras.Input((256,))
+    wrapped = mm.apply(keras.Model([a, b], L.Add(name="sum")([a, b])))
+    layer = wrapped.get_layer("sum")
+    assert type(layer) is QuantAdd and layer.kernel_rounding is None
+    s_a, s_b, s_out = (float(np.float32(v)) for v in (0.1908, 0.0761, 0.0962))
+    q_a, q_b = np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij")
+    x = [(q_a * s_a).astype(np.float32), (q_b * s_b).astype(np.float32)]
+    float_sum = layer(x).numpy()
+    params = kernels.add_params(s_a, s_b, s_out)
+    layer.kernel_rounding = {"steps": [s_a, s_b], "shift": params.shift, "output_step": s_out,
+                             "multipliers": [params.multiplier_a, params.multiplier_b]}
+    expected = kernels.add(q_a, q_b, (0, 0, 0), params, (-(2 ** 30), 2 ** 30))
+    np.testing.assert_array_equal(np.round(layer(x).numpy() / np.float32(s_out)), expected)
+    assert (np.round(float_sum / np.float32(s_out)) != expected).sum() == 32
+    np.testing.assert_array_equal(layer(x, training=True).numpy(), float_sum)
+    off_grid = [x[0] + np.float32(0.3 * s_a), x[1]]
+    np.testing.assert_array_equal(layer(off_grid).numpy(), layer(off_grid, training=True).numpy())
+    clone = QuantAdd.from_config(layer.get_config())
+    assert clone.kernel_rounding == layer.kernel_rounding
