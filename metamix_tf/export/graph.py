@@ -104,6 +104,7 @@ __all__ = [
     "bias_target",
     "on_grid_tolerance",
     "snap_biases",
+    "stored_source",
     "build",
     "image_batches",
 ]
@@ -395,7 +396,7 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
 
     inputs = {}
     for n in quant_nodes:
-        source = _stored_source(n.inputs[0], by_name)
+        source = stored_source(n.inputs[0], by_name)
         q = n.layer.input_quantizer
         tensor = tensors.get(source)
         requantized = tensor is None or not (tensor.kind == "grid" or (
@@ -416,7 +417,7 @@ def plan(model: keras.Model, calibration_data=None, int8: bool = True,
     affine = {}
     for n in nodes:
         if n.kind == "affine":
-            tensor = tensors.get(_stored_source(n.inputs[0], by_name))
+            tensor = tensors.get(stored_source(n.inputs[0], by_name))
             affine[n.name] = _affine_plan(n.layer, weight_storage,
                                           tensor.grid.scale if tensor is not None else None)
     return ExportPlan(model_name=model.name, nodes=nodes, outputs=outputs, tensors=tensors,
@@ -431,7 +432,7 @@ def _reads_pointwise(layer) -> bool:
     return all(int(k) == 1 for k in getattr(layer, "kernel_size", (0,)))
 
 
-def _stored_source(name: str, by_name: dict) -> str:
+def stored_source(name: str, by_name: dict) -> str:
     """The stored tensor a node reads, looking through pass-through layers."""
     while by_name[name].kind == "pass":
         name = by_name[name].inputs[0]
@@ -602,7 +603,7 @@ def _concat_inputs(export_plan: ExportPlan, node: Node, new: dict, native: bool,
     by_name = {n.name: n for n in export_plan.nodes}
     out = dict(new)
     for j, name in enumerate(node.inputs):
-        source = _stored_source(name, by_name)
+        source = stored_source(name, by_name)
         tensor = export_plan.tensors.get(source)
         if tensor is None or tensor.grid != target.grid:
             out[name] = FakeQuant.from_grid(target.grid, requantize=True, native=native,
@@ -628,7 +629,7 @@ def _rescaling_relu_source(export_plan: ExportPlan, node: Node, by_name: dict) -
     if node.kind != "op" or not rules.is_fusable_activation(layer) or \
             node.name not in export_plan.tensors:
         return None
-    source = _stored_source(node.inputs[0], by_name)
+    source = stored_source(node.inputs[0], by_name)
     grid = export_plan.tensors[node.name].grid
     if source not in export_plan.tensors or grid.qmin != 0 or not grid.fits_int8:
         return None
@@ -673,7 +674,7 @@ def _pass_quant(export_plan: ExportPlan, node: Node, by_name: dict,
     ops read, at its stored source's scale over the whole int8 range (a no-op on the values):
     without it the converter gives some of those readers a float copy of the layer (seen
     with InceptionV3's max pooling read by three requantizing convs and a pooling)."""
-    grid = export_plan.tensors[_stored_source(node.name, by_name)].grid
+    grid = export_plan.tensors[stored_source(node.name, by_name)].grid
     grid = dataclasses.replace(grid, qmin=grid.int8_min, qmax=grid.int8_max)
     return FakeQuant.from_grid(grid, native=native, name=f"{node.name}_quant")
 
@@ -779,7 +780,7 @@ def build(export_plan: ExportPlan, native: bool = True, name: str | None = None,
         else:
             t = _call(node, _rebuilt(node), new)
             if native and node.kind == "pass" and len(readers[node.name]) > 1 and \
-                    _stored_source(node.name, by_name) in export_plan.tensors:
+                    stored_source(node.name, by_name) in export_plan.tensors:
                 t = _pass_quant(export_plan, node, by_name, fq_native)(t)
         tensor = export_plan.tensors.get(node.name)
         if tensor is not None and (native or tensor.kind in EXACT_KINDS):

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from metamix_tf.export import kernels
-from metamix_tf.export.graph import ExportPlan
+from metamix_tf.export.graph import ExportPlan, stored_source
 from metamix_tf.quant import graph_rules as rules
 from metamix_tf.quant import wrap
 from metamix_tf.quant.layers import QuantAdd
@@ -75,10 +75,7 @@ def _fused_source(export_plan: ExportPlan, nodes: dict, node, identities: bool =
 
 def _stored_input_scale(export_plan: ExportPlan, nodes: dict, node,
                         index: int = 0) -> float | None:
-    name = node.inputs[index]
-    while nodes[name].kind == "pass":
-        name = nodes[name].inputs[0]
-    tensor = export_plan.tensors.get(name)
+    tensor = export_plan.tensors.get(stored_source(node.inputs[index], nodes))
     return None if tensor is None else tensor.grid.scale
 
 
