@@ -16,9 +16,10 @@ A tensor an int8 ADD writes gets the kernel's fixed-point sum
 (:func:`metamix_tf.export.kernels.add`) from the :class:`~metamix_tf.quant.layers.QuantAdd`
 that ``apply()`` puts in place of each ``Add`` (``QuantAdd.kernel_rounding``).
 
-Not covered (they keep Keras' rounding): tensors written by MUL, the activation lookup
-tables, average poolings (depthwise mean convs), concatenations that requantize and a
-BatchNorm that does not fold.
+A concatenation's output quantizer rounds each member's channels with that member's
+arithmetic. Not covered (they keep Keras' rounding): tensors written by MUL, the activation
+lookup tables, average poolings (depthwise mean convs), requantizations of a stored tensor
+and a BatchNorm that does not fold.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def kernel_arithmetic(model: keras.Model, export_plan: ExportPlan,
     * a conv / depthwise conv / dense (BatchNorm folded, ReLU / ReLU6 fused): ``unit = s_in
       * s_w[c]``, ``scale = unit / s_out`` (:func:`kernels.conv_scale`), offset 0;
     * a global average pooling (int8 MEAN, :func:`kernels.mean_requantize`): the sum of
-      the ``n`` input integers, ``unit = s_in / n``, offset the output zero point.
+      the ``n`` input integers, ``unit = s_in / n``, offset the output zero point;
+    * a concatenation along channels: its members' (:func:`_concatenated`).
     """
     nodes = {n.name: n for n in export_plan.nodes}
     s_out = export_plan.tensors[name].grid.scale
@@ -102,6 +104,8 @@ def kernel_arithmetic(model: keras.Model, export_plan: ExportPlan,
         return (np.float64(np.float32(s_in)) * s_w.astype(np.float64),
                 kernels.conv_scale(s_in, s_w, s_out), 0)
     node = nodes[name]
+    if isinstance(node.layer, keras.layers.Concatenate):
+        return _concatenated(model, export_plan, nodes, node, s_out)
     pooled = tuple(node.layer.input.shape[1:3]) if isinstance(
         node.layer, keras.layers.GlobalAveragePooling2D) else None
     s_in = _stored_input_scale(export_plan, nodes, node) if pooled else None
@@ -111,6 +115,33 @@ def kernel_arithmetic(model: keras.Model, export_plan: ExportPlan,
     return (np.full(channels, np.float64(np.float32(s_in)) / count),
             np.full(channels, kernels.mean_scale(s_in, s_out, count)),
             export_plan.tensors[name].grid.zero_point)
+
+
+def _concatenated(model: keras.Model, export_plan: ExportPlan, nodes: dict, node,
+                  s_out: float) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """A channel concatenation's arithmetic: each member's (a conv or MEAN writes it onto
+    the concatenation's grid), joined; channels whose values arrive already on that grid
+    (a :class:`QuantAdd`'s sum, a requantized input) or that no kernel covers get ``unit =
+    s_out, scale = 1``, which is ``round(y / s_out)``."""
+    axis = node.layer.axis
+    if axis not in (-1, len(node.layer.output.shape) - 1):
+        return None
+    units, scales, offsets = [], [], set()
+    for source in (stored_source(name, nodes) for name in node.inputs):
+        member = export_plan.tensors.get(source)
+        arithmetic = (kernel_arithmetic(model, export_plan, source)
+                      if member is not None and member.kind == "member" else None)
+        channels = nodes[source].layer.output.shape[-1]
+        if arithmetic is None:
+            arithmetic = (np.full(channels, np.float64(np.float32(s_out))),
+                          np.ones(channels, np.float32), None)
+        units.append(arithmetic[0])
+        scales.append(arithmetic[1])
+        offsets.add(arithmetic[2])
+    offsets.discard(None)
+    if len(offsets) > 1:  # a MEAN and a conv member round their ties differently
+        return None
+    return np.concatenate(units), np.concatenate(scales), offsets.pop() if offsets else 0
 
 
 def _add_writer(model: keras.Model, export_plan: ExportPlan, nodes: dict,
@@ -144,8 +175,9 @@ def set_kernel_rounding(model: keras.Model, export_plan: ExportPlan) -> list[str
     clear_kernel_rounding(model)
     nodes = {n.name: n for n in export_plan.nodes}
     done = []
-    for t, _, q in rounding_quantizers(model, export_plan):
-        arithmetic = kernel_arithmetic(model, export_plan, t.name)
+    members = [(t, None, None) for t in export_plan.tensors.values() if t.kind == "member"]
+    for t, _, q in rounding_quantizers(model, export_plan) + members:
+        arithmetic = kernel_arithmetic(model, export_plan, t.name) if q is not None else None
         add = _add_writer(model, export_plan, nodes, t.name)
         if arithmetic is not None:
             unit, scale, offset = arithmetic

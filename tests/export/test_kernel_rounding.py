@@ -81,3 +81,29 @@ def test_with_the_kernel_rounding_every_stored_integer_equals_the_int8_models():
     rows = divergence.model_divergence(wrapped, calibration, images)
     assert {r["tensor"] for r in rows} >= {"stem_relu", "dw_relu", "project", "out_relu"}
     assert divergence.first_divergence(rows) is None
+
+
+def test_a_concatenation_rounds_each_members_channels_with_that_members_arithmetic():
+    """Two conv branches and a residual sum concatenated (the convs and the ADD write onto
+    the concatenation's grid): its output quantizer gets the convs' per-channel arithmetic
+    and a pass-through for the sum's channels; every stored integer equals the int8
+    model's."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    x = L.ReLU(name="stem_relu")(L.Conv2D(64, 3, padding="same", name="stem")(inp))
+    a = L.ReLU(name="a_relu")(L.Conv2D(16, 3, padding="same", name="a")(x))
+    b = L.Conv2D(8, 1, name="b")(x)
+    c = L.Add(name="sum")([L.Conv2D(4, 1, name="c1")(x), L.Conv2D(4, 1, name="c2")(x)])
+    y = L.Concatenate(name="cat")([a, b, c])
+    model = keras.Model(inp, L.Dense(10, name="logits")(L.GlobalAveragePooling2D()(y)))
+    rng = np.random.default_rng(2)
+    calibration, images = (rng.uniform(-1, 1, (n, 8, 8, 3)).astype(np.float32) for n in (32, 64))
+    wrapped, _ = families.quantize_at_random(model, calibration)
+    export_plan = graph.plan(wrapped, calibration)
+    rounded = kernel_rounding.set_kernel_rounding(wrapped, export_plan)
+    assert {"cat", "sum"} <= set(rounded)
+    assert [export_plan.tensors[n].kind for n in ("a_relu", "b", "sum")] == ["member"] * 3
+    cat = wrapped.get_layer("cat_oq").kernel_rounding
+    assert len(cat["unit"]) == 28 and cat["scale"][24:] == [1.0] * 4
+    rows = divergence.model_divergence(wrapped, calibration, images)
+    assert divergence.first_divergence(rows) is None
