@@ -254,7 +254,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
     # "int8_twin": the same with the biases rounded as the int8 model stores them, a Keras
     # model that computes what the int8 TFLite model computes (verification only).
     graphs = {"float": graph.build(export_plan, native=False)}
-    # the Keras model rounds what the int8 convs write as their kernels do (verified below)
+    # the Keras model rounds what int8 convs, MEANs and ADDs write as their kernels do
     rounded = kernel_rounding.set_kernel_rounding(model, export_plan) if int8 else []
     if int8:
         graphs["int8"] = graph.build(export_plan, native=True)
@@ -590,6 +590,6 @@ def format_report(report: dict) -> str:
     lines.append(f"int8 tensors: {t['grid']} on learned grids, {t.get('quantized', 0)} on "
                  f"output quantizers' grids, {t['shared']} shared, {t['calibrated']} calibrated "
                  "(float in Keras); inexact quantized inputs: "
-                 f"{len(report['inexact_inputs'])}; rounded in Keras as the int8 conv "
-                 f"kernels do: {len(report.get('kernel_rounding', []))}")
+                 f"{len(report['inexact_inputs'])}; rounded in Keras as the int8 kernels "
+                 f"do: {len(report.get('kernel_rounding', []))}")
     return "\n".join(lines)

@@ -76,8 +76,8 @@ class ActivationQuantizer(keras.layers.Layer):
         sample (``"per_sample"``), per batch (``"per_batch"``) or ``g = 1`` (``"none"``).
       temperature: softmax temperature of the mixture and the expected bits.
       mode: initial mode, one of :data:`MODES`.
-      kernel_rounding: ``{"unit": [...], "scale": [...], "step": s}`` or None; see
-        :meth:`set_kernel_rounding`.
+      kernel_rounding: ``{"unit": [...], "scale": [...], "step": s, "offset": z}`` or
+        None; see :meth:`set_kernel_rounding`.
     """
 
     def __init__(self, candidate_bits: Sequence[int] = (2, 3, 4, 8), signed: bool = False,
@@ -201,7 +201,7 @@ class ActivationQuantizer(keras.layers.Layer):
             y = self._kernel_rounded(x, y, step, qn, qp)
         return tf.cast(y, inputs.dtype)
 
-    # -- the int8 conv kernels' rounding ---------------------------------------------------
+    # -- the int8 kernels' rounding --------------------------------------------------------
     def set_kernel_rounding(self, unit, scale, step: float | None = None,
                             offset: int = 0) -> None:
         """Makes inference (``"selected"`` mode, ``training`` false) round as the int8
