@@ -17,9 +17,11 @@ A tensor an int8 ADD writes gets the kernel's fixed-point sum
 that ``apply()`` puts in place of each ``Add`` (``QuantAdd.kernel_rounding``).
 
 A concatenation's output quantizer rounds each member's channels with that member's
-arithmetic. Not covered (they keep Keras' rounding): tensors written by MUL, the activation
-lookup tables, average poolings (depthwise mean convs), requantizations of a stored tensor
-and a BatchNorm that does not fold.
+arithmetic, and the model input's quantizer rounds as the int8 QUANTIZE kernel does
+(:func:`metamix_tf.export.kernels.quantize`). Not covered (they keep Keras' rounding):
+tensors written by MUL, the activation lookup tables, average poolings (depthwise mean
+convs), requantizations of a stored tensor, a BatchNorm that does not fold, and an input
+after float preprocessing layers.
 """
 
 from __future__ import annotations
@@ -179,7 +181,9 @@ def set_kernel_rounding(model: keras.Model, export_plan: ExportPlan) -> list[str
     for t, _, q in rounding_quantizers(model, export_plan) + members:
         arithmetic = kernel_arithmetic(model, export_plan, t.name) if q is not None else None
         add = _add_writer(model, export_plan, nodes, t.name)
-        if arithmetic is not None:
+        if q is not None and nodes[t.name].kind == "input":  # the int8 QUANTIZE of the input
+            q.set_input_rounding(t.grid.scale)
+        elif arithmetic is not None:
             unit, scale, offset = arithmetic
             q.set_kernel_rounding(unit, scale, offset=offset)
         elif add is not None:

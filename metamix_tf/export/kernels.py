@@ -19,6 +19,8 @@ model on every input has to compute them, not the exact real-number results:
 * :func:`mean_requantize` (MEAN, a global average pooling): the sum of the input integers
   times :func:`mean_scale` in float32, plus the output zero point *before* rounding half
   to even (so an odd zero point moves which ties go up).
+* :func:`quantize` (QUANTIZE, a float input to int8): ``rint(float32(x * float32(1 /
+  s))) + z``, a multiplication by the reciprocal, not a division.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import dataclasses
 import numpy as np
 
 __all__ = ["AddParams", "add_params", "add", "conv_scale", "conv_requantize", "mean_scale",
-           "mean_requantize"]
+           "mean_requantize", "quantize"]
 
 _INT8 = (-128, 127)
 
@@ -104,3 +106,11 @@ def mean_requantize(total, scale, zero_point: int,
     point): ``rint(float32(float32(total) * scale) + zero_point)``, clamped."""
     scaled = _f32(np.asarray(total, np.int64).astype(np.float32) * _f32(scale))
     return np.clip(np.rint(_f32(scaled + _f32(zero_point))).astype(np.int64), *out_range)
+
+
+def quantize(x, scale: float, zero_point: int, out_range: tuple[int, int] = _INT8) -> np.ndarray:
+    """Int8 output of a QUANTIZE of float32 ``x``: ``rint(float32(x * float32(1 / s))) + z``,
+    clamped."""
+    reciprocal = _f32(1.0) / _f32(scale)
+    scaled = _f32(_f32(x) * reciprocal)
+    return np.clip(np.rint(scaled).astype(np.int64) + zero_point, *out_range)

@@ -76,8 +76,9 @@ class ActivationQuantizer(keras.layers.Layer):
         sample (``"per_sample"``), per batch (``"per_batch"``) or ``g = 1`` (``"none"``).
       temperature: softmax temperature of the mixture and the expected bits.
       mode: initial mode, one of :data:`MODES`.
-      kernel_rounding: ``{"unit": [...], "scale": [...], "step": s, "offset": z}`` or
-        None; see :meth:`set_kernel_rounding`.
+      kernel_rounding: ``{"unit": [...], "scale": [...], "step": s, "offset": z}``,
+        ``{"reciprocal": r, "step": s}`` or None; see :meth:`set_kernel_rounding` and
+        :meth:`set_input_rounding`.
     """
 
     def __init__(self, candidate_bits: Sequence[int] = (2, 3, 4, 8), signed: bool = False,
@@ -100,7 +101,10 @@ class ActivationQuantizer(keras.layers.Layer):
         self._qn = np.array([r[0] for r in ranges], np.float32)
         self._qp = np.array([r[1] for r in ranges], np.float32)
         self.kernel_rounding = None
-        if kernel_rounding is not None:
+        if kernel_rounding is not None and "reciprocal" in kernel_rounding:
+            self.set_input_rounding(1.0 / kernel_rounding["reciprocal"],
+                                    kernel_rounding["step"])
+        elif kernel_rounding is not None:
             self.set_kernel_rounding(kernel_rounding["unit"], kernel_rounding["scale"],
                                      kernel_rounding["step"], kernel_rounding.get("offset", 0))
 
@@ -223,14 +227,26 @@ class ActivationQuantizer(keras.layers.Layer):
         self.kernel_rounding = {"unit": unit.tolist(), "scale": scale.astype(float).tolist(),
                                 "step": float(np.float32(step)), "offset": int(offset)}
 
+    def set_input_rounding(self, scale: float, step: float | None = None) -> None:
+        """Makes inference round a float model input as the int8 QUANTIZE kernel does:
+        ``round(float32(x * float32(1 / scale)))`` (a multiplication by the reciprocal of
+        the int8 scale, not a division), clipped; otherwise as :meth:`set_kernel_rounding`."""
+        step = self.selected_step if step is None else step
+        self.kernel_rounding = {"reciprocal": float(np.float32(1.0) / np.float32(scale)),
+                                "step": float(np.float32(step))}
+
     def clear_kernel_rounding(self) -> None:
         self.kernel_rounding = None
 
     def _kernel_rounded(self, x, y, step, qn, qp):
         rounding = self.kernel_rounding
-        q = ops.requantize_accumulator(x, np.asarray(rounding["unit"], np.float64),
-                                       np.asarray(rounding["scale"], np.float32), qn, qp,
-                                       float(rounding["offset"]))
+        if "reciprocal" in rounding:
+            q = tf.stop_gradient(tf.clip_by_value(
+                tf.round(x * tf.constant(rounding["reciprocal"], x.dtype)), -qn, qp))
+        else:
+            q = ops.requantize_accumulator(x, np.asarray(rounding["unit"], np.float64),
+                                           np.asarray(rounding["scale"], np.float32), qn, qp,
+                                           float(rounding["offset"]))
         current = tf.equal(step, tf.constant(rounding["step"], step.dtype))
         return tf.where(current, q * step, y)
 

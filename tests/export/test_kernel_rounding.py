@@ -51,8 +51,11 @@ def test_every_conv_mean_and_add_written_tensor_gets_the_kernel_rounding():
     images = np.random.default_rng(0).uniform(-1, 1, (32, 8, 8, 3)).astype(np.float32)
     wrapped, export_plan = _prepared(images)
     rounded = kernel_rounding.set_kernel_rounding(wrapped, export_plan)
-    assert set(rounded) == {"stem_relu", "wide_relu", "dw_relu", "project", "out_relu", "pool",
-                            "logits"}
+    (image,) = [n.name for n in export_plan.nodes if n.kind == "input"]
+    assert set(rounded) == {image, "stem_relu", "wide_relu", "dw_relu", "project", "out_relu",
+                            "pool", "logits"}
+    assert wrapped.get_layer("stem").input_quantizer.kernel_rounding["reciprocal"] == (
+        np.float32(1) / np.float32(export_plan.tensors[image].grid.scale))
     by_tensor = {t.name: q for t, _, q in kernel_rounding.rounding_quantizers(wrapped,
                                                                                export_plan)}
     assert by_tensor["out_relu"].kernel_rounding is None  # written by the int8 ADD: its

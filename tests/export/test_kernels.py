@@ -166,3 +166,40 @@ def test_mean_equals_litert(tmp_path, scales, size):
     np.testing.assert_array_equal(out, kernels.mean_requantize(total, scale, file_z_out))
     if size == 2:  # the conv's order (zero point after rounding) gets the ties wrong
         assert (out != kernels.conv_requantize(total, scale, file_z_out)).any()
+
+
+@pytest.mark.parametrize("scale, zero_point", [(0.0173, 3), (2.0 ** -4, -5), (0.0411, 0)])
+def test_quantize_equals_litert(tmp_path, scale, zero_point):
+    """A float input quantized to int8 (read back through an exact ADD of the tensor with
+    itself onto twice its scale): ``x * float32(1 / s)``, rounded; values at and within
+    an ulp of ties, where dividing by ``s`` would differ."""
+    inputs = keras.Input((64,))
+    q = keras.layers.Lambda(lambda x: _fake_quant(x, scale, zero_point))(inputs)
+    doubled = keras.layers.Lambda(lambda x: _fake_quant(x, 2 * scale, zero_point))(
+        keras.layers.Add()([q, q]))
+    rng = np.random.default_rng(0)
+    x = ((rng.integers(-100, 100, (512, 64))
+          + rng.choice([0.5, 0.4999999, 0.5000001, 0.3], (512, 64))) * scale).astype(np.float32)
+
+    def representative():
+        for i in range(8):
+            yield [x[i:i + 1]]
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(keras.Model(inputs, doubled))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_output_type = tf.int8
+    path = str(tmp_path / "quantize.tflite")
+    with open(path, "wb") as f:
+        f.write(converter.convert())
+    interp = verify.interpreter(path)
+    (detail,) = interp.get_input_details()
+    interp.resize_tensor_input(detail["index"], x.shape)
+    interp.allocate_tensors()
+    interp.set_tensor(detail["index"], x)
+    interp.invoke()
+    out = interp.get_output_details()[0]
+    assert out["quantization"][1] == zero_point
+    np.testing.assert_array_equal(interp.get_tensor(out["index"]).astype(np.int64),
+                                  kernels.quantize(x, scale, zero_point))

@@ -377,3 +377,20 @@ def test_kernel_rounding_is_in_the_config():
     np.testing.assert_array_equal(clone(tf.constant(x)).numpy(), q(tf.constant(x)).numpy())
     with pytest.raises(ValueError, match="positive and of one length"):
         q.set_kernel_rounding(unit, scale[:2])
+
+
+def test_input_rounding_multiplies_by_the_reciprocal_as_the_quantize_kernel():
+    from metamix_tf.export import kernels
+
+    step = np.float32(0.0411)
+    rng = np.random.default_rng(0)
+    x = ((rng.integers(-100, 100, SHAPE) + rng.choice([0.5, 0.4999999, 0.3], SHAPE))
+         * step).astype(np.float32)
+    q = make_quantizer(signed=True, candidates=(8,), mode="selected", steps=[step])
+    plain = q(tf.constant(x)).numpy()
+    q.set_input_rounding(step)
+    expected = (kernels.quantize(x, step, 0) * step).astype(np.float32)
+    np.testing.assert_array_equal(q(tf.constant(x)).numpy(), expected)
+    assert (plain != expected).any()  # dividing by the step rounds some ties the other way
+    clone = ActivationQuantizer.from_config(q.get_config())
+    assert clone.kernel_rounding == q.kernel_rounding
