@@ -93,7 +93,11 @@ def kernel_arithmetic(model: keras.Model, export_plan: ExportPlan,
       the ``n`` input integers, ``unit = s_in / n``, offset the output zero point;
     * a concatenation along channels: its members' (:func:`_concatenated`).
     """
-    nodes = {n.name: n for n in export_plan.nodes}
+    return _arithmetic(model, export_plan, {n.name: n for n in export_plan.nodes}, name)
+
+
+def _arithmetic(model: keras.Model, export_plan: ExportPlan, nodes: dict,
+                name: str) -> tuple[np.ndarray, np.ndarray, int] | None:
     s_out = export_plan.tensors[name].grid.scale
     writer = _conv_writer(export_plan, nodes, name)
     if writer is not None:
@@ -131,7 +135,7 @@ def _concatenated(model: keras.Model, export_plan: ExportPlan, nodes: dict, node
     units, scales, offsets = [], [], set()
     for source in (stored_source(name, nodes) for name in node.inputs):
         member = export_plan.tensors.get(source)
-        arithmetic = (kernel_arithmetic(model, export_plan, source)
+        arithmetic = (_arithmetic(model, export_plan, nodes, source)
                       if member is not None and member.kind == "member" else None)
         channels = nodes[source].layer.output.shape[-1]
         if arithmetic is None:
@@ -179,16 +183,13 @@ def set_kernel_rounding(model: keras.Model, export_plan: ExportPlan) -> list[str
     done = []
     members = [(t, None, None) for t in export_plan.tensors.values() if t.kind == "member"]
     for t, _, q in rounding_quantizers(model, export_plan) + members:
-        arithmetic = kernel_arithmetic(model, export_plan, t.name) if q is not None else None
-        add = _add_writer(model, export_plan, nodes, t.name)
         if q is not None and nodes[t.name].kind == "input":  # the int8 QUANTIZE of the input
             q.set_input_rounding(t.grid.scale)
-        elif arithmetic is not None:
+        elif q is not None and (arithmetic := _arithmetic(model, export_plan, nodes, t.name)):
             unit, scale, offset = arithmetic
             q.set_kernel_rounding(unit, scale, offset=offset)
-        elif add is not None:
-            layer, params = add
-            layer.kernel_rounding = params
+        elif add := _add_writer(model, export_plan, nodes, t.name):
+            add[0].kernel_rounding = add[1]  # the QuantAdd and its kernel parameters
         else:
             continue
         done.append(t.name)
