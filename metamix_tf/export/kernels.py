@@ -21,6 +21,12 @@ model on every input has to compute them, not the exact real-number results:
   to even (so an odd zero point moves which ties go up).
 * :func:`quantize` (QUANTIZE, a float input to int8): ``rint(float32(x * float32(1 /
   s))) + z``, a multiplication by the reciprocal, not a division.
+
+An op XNNPACK does not take runs on LiteRT's builtin kernels instead: a CONV_2D or
+DEPTHWISE_CONV_2D with an INT4 filter (:mod:`metamix_tf.export.int4`) does. Those requantize
+in fixed point (:func:`builtin_conv_requantize`), rounding other values than XNNPACK's
+float32 (tested the same way, on int8 filters: the builtin kernels read an INT4 filter as its
+int8 values).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import dataclasses
 import numpy as np
 
 __all__ = ["AddParams", "add_params", "add", "conv_scale", "conv_requantize", "mean_scale",
-           "mean_requantize", "quantize"]
+           "mean_requantize", "quantize", "quantize_multiplier", "builtin_conv_params",
+           "builtin_conv_requantize"]
 
 _INT8 = (-128, 127)
 
@@ -114,3 +121,43 @@ def quantize(x, scale: float, zero_point: int, out_range: tuple[int, int] = _INT
     reciprocal = _f32(1.0) / _f32(scale)
     scaled = _f32(_f32(x) * reciprocal)
     return np.clip(np.rint(scaled).astype(np.int64) + zero_point, *out_range)
+
+
+def quantize_multiplier(multiplier: float) -> tuple[int, int]:
+    """LiteRT's fixed-point form ``(M, shift)`` of a positive real ``multiplier = M 2^shift /
+    2^31``: ``frexp`` gives ``multiplier = f 2^shift`` with ``f`` in ``[1/2, 1)``, ``M =
+    round(f 2^31)`` (half away from zero; ``M = 2^31`` becomes ``2^30`` and ``shift + 1``);
+    below ``2^-31`` both are 0."""
+    fraction, shift = np.frexp(np.float64(multiplier))
+    m = int(np.floor(fraction * 2.0 ** 31 + 0.5))
+    if m == 1 << 31:
+        m, shift = m // 2, shift + 1
+    if shift < -31:
+        return 0, 0
+    return m, int(shift)
+
+
+def builtin_conv_params(input_scale: float, weight_scales, output_scale: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel ``(multipliers, shifts)`` of a builtin CONV_2D / DEPTHWISE_CONV_2D:
+    :func:`quantize_multiplier` of ``s_in * s_w[c] / s_out`` computed in float64 from the
+    float32 scales."""
+    real = (np.float64(_f32(input_scale)) * _f32(weight_scales).astype(np.float64)
+            / np.float64(_f32(output_scale)))
+    pairs = [quantize_multiplier(m) for m in np.atleast_1d(real)]
+    return (np.array([m for m, _ in pairs], np.int64), np.array([s for _, s in pairs], np.int64))
+
+
+def builtin_conv_requantize(acc, multipliers, shifts, zero_point: int,
+                            out_range: tuple[int, int] = _INT8) -> np.ndarray:
+    """Int8 output of a builtin CONV_2D / DEPTHWISE_CONV_2D from its int32 accumulator (as
+    :func:`conv_requantize`): two roundings half up, ``t = (A 2^max(shift, 0) M + 2^30) >>
+    31`` then ``(t + 2^(r - 1)) >> r`` with ``r = max(-shift, 0)``, plus ``z_out``, clamped.
+    The first rounding moves some values just below a half up across it (``0.375`` of a
+    unit rounds to 1 when ``r = 2``)."""
+    shifts = np.asarray(shifts, np.int64)
+    left, right = np.maximum(shifts, 0), np.maximum(-shifts, 0)
+    t = ((np.asarray(acc, np.int64) << left) * np.asarray(multipliers, np.int64)
+         + (1 << 30)) >> 31
+    rounded = (t + ((1 << right) >> 1)) >> right
+    return np.clip(rounded + zero_point, *out_range)

@@ -92,13 +92,17 @@ def test_add_rounds_ties_up_and_conv_rounds_them_to_even(tmp_path):
     test_conv_equals_litert(tmp_path, input_scale=s, weight_scale=2.0 ** -3, output_scale=s)
 
 
-def test_conv_equals_litert(tmp_path, input_scale=0.0173, weight_scale=None,
-                            output_scale=0.0412):
+def _conv_run(tmp_path, input_scale, weight_scale, output_scale, depthwise=False,
+              delegates=True):
+    """A one-op int8 conv (3x3, 8 output channels, per-channel weight scales, bias, zero
+    points) run by LiteRT: its output integers, the int32 accumulators computed from the
+    file's own integers, and the file's ``(s_in, s_w, s_out, z_out)``."""
     rng = np.random.default_rng(0)
     channels, zero_in, zero_out = 8, -9, 11
     weight_scales = (np.full(channels, weight_scale) if weight_scale
                      else rng.uniform(0.01, 0.05, channels)).astype(np.float32)
-    weights = rng.integers(-7, 8, (3, 3, 16, channels))
+    in_channels = channels if depthwise else 16
+    weights = rng.integers(-7, 8, (3, 3, 1 if depthwise else in_channels, channels))
     bias = rng.normal(0, 0.05, channels).astype(np.float32)
 
     class Conv(keras.layers.Layer):
@@ -107,30 +111,88 @@ def test_conv_equals_litert(tmp_path, input_scale=0.0173, weight_scale=None,
             kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
                 tf.constant((weights * weight_scales).astype(np.float32)),
                 -127 * weight_scales, 127 * weight_scales, num_bits=8, narrow_range=True)
-            y = tf.nn.conv2d(x, kernel, 1, "VALID") + bias
-            return _fake_quant(y, output_scale, zero_out)
+            y = (tf.nn.depthwise_conv2d(x, tf.reshape(kernel, (3, 3, channels, 1)),
+                                        [1, 1, 1, 1], "VALID") if depthwise
+                 else tf.nn.conv2d(x, kernel, 1, "VALID"))
+            return _fake_quant(y + bias, output_scale, zero_out)
 
-    inputs = keras.Input((6, 6, 16))
+    inputs = keras.Input((6, 6, in_channels))
     model = keras.Model(inputs, Conv()(inputs))
-    q_in = rng.integers(-128, 128, (32, 6, 6, 16))
+    q_in = rng.integers(-128, 128, (32, 6, 6, in_channels))
     path = _int8_file(model, [((q_in - zero_in) * input_scale).astype(np.float32)],
                       tmp_path / "conv.tflite")
-    out, (file_s_out, file_z_out), file_in = _run(path, {round(input_scale, 6): q_in})
+    if delegates:
+        out, (file_s_out, file_z_out), file_in = _run(path, {round(input_scale, 6): q_in})
+    else:
+        out, (file_s_out, file_z_out), file_in = _run_builtin(path, q_in)
     ((file_s_in, file_z_in),) = file_in.values()
     assert (file_z_in, file_z_out) == (zero_in, zero_out)
     constants = verify.interpreter(path, delegates=False)
     (filters,) = [d for d in constants.get_tensor_details() if len(d["shape"]) == 4
-                  and d["dtype"] == np.int8 and d["shape"][0] == channels]
+                  and d["dtype"] == np.int8 and d["shape"][-1 if depthwise else 0] == channels
+                  and d["quantization_parameters"]["scales"].size == channels]
     (bias_detail,) = [d for d in constants.get_tensor_details() if d["dtype"] == np.int32]
-    file_weights = constants.get_tensor(filters["index"]).transpose(1, 2, 3, 0)  # OHWI -> HWIO
     file_scales = filters["quantization_parameters"]["scales"]
-    np.testing.assert_array_equal(file_weights, weights)  # the integers trained are stored
-    acc = tf.nn.conv2d(tf.constant(q_in - zero_in, tf.float64),
-                       tf.constant(file_weights, tf.float64), 1, "VALID").numpy()
+    stored = constants.get_tensor(filters["index"])
+    if depthwise:  # 1HWC -> HWC1
+        file_weights = stored[0][..., None]
+        np.testing.assert_array_equal(file_weights[..., 0], weights[:, :, 0])
+        acc = tf.nn.depthwise_conv2d(tf.constant(q_in - zero_in, tf.float64),
+                                     tf.constant(file_weights, tf.float64), [1, 1, 1, 1],
+                                     "VALID").numpy()
+    else:  # OHWI -> HWIO
+        file_weights = stored.transpose(1, 2, 3, 0)
+        np.testing.assert_array_equal(file_weights, weights)  # the integers trained are stored
+        acc = tf.nn.conv2d(tf.constant(q_in - zero_in, tf.float64),
+                           tf.constant(file_weights, tf.float64), 1, "VALID").numpy()
     acc = np.rint(acc).astype(np.int64) + constants.get_tensor(bias_detail["index"])
-    expected = kernels.conv_requantize(
-        acc, kernels.conv_scale(file_s_in, file_scales, file_s_out), file_z_out)
+    return out, acc, (file_s_in, file_scales, file_s_out, file_z_out)
+
+
+def _run_builtin(path: str, q_in: np.ndarray) -> tuple[np.ndarray, tuple, dict]:
+    """As :func:`_run` for one input, on LiteRT's builtin kernels (no XNNPACK)."""
+    interp = verify.interpreter(path, delegates=False)
+    (detail,) = interp.get_input_details()
+    interp.resize_tensor_input(detail["index"], q_in.shape)
+    interp.allocate_tensors()
+    interp.set_tensor(detail["index"], q_in.astype(np.int8))
+    interp.invoke()
+    out = interp.get_output_details()[0]
+    return (interp.get_tensor(out["index"]).astype(np.int64), out["quantization"],
+            {0: detail["quantization"]})
+
+
+def test_conv_equals_litert(tmp_path, input_scale=0.0173, weight_scale=None,
+                            output_scale=0.0412):
+    out, acc, (s_in, s_w, s_out, z_out) = _conv_run(tmp_path, input_scale, weight_scale,
+                                                    output_scale)
+    expected = kernels.conv_requantize(acc, kernels.conv_scale(s_in, s_w, s_out), z_out)
     np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("scales", [(0.0173, None, 0.0412), (2.0 ** -4, 2.0 ** -3, 2.0 ** -4)])
+def test_builtin_conv_equals_litert_builtin_kernels(tmp_path, depthwise, scales):
+    """The builtin kernels (which run INT4-filter convs) requantize in fixed point, two
+    roundings half up; the dyadic scales (``s_in s_w / s_out = 1/8``) put an eighth of the
+    accumulators on a tie and another eighth at 0.375 of a unit, which the first rounding
+    sends up; XNNPACK's float32 arithmetic gives other integers there."""
+    out, acc, (s_in, s_w, s_out, z_out) = _conv_run(tmp_path, *scales, depthwise=depthwise,
+                                                    delegates=False)
+    multipliers, shifts = kernels.builtin_conv_params(s_in, s_w, s_out)
+    np.testing.assert_array_equal(
+        out, kernels.builtin_conv_requantize(acc, multipliers, shifts, z_out))
+    xnnpack = kernels.conv_requantize(acc, kernels.conv_scale(s_in, s_w, s_out), z_out)
+    assert (out != xnnpack).any()
+
+
+def test_quantize_multiplier():
+    assert kernels.quantize_multiplier(0.125) == (1 << 30, -2)
+    assert kernels.quantize_multiplier(0.75) == (3 << 29, 0)
+    assert kernels.quantize_multiplier(1 - 2.0 ** -40) == (1 << 30, 1)  # rounds up to 2^31
+    assert kernels.quantize_multiplier(2.0 ** -40) == (0, 0)
+    m, shift = kernels.quantize_multiplier(0.0173)
+    assert abs(m * 2.0 ** (shift - 31) - 0.0173) <= 2.0 ** (shift - 32)
 
 
 def test_add_differs_from_rounding_the_exact_sum():
