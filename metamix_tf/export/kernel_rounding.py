@@ -16,6 +16,12 @@ A tensor an int8 ADD writes gets the kernel's fixed-point sum
 (:func:`metamix_tf.export.kernels.add`) from the :class:`~metamix_tf.quant.layers.QuantAdd`
 that ``apply()`` puts in place of each ``Add`` (``QuantAdd.kernel_rounding``).
 
+A conv packed as INT4 (:mod:`metamix_tf.export.int4`) runs on LiteRT's builtin kernels,
+which XNNPACK does not replace for an INT4 filter, and those requantize in fixed point:
+``set_kernel_rounding(model, plan, builtin=packed layers)`` gives its tensor that arithmetic
+(:func:`metamix_tf.export.kernels.builtin_conv_requantize`); the export verifies the INT4
+file against the model rounded so.
+
 A concatenation's output quantizer rounds each member's channels with that member's
 arithmetic, and the model input's quantizer rounds as the int8 QUANTIZE kernel does
 (:func:`metamix_tf.export.kernels.quantize`). Not covered (they keep Keras' rounding):
@@ -25,6 +31,8 @@ after float preprocessing layers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import keras
 import numpy as np
@@ -96,22 +104,33 @@ def kernel_arithmetic(model: keras.Model, export_plan: ExportPlan,
     return _arithmetic(model, export_plan, {n.name: n for n in export_plan.nodes}, name)
 
 
-def _arithmetic(model: keras.Model, export_plan: ExportPlan, nodes: dict,
-                name: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+def _conv_scales(model: keras.Model, export_plan: ExportPlan,
+                 writer: str) -> tuple[float, np.ndarray] | None:
+    """``(s_in, s_w)`` of the int8 conv / dense ``writer`` (per output channel), or None
+    when its weight scales are not per output channel."""
+    weights = export_plan.weights[writer]
+    s_in = (export_plan.inputs[writer].stored_grid.scale if weights.input_scale is None
+            else weights.input_scale)
+    s_w = np.asarray(weights.folded.scale, np.float32)
+    if s_w.size != model.get_layer(writer).output.shape[-1]:
+        return None
+    return s_in, s_w
+
+
+def _arithmetic(model: keras.Model, export_plan: ExportPlan, nodes: dict, name: str,
+                builtin=frozenset()) -> tuple[np.ndarray, np.ndarray, int] | None:
     s_out = export_plan.tensors[name].grid.scale
     writer = _conv_writer(export_plan, nodes, name)
     if writer is not None:
-        weights = export_plan.weights[writer]
-        s_in = (export_plan.inputs[writer].stored_grid.scale if weights.input_scale is None
-                else weights.input_scale)
-        s_w = np.asarray(weights.folded.scale, np.float32)
-        if s_w.size != model.get_layer(writer).output.shape[-1]:
+        scales = _conv_scales(model, export_plan, writer)
+        if scales is None or writer in builtin:  # builtin: fixed point, not this form
             return None
+        s_in, s_w = scales
         return (np.float64(np.float32(s_in)) * s_w.astype(np.float64),
                 kernels.conv_scale(s_in, s_w, s_out), 0)
     node = nodes[name]
     if isinstance(node.layer, keras.layers.Concatenate):
-        return _concatenated(model, export_plan, nodes, node, s_out)
+        return _concatenated(model, export_plan, nodes, node, s_out, builtin)
     pooled = tuple(node.layer.input.shape[1:3]) if isinstance(
         node.layer, keras.layers.GlobalAveragePooling2D) else None
     s_in = _stored_input_scale(export_plan, nodes, node) if pooled else None
@@ -124,7 +143,8 @@ def _arithmetic(model: keras.Model, export_plan: ExportPlan, nodes: dict,
 
 
 def _concatenated(model: keras.Model, export_plan: ExportPlan, nodes: dict, node,
-                  s_out: float) -> tuple[np.ndarray, np.ndarray, int] | None:
+                  s_out: float, builtin=frozenset()
+                  ) -> tuple[np.ndarray, np.ndarray, int] | None:
     """A channel concatenation's arithmetic: each member's (a conv or MEAN writes it onto
     the concatenation's grid), joined; channels whose values arrive already on that grid
     (a :class:`QuantAdd`'s sum, a requantized input) or that no kernel covers get ``unit =
@@ -134,8 +154,10 @@ def _concatenated(model: keras.Model, export_plan: ExportPlan, nodes: dict, node
         return None
     units, scales, offsets = [], [], set()
     for source in (stored_source(name, nodes) for name in node.inputs):
+        if _conv_writer(export_plan, nodes, source) in builtin:
+            return None  # one quantizer cannot round members in fixed point and float32
         member = export_plan.tensors.get(source)
-        arithmetic = (_arithmetic(model, export_plan, nodes, source)
+        arithmetic = (_arithmetic(model, export_plan, nodes, source, builtin)
                       if member is not None and member.kind == "member" else None)
         channels = nodes[source].layer.output.shape[-1]
         if arithmetic is None:
@@ -173,19 +195,31 @@ def _add_writer(model: keras.Model, export_plan: ExportPlan, nodes: dict,
         "output_step": float(np.float32(s_out))}
 
 
-def set_kernel_rounding(model: keras.Model, export_plan: ExportPlan) -> list[str]:
+def set_kernel_rounding(model: keras.Model, export_plan: ExportPlan,
+                        builtin: Iterable[str] = ()) -> list[str]:
     """Sets the int8 kernels' rounding (module docstring) on the quantizer of every tensor
     :func:`kernel_arithmetic` covers in ``export_plan`` (planned from ``model``), and on
     every :class:`~metamix_tf.quant.layers.QuantAdd` whose sum is stored; returns those
-    tensors. Set again after changing the model (the export does)."""
+    tensors. ``builtin``: conv layers whose op runs on LiteRT's builtin kernels (the INT4
+    ones, which XNNPACK does not take): their tensors get the builtin kernels' fixed-point
+    requantization (:func:`kernels.builtin_conv_requantize`), and a concatenation of one
+    keeps Keras' rounding. Set again after changing the model (the export does)."""
     clear_kernel_rounding(model)
+    builtin = frozenset(builtin)
     nodes = {n.name: n for n in export_plan.nodes}
     done = []
     members = [(t, None, None) for t in export_plan.tensors.values() if t.kind == "member"]
     for t, _, q in rounding_quantizers(model, export_plan) + members:
+        writer = _conv_writer(export_plan, nodes, t.name)
         if q is not None and nodes[t.name].kind == "input":  # the int8 QUANTIZE of the input
             q.set_input_rounding(t.grid.scale)
-        elif q is not None and (arithmetic := _arithmetic(model, export_plan, nodes, t.name)):
+        elif q is not None and writer in builtin and (
+                scales := _conv_scales(model, export_plan, writer)):
+            s_in, s_w = scales
+            q.set_fixed_point_rounding(np.float64(np.float32(s_in)) * s_w.astype(np.float64),
+                                       *kernels.builtin_conv_params(s_in, s_w, t.grid.scale))
+        elif q is not None and (arithmetic := _arithmetic(model, export_plan, nodes, t.name,
+                                                          builtin)):
             unit, scale, offset = arithmetic
             q.set_kernel_rounding(unit, scale, offset=offset)
         elif add := _add_writer(model, export_plan, nodes, t.name):

@@ -328,11 +328,12 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         "integer_io": io_specs if int8 else {},
     }
     if verify_models and eval_images is not None:
+        int4_layers = summaries.get("int4", {}).get("packed", {})
         report["verification"] = _verify(model, graphs, files, outputs, export_plan,
                                          np.asarray(eval_images, np.float32), eval_labels,
                                          grid_check_examples, latency_rounds, latency_runs,
                                          latency_threads, tensor_costs, log,
-                                         dict(latency_baselines or {}))
+                                         dict(latency_baselines or {}), int4_layers)
     for key, baseline in (latency_baselines or {}).items():
         report["graphs"][key] = tflite.graph_summary(baseline)
     report["export_seconds"] = round(time.time() - began, 1)
@@ -343,7 +344,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
 
 def _verify(model, graphs, files, formats, export_plan, images, labels, grid_examples,
             latency_rounds, latency_runs, latency_threads, tensor_costs, log,
-            baselines) -> dict:
+            baselines, int4_layers=()) -> dict:
     log(f"Verifying on {len(images)} images")
     reference = verify.keras_logits(model, images)
     out = {"examples": int(len(images)), "reference": "keras fake-quant model",
@@ -363,6 +364,19 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
     for fmt in formats:
         result = verify.run_tflite(files[fmt], images)
         out["tflite"][fmt] = verify.compare(reference, result, labels)
+        if fmt == "int4":
+            # LiteRT runs the INT4 convs on its builtin kernels (XNNPACK takes no INT4
+            # filter), which requantize in fixed point: the Keras model rounds those
+            # tensors so for this file, then as the int8 file's kernels again
+            out["tflite"]["int4_vs_int8_rounding_keras"] = out["tflite"][fmt]
+            builtin = kernel_rounding.set_kernel_rounding(model, export_plan, int4_layers)
+            try:
+                out["tflite"][fmt] = {
+                    **verify.compare(verify.keras_logits(model, images), result, labels),
+                    "reference": "keras model with the builtin kernels' rounding for the "
+                                 "INT4 convs", "kernel_rounding": builtin}
+            finally:
+                kernel_rounding.set_kernel_rounding(model, export_plan)
         if fmt == "int8":
             out["float64_reference"] = _float64_reference(model, images, reference, result,
                                                           labels, log)

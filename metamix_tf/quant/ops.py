@@ -25,6 +25,7 @@ import functools
 import math
 import os
 
+import numpy as np
 import tensorflow as tf
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "lsq_mixture",
     "lsq_init_step",
     "requantize_accumulator",
+    "fixed_point_requantize",
     "fixed_point_add",
     "straight_through",
     "argmax_bits_ste",
@@ -273,6 +275,28 @@ def requantize_accumulator(x: tf.Tensor, unit: tf.Tensor, scale: tf.Tensor, qn, 
     offset = tf.cast(offset, tf.float32)
     q = tf.round(tf.cast(accumulator, tf.float32) * tf.cast(scale, tf.float32) + offset)
     return tf.stop_gradient(tf.cast(tf.clip_by_value(q - offset, -qn, qp), x.dtype))
+
+
+def fixed_point_requantize(x: tf.Tensor, unit: tf.Tensor, multipliers, shifts, qn,
+                           qp) -> tf.Tensor:
+    """As :func:`requantize_accumulator`, for a kernel that requantizes in fixed point
+    (LiteRT's builtin conv kernels, which run INT4-filter convs).
+
+    Forward: ``A = round(x / unit)`` in float64, then in int64 ``t = floor((A 2^l M + 2^30)
+    / 2^31)`` and ``floor((t + 2^(r-1)) / 2^r)`` with ``M = multipliers``, ``l = max(shift,
+    0)``, ``r = max(-shift, 0)`` per output channel (last axis;
+    :func:`metamix_tf.export.kernels.builtin_conv_requantize`), clipped to ``[-Qn, Qp]``.
+    Returns integers as ``x``'s dtype. Gradient: none (inference only).
+    """
+    shifts = np.asarray(shifts, np.int64)
+    left, right = np.maximum(shifts, 0), np.maximum(-shifts, 0)
+    accumulator = tf.cast(tf.round(tf.cast(x, tf.float64) / tf.cast(unit, tf.float64)),
+                          tf.int64)
+    t = tf.math.floordiv(accumulator * tf.constant(np.asarray(multipliers, np.int64) << left)
+                         + (1 << 30), tf.constant(1 << 31, tf.int64))
+    q = tf.math.floordiv(t + tf.constant((1 << right) >> 1), tf.constant(1 << right))
+    q = tf.clip_by_value(q, -tf.cast(qn, tf.int64), tf.cast(qp, tf.int64))
+    return tf.stop_gradient(tf.cast(q, x.dtype))
 
 
 def fixed_point_add(x_a: tf.Tensor, x_b: tf.Tensor, steps, multipliers, shift: int,

@@ -77,8 +77,9 @@ class ActivationQuantizer(keras.layers.Layer):
       temperature: softmax temperature of the mixture and the expected bits.
       mode: initial mode, one of :data:`MODES`.
       kernel_rounding: ``{"unit": [...], "scale": [...], "step": s, "offset": z}``,
-        ``{"reciprocal": r, "step": s}`` or None; see :meth:`set_kernel_rounding` and
-        :meth:`set_input_rounding`.
+        ``{"unit": [...], "multiplier": [...], "shift": [...], "step": s}``,
+        ``{"reciprocal": r, "step": s}`` or None; see :meth:`set_kernel_rounding`,
+        :meth:`set_fixed_point_rounding` and :meth:`set_input_rounding`.
     """
 
     def __init__(self, candidate_bits: Sequence[int] = (2, 3, 4, 8), signed: bool = False,
@@ -104,6 +105,9 @@ class ActivationQuantizer(keras.layers.Layer):
         if kernel_rounding is not None and "reciprocal" in kernel_rounding:
             self.set_input_rounding(1.0 / kernel_rounding["reciprocal"],
                                     kernel_rounding["step"])
+        elif kernel_rounding is not None and "multiplier" in kernel_rounding:
+            self.set_fixed_point_rounding(kernel_rounding["unit"], kernel_rounding["multiplier"],
+                                          kernel_rounding["shift"], kernel_rounding["step"])
         elif kernel_rounding is not None:
             self.set_kernel_rounding(kernel_rounding["unit"], kernel_rounding["scale"],
                                      kernel_rounding["step"], kernel_rounding.get("offset", 0))
@@ -227,6 +231,24 @@ class ActivationQuantizer(keras.layers.Layer):
         self.kernel_rounding = {"unit": unit.tolist(), "scale": scale.astype(float).tolist(),
                                 "step": float(np.float32(step)), "offset": int(offset)}
 
+    def set_fixed_point_rounding(self, unit, multiplier, shift,
+                                 step: float | None = None) -> None:
+        """As :meth:`set_kernel_rounding`, for a kernel that requantizes in fixed point
+        (LiteRT's builtin conv kernels, which run the INT4-filter convs):
+        :func:`ops.fixed_point_requantize` with per-channel ``multiplier`` and ``shift``
+        (:func:`metamix_tf.export.kernels.builtin_conv_params`)."""
+        unit = np.asarray(unit, np.float64).reshape(-1)
+        multiplier = np.asarray(multiplier, np.int64).reshape(-1)
+        shift = np.asarray(shift, np.int64).reshape(-1)
+        if not (unit.shape == multiplier.shape == shift.shape and np.all(unit > 0)
+                and np.all((multiplier >= 0) & (multiplier < 2 ** 31))):
+            raise ValueError(f"Quantizer '{self.name}': `unit` must be positive, "
+                             "`multiplier` in [0, 2^31), all of one length. Received: "
+                             f"{unit.shape}, {multiplier.shape}, {shift.shape}")
+        step = self.selected_step if step is None else step
+        self.kernel_rounding = {"unit": unit.tolist(), "multiplier": multiplier.tolist(),
+                                "shift": shift.tolist(), "step": float(np.float32(step))}
+
     def set_input_rounding(self, scale: float, step: float | None = None) -> None:
         """Makes inference round a float model input as the int8 QUANTIZE kernel does:
         ``round(float32(x * float32(1 / scale)))`` (a multiplication by the reciprocal of
@@ -243,6 +265,9 @@ class ActivationQuantizer(keras.layers.Layer):
         if "reciprocal" in rounding:
             q = tf.stop_gradient(tf.clip_by_value(
                 tf.round(x * tf.constant(rounding["reciprocal"], x.dtype)), -qn, qp))
+        elif "multiplier" in rounding:
+            q = ops.fixed_point_requantize(x, np.asarray(rounding["unit"], np.float64),
+                                           rounding["multiplier"], rounding["shift"], qn, qp)
         else:
             q = ops.requantize_accumulator(x, np.asarray(rounding["unit"], np.float64),
                                            np.asarray(rounding["scale"], np.float32), qn, qp,

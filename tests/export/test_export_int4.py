@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from metamix_tf.export import graph, int4, run, verify
+from metamix_tf.quant import wrap
 
 pytest.importorskip("ai_edge_quantizer")  # the [int4] extra; .ci/run installs it
 pytestmark = pytest.mark.slow
@@ -56,8 +57,20 @@ def test_int4_storage_int8_model_agrees_with_keras(exported_int4):
     t = report["verification"]["tflite"]
     # biases snapped to the "bits" grid: the int8 file (XNNPACK) is the Keras model
     assert t["int8"]["top1_agreement"] == 1.0
-    assert t["int4"]["top1_agreement"] >= 0.95  # builtin kernels round some ties otherwise
     assert report["verification"]["grid_check"]["all_on_grid"]
+
+
+def test_int4_model_agrees_with_keras_rounding_as_the_builtin_kernels(exported_int4):
+    """The INT4 convs run on LiteRT's builtin kernels (fixed-point requantization): with
+    those tensors rounded so, the Keras model gives the INT4 file's predictions."""
+    report, _, _, _, model = exported_int4
+    t = report["verification"]["tflite"]
+    assert t["int4"]["top1_agreement"] == 1.0
+    assert set(t["int4"]["kernel_rounding"]) == set(report["kernel_rounding"])
+    assert "top1_agreement" in t["int4_vs_int8_rounding_keras"]
+    # the export leaves the model rounding as the int8 file's kernels
+    assert all("multiplier" not in (q.kernel_rounding or {})
+               for q in wrap.activation_quantizers(model))
 
 
 def test_int4_packing_refuses_a_spread_plan(exported_int4):

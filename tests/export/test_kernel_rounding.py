@@ -110,3 +110,23 @@ def test_a_concatenation_rounds_each_members_channels_with_that_members_arithmet
     assert len(cat["unit"]) == 28 and cat["scale"][24:] == [1.0] * 4
     rows = divergence.model_divergence(wrapped, calibration, images)
     assert divergence.first_divergence(rows) is None
+
+
+def test_builtin_convs_get_the_fixed_point_rounding():
+    """Layers packed as INT4 run on the builtin kernels: their tensors get those kernels'
+    fixed-point parameters, every other tensor the XNNPACK arithmetic as before."""
+    images = np.random.default_rng(0).uniform(-1, 1, (32, 8, 8, 3)).astype(np.float32)
+    wrapped, export_plan = _prepared(images)
+    plain = kernel_rounding.set_kernel_rounding(wrapped, export_plan)
+    assert kernel_rounding.set_kernel_rounding(wrapped, export_plan, {"wide", "dw"}) == plain
+    by_tensor = {t.name: q for t, _, q in kernel_rounding.rounding_quantizers(wrapped,
+                                                                               export_plan)}
+    weights = export_plan.weights["wide"]
+    s_in = export_plan.inputs["wide"].stored_grid.scale
+    multipliers, shifts = kernels.builtin_conv_params(
+        s_in, weights.folded.scale, export_plan.tensors["wide_relu"].grid.scale)
+    fixed = by_tensor["wide_relu"].kernel_rounding
+    assert fixed["multiplier"] == multipliers.tolist() and fixed["shift"] == shifts.tolist()
+    assert "multiplier" in by_tensor["dw_relu"].kernel_rounding
+    assert "scale" in by_tensor["stem_relu"].kernel_rounding
+    assert "scale" in by_tensor["project"].kernel_rounding

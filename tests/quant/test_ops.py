@@ -361,3 +361,20 @@ def test_requantize_accumulator_matches_the_kernel_arithmetic_and_has_no_gradien
     np.testing.assert_array_equal(shifted.numpy(),
                                   kernels.mean_requantize(acc, scale, -5, (-133, 122)) + 5)
     assert (shifted.numpy() != q.numpy()).any()
+
+
+def test_fixed_point_requantize_matches_the_builtin_kernel_arithmetic():
+    from metamix_tf.export import kernels
+
+    rng = np.random.default_rng(0)
+    unit = np.array([0.013, 0.5, 3e-5, 0.02])
+    multipliers, shifts = kernels.builtin_conv_params(1.0, [0.125, 0.3, 0.0173, 1.7], 1.0)
+    acc = rng.integers(-2000, 2000, (256, 4))
+    x = tf.constant(((acc + rng.uniform(-0.3, 0.3, acc.shape)) * unit).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        q = ops.fixed_point_requantize(x, unit, multipliers, shifts, 128, 127)
+    np.testing.assert_array_equal(
+        q.numpy(), kernels.builtin_conv_requantize(acc, multipliers, shifts, 0))
+    assert tape.gradient(q, x) is None
+    assert shifts[-1] == 1 and (acc[:, 0] % 8 == 3).any()  # a left shift; 0.375 ties

@@ -379,6 +379,28 @@ def test_kernel_rounding_is_in_the_config():
         q.set_kernel_rounding(unit, scale[:2])
 
 
+def test_fixed_point_rounding_rounds_as_the_builtin_conv_kernel():
+    """A searchable quantizer (its range gathered at the selected bits) with the builtin
+    kernels' fixed-point requantization: their integers, not XNNPACK's, and in the config."""
+    from metamix_tf.export import kernels
+
+    _, x, acc, unit, scale = _kernel_rounding_case()
+    q = make_quantizer(signed=True, candidates=(4, 8), mode="selected", steps=[1.0, 0.25])
+    q.select(8)
+    multipliers, shifts = kernels.builtin_conv_params(1.0, scale, 1.0)
+    q.set_fixed_point_rounding(unit, multipliers, shifts)
+    expected = kernels.builtin_conv_requantize(acc, multipliers, shifts, 0) * 0.25
+    np.testing.assert_array_equal(q(tf.constant(x), training=False).numpy(), expected)
+    assert (expected != np.clip(kernels.conv_requantize(acc, scale, 0), -128, 127) * 0.25).any()
+    clone = ActivationQuantizer.from_config(q.get_config())
+    assert clone.kernel_rounding == q.kernel_rounding
+    clone.build(SHAPE)
+    clone.set_weights(q.get_weights())
+    np.testing.assert_array_equal(clone(tf.constant(x)).numpy(), expected)
+    with pytest.raises(ValueError, match="of one length"):
+        q.set_fixed_point_rounding(unit, multipliers[:2], shifts)
+
+
 def test_input_rounding_multiplies_by_the_reciprocal_as_the_quantize_kernel():
     from metamix_tf.export import kernels
 
