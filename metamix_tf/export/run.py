@@ -573,6 +573,11 @@ def format_report(report: dict) -> str:
                          f"{c4.get('all_on_grid')}; under the builtin kernels (XNNPACK "
                          "takes no INT4 conv) int4 vs int8 max |dlogit| "
                          f"{c4.get('builtin_kernels_int4_vs_int8_max_abs_diff')}")
+            plain = v["tflite"].get("int4_vs_int8_rounding_keras")
+            if plain:
+                lines.append("int4 reference: the Keras model rounding the INT4 convs' "
+                             "tensors as the builtin kernels do (with the int8 file's "
+                             f"rounding instead: {_pct(plain['top1_agreement'])})")
         k = v["keras_graphs"]
         if "int8_twin" in k:
             twin = v["tflite"]["int8"]["vs_int8_keras_twin"]

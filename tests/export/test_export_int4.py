@@ -68,6 +68,7 @@ def test_int4_model_agrees_with_keras_rounding_as_the_builtin_kernels(exported_i
     assert t["int4"]["top1_agreement"] == 1.0
     assert set(t["int4"]["kernel_rounding"]) == set(report["kernel_rounding"])
     assert "top1_agreement" in t["int4_vs_int8_rounding_keras"]
+    assert "int4 reference: the Keras model rounding" in run.format_report(report)
     # the export leaves the model rounding as the int8 file's kernels
     assert all("multiplier" not in (q.kernel_rounding or {})
                for q in wrap.activation_quantizers(model))
