@@ -202,8 +202,9 @@ def set_kernel_rounding(model: keras.Model, export_plan: ExportPlan,
     every :class:`~metamix_tf.quant.layers.QuantAdd` whose sum is stored; returns those
     tensors. ``builtin``: conv layers whose op runs on LiteRT's builtin kernels (the INT4
     ones, which XNNPACK does not take): their tensors get the builtin kernels' fixed-point
-    requantization (:func:`kernels.builtin_conv_requantize`), and a concatenation of one
-    keeps Keras' rounding. Set again after changing the model (the export does)."""
+    requantization (:func:`kernels.builtin_conv_requantize`), and a concatenation with one
+    as a member keeps Keras' rounding. Set again after changing the model (the export
+    does)."""
     clear_kernel_rounding(model)
     builtin = frozenset(builtin)
     nodes = {n.name: n for n in export_plan.nodes}
