@@ -105,16 +105,17 @@ def kernel_arithmetic(model: keras.Model, export_plan: ExportPlan,
 
 
 def _conv_scales(model: keras.Model, export_plan: ExportPlan,
-                 writer: str) -> tuple[float, np.ndarray] | None:
-    """``(s_in, s_w)`` of the int8 conv / dense ``writer`` (per output channel), or None
-    when its weight scales are not per output channel."""
+                 writer: str) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """``(s_in, s_w, unit)`` of the int8 conv / dense ``writer`` (per output channel; ``unit
+    = s_in * s_w`` in float64 of the float32 scales, the accumulator's), or None when its
+    weight scales are not per output channel."""
     weights = export_plan.weights[writer]
     s_in = (export_plan.inputs[writer].stored_grid.scale if weights.input_scale is None
             else weights.input_scale)
     s_w = np.asarray(weights.folded.scale, np.float32)
     if s_w.size != model.get_layer(writer).output.shape[-1]:
         return None
-    return s_in, s_w
+    return s_in, s_w, np.float64(np.float32(s_in)) * s_w.astype(np.float64)
 
 
 def _arithmetic(model: keras.Model, export_plan: ExportPlan, nodes: dict, name: str,
@@ -125,9 +126,8 @@ def _arithmetic(model: keras.Model, export_plan: ExportPlan, nodes: dict, name: 
         scales = _conv_scales(model, export_plan, writer)
         if scales is None or writer in builtin:  # builtin: fixed point, not this form
             return None
-        s_in, s_w = scales
-        return (np.float64(np.float32(s_in)) * s_w.astype(np.float64),
-                kernels.conv_scale(s_in, s_w, s_out), 0)
+        s_in, s_w, unit = scales
+        return unit, kernels.conv_scale(s_in, s_w, s_out), 0
     node = nodes[name]
     if isinstance(node.layer, keras.layers.Concatenate):
         return _concatenated(model, export_plan, nodes, node, s_out, builtin)
@@ -154,9 +154,10 @@ def _concatenated(model: keras.Model, export_plan: ExportPlan, nodes: dict, node
         return None
     units, scales, offsets = [], [], set()
     for source in (stored_source(name, nodes) for name in node.inputs):
-        if _conv_writer(export_plan, nodes, source) in builtin:
-            return None  # one quantizer cannot round members in fixed point and float32
         member = export_plan.tensors.get(source)
+        if (member is not None and member.kind == "member"
+                and _conv_writer(export_plan, nodes, source) in builtin):
+            return None  # one quantizer cannot round members in fixed point and float32
         arithmetic = (_arithmetic(model, export_plan, nodes, source, builtin)
                       if member is not None and member.kind == "member" else None)
         channels = nodes[source].layer.output.shape[-1]
@@ -216,9 +217,9 @@ def set_kernel_rounding(model: keras.Model, export_plan: ExportPlan,
             q.set_input_rounding(t.grid.scale)
         elif q is not None and writer in builtin and (
                 scales := _conv_scales(model, export_plan, writer)):
-            s_in, s_w = scales
-            q.set_fixed_point_rounding(np.float64(np.float32(s_in)) * s_w.astype(np.float64),
-                                       *kernels.builtin_conv_params(s_in, s_w, t.grid.scale))
+            s_in, s_w, unit = scales
+            q.set_fixed_point_rounding(unit, *kernels.builtin_conv_params(s_in, s_w,
+                                                                          t.grid.scale))
         elif q is not None and (arithmetic := _arithmetic(model, export_plan, nodes, t.name,
                                                           builtin)):
             unit, scale, offset = arithmetic

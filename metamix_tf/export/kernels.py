@@ -26,7 +26,9 @@ An op XNNPACK does not take runs on LiteRT's builtin kernels instead: a CONV_2D 
 DEPTHWISE_CONV_2D with an INT4 filter (:mod:`metamix_tf.export.int4`) does. Those requantize
 in fixed point (:func:`builtin_conv_requantize`), rounding other values than XNNPACK's
 float32 (tested the same way, on int8 filters: the builtin kernels read an INT4 filter as its
-int8 values).
+int8 values). Measured on LiteRT 2.3's x86-64 wheel; other builds (ARM, or TFLite compiled
+with single rounding) may round the builtin kernels' ties otherwise, and the tests say so
+by failing.
 """
 
 from __future__ import annotations

@@ -328,7 +328,8 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         "integer_io": io_specs if int8 else {},
     }
     if verify_models and eval_images is not None:
-        int4_layers = summaries.get("int4", {}).get("packed", {})
+        int4_layers = [layer for layer, p in summaries.get("int4", {}).get("packed", {}).items()
+                       if p["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]  # the pinned kernels
         report["verification"] = _verify(model, graphs, files, outputs, export_plan,
                                          np.asarray(eval_images, np.float32), eval_labels,
                                          grid_check_examples, latency_rounds, latency_runs,
@@ -368,13 +369,14 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
             # LiteRT runs the INT4 convs on its builtin kernels (XNNPACK takes no INT4
             # filter), which requantize in fixed point: the Keras model rounds those
             # tensors so for this file, then as the int8 file's kernels again
-            out["tflite"]["int4_vs_int8_rounding_keras"] = out["tflite"][fmt]
-            builtin = kernel_rounding.set_kernel_rounding(model, export_plan, int4_layers)
+            plain = out["tflite"][fmt]
             try:
+                rounded = kernel_rounding.set_kernel_rounding(model, export_plan, int4_layers)
                 out["tflite"][fmt] = {
                     **verify.compare(verify.keras_logits(model, images), result, labels),
                     "reference": "keras model with the builtin kernels' rounding for the "
-                                 "INT4 convs", "kernel_rounding": builtin}
+                                 "INT4 convs", "kernel_rounding": rounded,
+                    "vs_int8_rounding_keras": plain}
             finally:
                 kernel_rounding.set_kernel_rounding(model, export_plan)
         if fmt == "int8":
@@ -396,14 +398,14 @@ def _verify(model, graphs, files, formats, export_plan, images, labels, grid_exa
             # XNNPACK takes no INT4 filter with int8 activations: those ops run on the
             # builtin kernels. Under the builtin kernels alone both files must agree bit
             # for bit (the packing changes no value).
-            builtin = {k: verify.run_tflite(files[k], sample, delegates=False)
-                       for k in ("int8", "int4")}
+            on_builtin = {k: verify.run_tflite(files[k], sample, delegates=False)
+                          for k in ("int8", "int4")}
             out["int4_grid_check"] = {
                 "all_on_grid": all(c.on_grid for c in int4_checks), "layers": len(int4_checks),
                 "builtin_kernels_int4_vs_int8_max_abs_diff": float(
-                    np.abs(builtin["int4"] - builtin["int8"]).max()),
+                    np.abs(on_builtin["int4"] - on_builtin["int8"]).max()),
                 "builtin_kernels_int8_vs_keras": verify.compare(reference[:len(sample)],
-                                                                builtin["int8"])}
+                                                                on_builtin["int8"])}
         with tempfile.TemporaryDirectory() as tmp:
             ints = verify.tflite_quantized_inputs(graphs["int8"], export_plan, sample, tmp)
         vs_keras = verify.match(
@@ -573,11 +575,11 @@ def format_report(report: dict) -> str:
                          f"{c4.get('all_on_grid')}; under the builtin kernels (XNNPACK "
                          "takes no INT4 conv) int4 vs int8 max |dlogit| "
                          f"{c4.get('builtin_kernels_int4_vs_int8_max_abs_diff')}")
-            plain = v["tflite"].get("int4_vs_int8_rounding_keras")
-            if plain:
-                lines.append("int4 reference: the Keras model rounding the INT4 convs' "
-                             "tensors as the builtin kernels do (with the int8 file's "
-                             f"rounding instead: {_pct(plain['top1_agreement'])})")
+        plain = v["tflite"].get("int4", {}).get("vs_int8_rounding_keras")
+        if plain:
+            lines.append("int4 reference: the Keras model rounding the INT4 convs' tensors as "
+                         "the builtin kernels do (with the int8 file's rounding instead: "
+                         f"{_pct(plain['top1_agreement'])})")
         k = v["keras_graphs"]
         if "int8_twin" in k:
             twin = v["tflite"]["int8"]["vs_int8_keras_twin"]

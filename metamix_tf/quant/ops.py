@@ -290,8 +290,9 @@ def fixed_point_requantize(x: tf.Tensor, unit: tf.Tensor, multipliers, shifts, q
     """
     shifts = np.asarray(shifts, np.int64)
     left, right = np.maximum(shifts, 0), np.maximum(-shifts, 0)
-    accumulator = tf.cast(tf.round(tf.cast(x, tf.float64) / tf.cast(unit, tf.float64)),
-                          tf.int64)
+    accumulator = tf.cast(tf.clip_by_value(  # an int32 in the kernel; no int64 overflow
+        tf.round(tf.cast(x, tf.float64) / tf.cast(unit, tf.float64)), -2.0 ** 31, 2.0 ** 31 - 1),
+        tf.int64)
     t = tf.math.floordiv(accumulator * tf.constant(np.asarray(multipliers, np.int64) << left)
                          + (1 << 30), tf.constant(1 << 31, tf.int64))
     q = tf.math.floordiv(t + tf.constant((1 << right) >> 1), tf.constant(1 << right))

@@ -241,10 +241,12 @@ class ActivationQuantizer(keras.layers.Layer):
         multiplier = np.asarray(multiplier, np.int64).reshape(-1)
         shift = np.asarray(shift, np.int64).reshape(-1)
         if not (unit.shape == multiplier.shape == shift.shape and np.all(unit > 0)
-                and np.all((multiplier >= 0) & (multiplier < 2 ** 31))):
+                and np.all((multiplier >= 0) & (multiplier < 2 ** 31))
+                and np.all((shift >= -31) & (shift <= 30))):
             raise ValueError(f"Quantizer '{self.name}': `unit` must be positive, "
-                             "`multiplier` in [0, 2^31), all of one length. Received: "
-                             f"{unit.shape}, {multiplier.shape}, {shift.shape}")
+                             "`multiplier` in [0, 2^31), `shift` in [-31, 30], all of one "
+                             f"length. Received: {unit.shape}, {multiplier.shape}, "
+                             f"{shift.shape}")
         step = self.selected_step if step is None else step
         self.kernel_rounding = {"unit": unit.tolist(), "multiplier": multiplier.tolist(),
                                 "shift": shift.tolist(), "step": float(np.float32(step))}

@@ -93,10 +93,11 @@ def test_add_rounds_ties_up_and_conv_rounds_them_to_even(tmp_path):
 
 
 def _conv_run(tmp_path, input_scale, weight_scale, output_scale, depthwise=False,
-              delegates=True):
+              delegates=True, spread=None):
     """A one-op int8 conv (3x3, 8 output channels, per-channel weight scales, bias, zero
     points) run by LiteRT: its output integers, the int32 accumulators computed from the
-    file's own integers, and the file's ``(s_in, s_w, s_out, z_out)``."""
+    file's own integers, and the file's ``(s_in, s_w, s_out, z_out)``. ``spread``: input
+    integers within that of the zero point (small accumulators, for multipliers >= 1/2)."""
     rng = np.random.default_rng(0)
     channels, zero_in, zero_out = 8, -9, 11
     weight_scales = (np.full(channels, weight_scale) if weight_scale
@@ -118,7 +119,8 @@ def _conv_run(tmp_path, input_scale, weight_scale, output_scale, depthwise=False
 
     inputs = keras.Input((6, 6, in_channels))
     model = keras.Model(inputs, Conv()(inputs))
-    q_in = rng.integers(-128, 128, (32, 6, 6, in_channels))
+    q_in = (rng.integers(-128, 128, (32, 6, 6, in_channels)) if spread is None
+            else rng.integers(zero_in - spread, zero_in + spread + 1, (32, 6, 6, in_channels)))
     path = _int8_file(model, [((q_in - zero_in) * input_scale).astype(np.float32)],
                       tmp_path / "conv.tflite")
     if delegates:
@@ -171,15 +173,25 @@ def test_conv_equals_litert(tmp_path, input_scale=0.0173, weight_scale=None,
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
-@pytest.mark.parametrize("scales", [(0.0173, None, 0.0412), (2.0 ** -4, 2.0 ** -3, 2.0 ** -4)])
-def test_builtin_conv_equals_litert_builtin_kernels(tmp_path, depthwise, scales):
+@pytest.mark.parametrize("scales, spread, shift", [
+    ((0.0173, None, 0.0412), None, None),
+    ((2.0 ** -4, 2.0 ** -3, 2.0 ** -4), 20, -2),
+    ((2.0 ** -4, 2.0 ** -1, 2.0 ** -4), 3, 0),
+    ((2.0 ** -4, 1.5, 2.0 ** -4), 1, 1),
+])
+def test_builtin_conv_equals_litert_builtin_kernels(tmp_path, depthwise, scales, spread,
+                                                    shift):
     """The builtin kernels (which run INT4-filter convs) requantize in fixed point, two
-    roundings half up; the dyadic scales (``s_in s_w / s_out = 1/8``) put an eighth of the
-    accumulators on a tie and another eighth at 0.375 of a unit, which the first rounding
-    sends up; XNNPACK's float32 arithmetic gives other integers there."""
+    roundings half up; dyadic scales put many accumulators on ties, positive and negative
+    (``s_in s_w / s_out = 1/8``: an eighth on a tie and another eighth at 0.375 of a unit,
+    which the first rounding sends up), with right shifts 2 and 0 and a left shift 1.
+    XNNPACK's float32 arithmetic gives other integers there."""
     out, acc, (s_in, s_w, s_out, z_out) = _conv_run(tmp_path, *scales, depthwise=depthwise,
-                                                    delegates=False)
+                                                    delegates=False, spread=spread)
     multipliers, shifts = kernels.builtin_conv_params(s_in, s_w, s_out)
+    if shift is not None:
+        assert set(shifts.tolist()) == {shift}
+    assert ((out > -128) & (out < 127)).mean() > 0.5  # mostly unsaturated
     np.testing.assert_array_equal(
         out, kernels.builtin_conv_requantize(acc, multipliers, shifts, z_out))
     xnnpack = kernels.conv_requantize(acc, kernels.conv_scale(s_in, s_w, s_out), z_out)

@@ -367,9 +367,10 @@ def test_fixed_point_requantize_matches_the_builtin_kernel_arithmetic():
     from metamix_tf.export import kernels
 
     rng = np.random.default_rng(0)
-    unit = np.array([0.013, 0.5, 3e-5, 0.02])
-    multipliers, shifts = kernels.builtin_conv_params(1.0, [0.125, 0.3, 0.0173, 1.7], 1.0)
-    acc = rng.integers(-2000, 2000, (256, 4))
+    unit = np.array([0.013, 0.5, 3e-5, 0.02, 0.1])
+    multipliers, shifts = kernels.builtin_conv_params(1.0, [0.125, 0.3, 0.0173, 1.7, 0.5],
+                                                      1.0)
+    acc = rng.integers(-2000, 2000, (256, 5))
     x = tf.constant(((acc + rng.uniform(-0.3, 0.3, acc.shape)) * unit).astype(np.float32))
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -377,4 +378,5 @@ def test_fixed_point_requantize_matches_the_builtin_kernel_arithmetic():
     np.testing.assert_array_equal(
         q.numpy(), kernels.builtin_conv_requantize(acc, multipliers, shifts, 0))
     assert tape.gradient(q, x) is None
-    assert shifts[-1] == 1 and (acc[:, 0] % 8 == 3).any()  # a left shift; 0.375 ties
+    # a left shift, no shift, and accumulators at 0.375 of a unit (which round up)
+    assert shifts[3] == 1 and shifts[4] == 0 and (acc[:, 0] % 8 == 3).any()
