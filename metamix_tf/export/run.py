@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.metadata
 import json
 import os
+import platform
 import tempfile
 import time
 
@@ -326,6 +328,7 @@ def export_model(model: keras.Model, output_dir: str, formats=tflite.FORMATS, *,
         "inexact_inputs": [n for n, p in export_plan.inputs.items() if not p.exact],
         "kernel_rounding": rounded,
         "integer_io": io_specs if int8 else {},
+        "runtime": _runtime(),
     }
     if verify_models and eval_images is not None:
         int4_layers = [layer for layer, p in summaries.get("int4", {}).get("packed", {}).items()
@@ -474,6 +477,18 @@ def _size(path: str) -> int:
     return os.path.getsize(path)
 
 
+def _runtime() -> dict:
+    """What converted and verified the files: package versions and the CPU (the int8
+    kernels' rounding, which the verification relies on, is a property of the runtime)."""
+    out = {"machine": platform.machine(), "python": platform.python_version()}
+    for package in ("tensorflow", "keras", "ai-edge-litert", "ai-edge-quantizer"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
 def _json_default(value):
     if isinstance(value, np.generic):
         return value.item()
@@ -542,8 +557,10 @@ def format_report(report: dict) -> str:
                     f"{lat:>10.3f}")
         lines.append(row)
     if v:
+        rt = report.get("runtime", {})
         lines.append(f"Reference: the Keras fake-quant model on {v['examples']} images, "
-                     f"accuracy {_pct(v.get('reference_accuracy'))}.")
+                     f"accuracy {_pct(v.get('reference_accuracy'))}; files run by "
+                     f"ai-edge-litert {rt.get('ai-edge-litert')} on {rt.get('machine')}.")
         f64 = v.get("float64_reference")
         if f64 and "error" not in f64:
             exact, own = f64["int8_vs_float64"], f64["keras_float32_vs_float64"]

@@ -476,6 +476,7 @@ def test_clamps_cost_no_op_where_saturation_and_relus_do_them(exported, tmp_path
     assert plan.inputs["expand"].shift is not None and plan.inputs["head"].shift is None
     assert _clamp_ops(new) == {"MINIMUM": 0, "MAXIMUM": 1}
     assert report["clamps"] == "saturate"
+    assert report["runtime"]["ai-edge-litert"] and report["runtime"]["tensorflow"]
     np.testing.assert_array_equal(verify.run_tflite(new, test_x), verify.run_tflite(old, test_x))
     assert all(c.on_grid for c in verify.check_grids(old, old_plan, test_x[:64]))
     old_zero_points = {n: p.grid.zero_point for n, p in old_plan.inputs.items()}
@@ -573,6 +574,7 @@ def test_report_files_and_latency(exported):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp") or ".tmp." in f]
     text = run.format_report(report)
     assert "int8" in text and "top-1" in text
+    assert f"ai-edge-litert {report['runtime']['ai-edge-litert']}" in text
 
 
 def test_encodings_sidecar(exported):
