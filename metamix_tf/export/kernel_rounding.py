@@ -212,7 +212,7 @@ def set_kernel_rounding(model: keras.Model, export_plan: ExportPlan,
     done = []
     members = [(t, None, None) for t in export_plan.tensors.values() if t.kind == "member"]
     for t, _, q in rounding_quantizers(model, export_plan) + members:
-        writer = _conv_writer(export_plan, nodes, t.name)
+        writer = _conv_writer(export_plan, nodes, t.name) if builtin else None  # int8: no walk
         if q is not None and nodes[t.name].kind == "input":  # the int8 QUANTIZE of the input
             q.set_input_rounding(t.grid.scale)
         elif q is not None and writer in builtin and (

@@ -256,6 +256,11 @@ def lsq_init_step(x: tf.Tensor, qp, axis=None) -> tf.Tensor:
     return tf.maximum(step, 1e-8)
 
 
+def _accumulator(x: tf.Tensor, unit) -> tf.Tensor:
+    """The kernel's integer accumulator behind float ``x``: ``round(x / unit)`` in float64."""
+    return tf.round(tf.cast(x, tf.float64) / tf.cast(unit, tf.float64))
+
+
 def requantize_accumulator(x: tf.Tensor, unit: tf.Tensor, scale: tf.Tensor, qn, qp,
                            offset=0.0) -> tf.Tensor:
     """The integers an int8 conv (or MEAN) kernel writes for the tensor whose float value
@@ -271,7 +276,7 @@ def requantize_accumulator(x: tf.Tensor, unit: tf.Tensor, scale: tf.Tensor, qn, 
 
     Gradient: none (inference only).
     """
-    accumulator = tf.round(tf.cast(x, tf.float64) / tf.cast(unit, tf.float64))
+    accumulator = _accumulator(x, unit)
     offset = tf.cast(offset, tf.float32)
     q = tf.round(tf.cast(accumulator, tf.float32) * tf.cast(scale, tf.float32) + offset)
     return tf.stop_gradient(tf.cast(tf.clip_by_value(q - offset, -qn, qp), x.dtype))
@@ -291,8 +296,7 @@ def fixed_point_requantize(x: tf.Tensor, unit: tf.Tensor, multipliers, shifts, q
     shifts = np.asarray(shifts, np.int64)
     left, right = np.maximum(shifts, 0), np.maximum(-shifts, 0)
     accumulator = tf.cast(tf.clip_by_value(  # an int32 in the kernel; no int64 overflow
-        tf.round(tf.cast(x, tf.float64) / tf.cast(unit, tf.float64)), -2.0 ** 31, 2.0 ** 31 - 1),
-        tf.int64)
+        _accumulator(x, unit), -2.0 ** 31, 2.0 ** 31 - 1), tf.int64)
     t = tf.math.floordiv(accumulator * tf.constant(np.asarray(multipliers, np.int64) << left)
                          + (1 << 30), tf.constant(1 << 31, tf.int64))
     q = tf.math.floordiv(t + tf.constant((1 << right) >> 1), tf.constant(1 << right))
