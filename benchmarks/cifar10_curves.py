@@ -539,6 +539,23 @@ def _mean(values) -> float:
     return float(np.mean(values))
 
 
+def _bit_search_epoch(record: dict) -> bool:
+    """Whether a search-history epoch ran the bit search (MetaMix's warm-up epochs did not)."""
+    return "search_gbops" in record or "gbops" in record
+
+
+def _epoch_cpu(runs: list[dict], searched: bool) -> float | None:
+    """Mean process CPU seconds of the search epochs that ran the bit search (``searched``)
+    or bit-meta alone, over the epochs each run measured (not those it resumed past)."""
+    values = []
+    for r in runs:
+        history, cpu = r["history"]["search"], r["cpu_s"]["search_epochs"]
+        for record, seconds in zip(history[len(history) - len(cpu):], cpu, strict=True):
+            if _bit_search_epoch(record) == searched:
+                values.append(seconds)
+    return _mean(values) if values else None
+
+
 def table_rows(groups: dict) -> list[dict]:
     order = {f: i for i, f in enumerate(FAMILIES)}
     rows = []
@@ -557,6 +574,8 @@ def table_rows(groups: dict) -> list[dict]:
             "final_acc_max": max(finals),
             "search_s": _mean([r["wall_time_s"]["search"] for r in runs]),
             "search_epochs": _mean([r["search_epochs"] for r in runs]),
+            "meta_only_epoch_cpu_s": None if key[0] == "uniform" else _epoch_cpu(runs, False),
+            "bit_search_epoch_cpu_s": None if key[0] == "uniform" else _epoch_cpu(runs, True),
             "stability_one_layer_bn_mean": _mean(
                 [r["stability"]["one_layer"]["mean"].get("bn_mean_shift", np.nan)
                  for r in runs]),
@@ -582,6 +601,24 @@ def markdown(rows: list[dict], comps: list[dict], n_images: int) -> str:
             f"{100 * r['final_acc_max']:.2f}) | {r['search_s']:.0f} ({r['search_epochs']:g}) | "
             f"{r['stability_one_layer_bn_mean']:.4f} | "
             f"{r['stability_all_layers_2bit_bn_mean']:.4f} |")
+    lines += ["", "Search cost: process CPU seconds per search epoch (mean over the epochs "
+              "each run measured; the 1-minute load average during each epoch is in its "
+              "JSON), and the search's wall time, each against the joint searcher's at the "
+              "same target:", "",
+              "| method | target | bit-meta-only epoch, CPU s | bit-search epoch, CPU s | "
+              "bit-search epoch / joint's | search wall time / joint's |",
+              "|---|---|---|---|---|---|"]
+    joint = {r["target"]: r for r in rows if r["method"] == "joint"}
+    for r in rows:
+        if r["bit_search_epoch_cpu_s"] is None or r["target"] not in joint:
+            continue
+        base = joint[r["target"]]
+        meta = r["meta_only_epoch_cpu_s"]
+        lines.append(f"| {r['method']} | {r['target']} | "
+                     f"{'-' if meta is None else f'{meta:.0f}'} | "
+                     f"{r['bit_search_epoch_cpu_s']:.0f} | "
+                     f"{r['bit_search_epoch_cpu_s'] / base['bit_search_epoch_cpu_s']:.2f}x | "
+                     f"{r['search_s'] / base['search_s']:.2f}x |")
     lines += ["", "Paired bootstrap (over test images and seeds), final accuracy, "
               "difference a - b in points with its 95% CI:", "",
               "| a | b | GBOPs a | GBOPs b | a at <= GBOPs of b | a - b | 95% CI | "
