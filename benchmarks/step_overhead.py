@@ -16,7 +16,10 @@ For each setting (default: MobileNetV2 at 32x32 with batch 128, and at 224x224 w
 
 ``--breakdown`` adds two halves of ``selected``: ``activations_only`` (the same step with
 weight quantization off) and ``weights_only`` (every activation quantizer in ``"float"``
-mode), to show which quantizers the selected step's overhead comes from.
+mode), to show which quantizers the selected step's overhead comes from, and a diagnostic
+that is not a training step: ``activations_forward_only``, ``activations_only`` with each
+quantizer's backward replaced by a pass-through of ``dy`` (no step-size gradient), so the
+forward kernels' share of the overhead shows.
 
 Each variant's first call is timed on its own (tracing, graph optimization and XLA kernel
 compilation: what a training phase pays once, in its first epoch), and the operations of its
@@ -49,6 +52,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import metamix_tf  # noqa: E402
+from metamix_tf.quant import ops  # noqa: E402
 from metamix_tf.quant.cost import CostModel  # noqa: E402
 from metamix_tf.training import steps  # noqa: E402
 
@@ -81,6 +85,32 @@ def _half_step(strategy, float_model, config, selected, weights: bool):
                                  groups.weights_and_steps, configure=configure)
 
 
+@tf.custom_gradient
+def _forward_only_quantize(x, step, qn, qp, grad_scale):
+    """``ops.lsq_quantize``'s forward kernel with a pass-through backward (the diagnostic)."""
+
+    def grad(dy):
+        return (dy, tf.zeros_like(step), tf.zeros_like(qn), tf.zeros_like(qp),
+                tf.zeros_like(grad_scale))
+
+    return ops._quantize_forward(x, step, qn, qp), grad
+
+
+def _forward_only(fn):
+    """``fn`` traced (at its first call) with :func:`_forward_only_quantize` in place of the
+    library's quantization function."""
+
+    def call(images, labels):
+        library = ops._lsq_quantize
+        ops._lsq_quantize = _forward_only_quantize
+        try:
+            return fn(images, labels)
+        finally:
+            ops._lsq_quantize = library
+
+    return call
+
+
 def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dict:
     """``name -> callable(images, labels)`` built with the library's step factories."""
     strategy = tf.distribute.get_strategy()
@@ -105,6 +135,8 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
     if breakdown:
         out["activations_only"] = _half_step(strategy, float_model, config, selected, False)
         out["weights_only"] = _half_step(strategy, float_model, config, selected, True)
+        out["activations_forward_only"] = _forward_only(
+            _half_step(strategy, float_model, config, selected, False))
 
     def searching():
         model = metamix_tf.apply(float_model, config)
@@ -219,7 +251,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--check", help="compare with the ratios in this JSON file")
     parser.add_argument("--tolerance", type=float, default=0.15)
     parser.add_argument("--breakdown", action="store_true",
-                        help="also time the selected step's activation and weight halves")
+                        help="also time the selected step's activation and weight halves "
+                             "and its activation quantizers' forward kernels alone")
     args = parser.parse_args(argv)
 
     results = {}
