@@ -170,6 +170,16 @@ def _sync(result) -> None:
         value.numpy()
 
 
+def timed_calls(fn, images, labels, calls: int) -> list[float]:
+    """Seconds of each of ``calls`` synchronous calls of ``fn(images, labels)``."""
+    taken = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        _sync(fn(images, labels))
+        taken.append(time.perf_counter() - start)
+    return taken
+
+
 def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int,
             breakdown: bool = False) -> dict:
     """``{variant: {"ms", "float", "joint"}}``: median ms per call and median ratios."""
@@ -195,11 +205,7 @@ def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int,
         order = names[r % len(names):] + names[:r % len(names)]
         this_round = {}
         for name in order:
-            taken = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                _sync(fns[name](images, labels))
-                taken.append(time.perf_counter() - start)
+            taken = timed_calls(fns[name], images, labels, calls)
             this_round[name] = statistics.median(taken)
             times[name].extend(taken)
         for name in names:
