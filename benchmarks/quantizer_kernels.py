@@ -38,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from step_overhead import CANDIDATES, _sgd, _sync, timed_calls  # noqa: E402
+from step_overhead import CANDIDATES, _sgd, _sync, timed_calls, traced_with  # noqa: E402
 
 import metamix_tf  # noqa: E402
 from metamix_tf.quant import ops  # noqa: E402
@@ -50,12 +50,13 @@ def _zero(t):
     return tf.zeros_like(t)
 
 
-def _step_term(dy, x, step, qn, qp):
-    """``dx = dy 1[in range]`` and the per-element step term, as in ``ops``."""
-    v = x / step
-    c = tf.clip_by_value(v, -qn, qp)
-    inside = tf.equal(v, c)
-    return tf.where(inside, dy, _zero(dy)), dy * (tf.round(c) - tf.where(inside, v, _zero(v)))
+def _plain(kernel):
+    """The plain TensorFlow function behind one of ``ops``' XLA kernels."""
+    return getattr(kernel, "__wrapped__", kernel)  # METAMIX_TF_XLA_OPS=0: no kernel
+
+
+# ``dx = dy 1[in range]`` and the per-element step term, as ``ops`` computes them
+_step_term = _plain(ops._quantize_backward)
 
 
 @ops._fused
@@ -72,7 +73,7 @@ def _backward_batch_sum(dy, x, step, qn, qp):
 
 def _quantize_variant(kind: str):
     """A stand-in for ``ops._lsq_quantize`` (same forward; backward per ``kind``)."""
-    forward = ops._quantize_forward.__wrapped__ if kind == "plain_ops" else ops._quantize_forward
+    forward = _plain(ops._quantize_forward) if kind == "plain_ops" else ops._quantize_forward
 
     @tf.custom_gradient
     def quantize(x, step, qn, qp, grad_scale):
@@ -83,8 +84,7 @@ def _quantize_variant(kind: str):
                 dx, partial = _backward_batch_sum(dy, x, step, qn, qp)
                 dstep = tf.reduce_sum(partial)
             else:
-                backward = (ops._quantize_backward.__wrapped__ if kind == "plain_ops"
-                            else ops._quantize_backward)
+                backward = (_step_term if kind == "plain_ops" else ops._quantize_backward)
                 dx, term = backward(dy, x, step, qn, qp)
                 dstep = ops._sum_to_shape(term, step.shape)
             return dx, dstep * grad_scale, _zero(qn), _zero(qp), _zero(grad_scale)
@@ -98,9 +98,7 @@ def _quantize_variant(kind: str):
 def _mixture_backward(dy, x, steps_, probs, qns, qps, num_branches: int):
     gate, prob_sums, step_sums = tf.zeros_like(x), [], []
     for k in range(num_branches):
-        v = x / steps_[k]
-        c = tf.clip_by_value(v, -qns[k], qps[k])
-        inside = tf.equal(v, c)
+        v, c, inside = ops._grid(x, steps_[k], qns[k], qps[k])
         r = tf.round(c)
         gate += tf.where(inside, probs[k], 0.0)
         prob_sums.append(tf.reduce_sum(dy * r))
@@ -118,20 +116,6 @@ def _mixture_sums_in_kernel(x, steps_, probs, qns, qps, grad_scale):
                 _zero(grad_scale))
 
     return ops._mixture_forward(x, steps_, probs, qns, qps, k), grad
-
-
-def _traced_with(fn, name: str, replacement):
-    """``fn`` traced (at its first call) with ``ops.<name>`` replaced."""
-
-    def call(images, labels):
-        library = getattr(ops, name)
-        setattr(ops, name, replacement)
-        try:
-            return fn(images, labels)
-        finally:
-            setattr(ops, name, library)
-
-    return call
 
 
 def build(size: int, images, labels) -> dict:
@@ -157,7 +141,7 @@ def build(size: int, images, labels) -> dict:
             strategy, model, _sgd(groups.weights_and_steps), groups.weights_and_steps,
             configure=steps.fixed_bits(model, metamix_tf.get_bits(model)))
         out[f"selected/{kind}"] = (step if kind == "library" else
-                                   _traced_with(step, "_lsq_quantize", _quantize_variant(kind)))
+                                   traced_with(step, "_lsq_quantize", _quantize_variant(kind)))
     for kind in ("library", "mixture_sums_in_kernel"):
         model, groups = quantized()
         cost = CostModel(model)
@@ -165,7 +149,7 @@ def build(size: int, images, labels) -> dict:
             strategy, model, _sgd(groups.weights_and_steps), groups.weights_and_steps,
             _sgd(groups.alphas), groups.alphas, cost, cost.uniform_gbops(4), 4.0)
         out[f"joint/{kind}"] = (step if kind == "library" else
-                                _traced_with(step, "_lsq_mixture", _mixture_sums_in_kernel))
+                                traced_with(step, "_lsq_mixture", _mixture_sums_in_kernel))
     return out
 
 

@@ -96,17 +96,17 @@ def _forward_only_quantize(x, step, qn, qp, grad_scale):
     return ops._quantize_forward(x, step, qn, qp), grad
 
 
-def _forward_only(fn):
-    """``fn`` traced (at its first call) with :func:`_forward_only_quantize` in place of the
-    library's quantization function."""
+def traced_with(fn, name: str, replacement):
+    """``fn`` traced (at its first call) with ``metamix_tf.quant.ops.<name>`` replaced by
+    ``replacement`` (a diagnostic: swapped around every call, read only while tracing)."""
 
     def call(images, labels):
-        library = ops._lsq_quantize
-        ops._lsq_quantize = _forward_only_quantize
+        library = getattr(ops, name)
+        setattr(ops, name, replacement)
         try:
             return fn(images, labels)
         finally:
-            ops._lsq_quantize = library
+            setattr(ops, name, library)
 
     return call
 
@@ -135,8 +135,9 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
     if breakdown:
         out["activations_only"] = _half_step(strategy, float_model, config, selected, False)
         out["weights_only"] = _half_step(strategy, float_model, config, selected, True)
-        out["activations_forward_only"] = _forward_only(
-            _half_step(strategy, float_model, config, selected, False))
+        out["activations_forward_only"] = traced_with(
+            _half_step(strategy, float_model, config, selected, False), "_lsq_quantize",
+            _forward_only_quantize)
 
     def searching():
         model = metamix_tf.apply(float_model, config)
