@@ -461,7 +461,7 @@ def _run(config, phase, strategy, model_fn, verbose, on_epoch_end, overwrite, mo
     ctx = RunContext(
         config=config, strategy=strategy, data=data, model_dir=config.model_dir,
         iterators=trainer.EpochIterators(strategy, data.train),
-        eval_dataset=strategy.experimental_distribute_dataset(data.eval),
+        eval_dataset=trainer.distribute_dataset(strategy, data.eval),
         steps_per_epoch=steps_per_epoch, jit_compile=jit, model_fn=model_fn,
         verbose=verbose, on_epoch_end=on_epoch_end)
     ctx.say(f"Run directory {config.model_dir}: {m.name} on {data.name}, "

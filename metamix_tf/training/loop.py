@@ -70,7 +70,7 @@ def make_loop(train_data, validation_data=None, *, strategy=None, batch_size: in
         steps_per_epoch = cardinality
     evaluation = None
     if validation_data is not None:
-        evaluation = strategy.experimental_distribute_dataset(as_dataset(
+        evaluation = trainer.distribute_dataset(strategy, as_dataset(
             validation_data, "validation_data", batch_size=eval_batch_size, shuffle=False))
     return trainer.Loop(strategy=strategy, iterators=trainer.EpochIterators(strategy, train),
                 steps_per_epoch=int(steps_per_epoch), eval_dataset=evaluation,

@@ -17,6 +17,13 @@ object. :class:`EpochIterators` therefore numbers the iterators of a run (slots)
 calibration batch), and a resumed run first creates and drops the iterators of the slots it
 skips, so it sees exactly the batches an uninterrupted run sees.
 
+Iterator release: every epoch and every evaluation iterates a new iterator, and with
+``tf.data``'s model-based autotuning on, dropping an iterator can block for seconds (measured
+by ``benchmarks/iterator_release.py``: up to 4.8 s for one iterator of the demo's pipeline, on
+most epochs none); :func:`distribute_dataset` therefore turns autotuning off for datasets that
+leave it unset (``AUTOTUNE`` parallel calls then default to one per core, ``AUTOTUNE``
+prefetch buffers grow as the consumer waits).
+
 Losses that are not finite stop the phase with :class:`NonFiniteLossError`; the checkpoint
 of the last finished epoch stays the latest one.
 
@@ -44,6 +51,7 @@ __all__ = [
     "NonFiniteLossError",
     "profile_seconds",
     "EpochIterators",
+    "distribute_dataset",
     "Hooks",
     "Loop",
     "Phase",
@@ -58,6 +66,16 @@ class NonFiniteLossError(RuntimeError):
     """A training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+def distribute_dataset(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
+    """``strategy.experimental_distribute_dataset(dataset)`` with ``tf.data``'s autotuning
+    off unless ``dataset``'s options set it (module docstring: iterator release)."""
+    if dataset.options().autotune.enabled is None:
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        dataset = dataset.with_options(options)
+    return strategy.experimental_distribute_dataset(dataset)
+
+
 class EpochIterators:
     """Numbered iterators of one distributed train dataset (see the module docstring).
 
@@ -67,7 +85,7 @@ class EpochIterators:
 
     def __init__(self, strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
         self.dataset = dataset
-        self.distributed = strategy.experimental_distribute_dataset(dataset)
+        self.distributed = distribute_dataset(strategy, dataset)
         self.created = 0
 
     def iterator(self, slot: int):
