@@ -12,7 +12,9 @@ For each setting (default: MobileNetV2 at 32x32 with batch 128, and at 224x224 w
 * ``metamix``: one MetaMix iteration after the warm-up, ``make_meta_step`` (K = 3 full
   passes, the paper's bit-meta) then ``make_search_step`` (bit-search);
 * ``metamix_split``: the same with ``meta_batch="split"`` (one pass, the batch cut into one
-  part per candidate).
+  part per candidate);
+* ``bit_meta``: the bit-meta step of ``metamix`` alone (K full passes), against K times the
+  ``selected`` step (the same function as ``metamix``'s, so its first call was paid there).
 
 ``--breakdown`` adds two halves of ``selected``: ``activations_only`` (the same step with
 weight quantization off) and ``weights_only`` (every activation quantizer in ``"float"``
@@ -23,8 +25,8 @@ forward kernels' share of the overhead shows.
 
 Each variant's first call is timed on its own (tracing, graph optimization and XLA kernel
 compilation: what a training phase pays once, in its first epoch), and the operations of its
-traced graph are counted (tracing time grows with them). A variant's time in a
-round is the median of ``--steps`` calls; its ratio to ``float`` and to ``joint`` is taken
+traced graph are counted (tracing time grows with them). A variant's time in a round is the
+median of ``--steps`` calls; its ratios to ``float``, ``selected`` and ``joint`` are taken
 within the round (slow drifts of the machine's load cancel), and the median over rounds is
 reported beside the targets of issue 14. Run it on a quiet machine.
 
@@ -40,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,6 +53,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import metamix_tf  # noqa: E402
+from metamix_tf import run_files  # noqa: E402
 from metamix_tf.quant import ops  # noqa: E402
 from metamix_tf.quant.cost import CostModel  # noqa: E402
 from metamix_tf.training import steps  # noqa: E402
@@ -59,7 +61,9 @@ from metamix_tf.training import steps  # noqa: E402
 CANDIDATES = (2, 4, 8)
 # issue 14's targets: (the variant it is compared with, the largest ratio)
 TARGETS = {"selected": ("float", 1.15), "joint": ("float", 1.30),
-           "metamix": ("joint", 1.5), "metamix_split": ("joint", 1.5)}
+           "metamix": ("joint", 1.5), "metamix_split": ("joint", 1.5),
+           "bit_meta": ("selected", float(len(CANDIDATES)))}
+BASES = ("float", "selected", "joint")  # the variants every ratio is taken against
 
 
 def _sgd(variables, learning_rate=1e-3):
@@ -163,6 +167,8 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
             return search(x, y)
 
         out[name] = iteration
+        if meta_batch == "full":
+            out["bit_meta"] = meta
     return out
 
 
@@ -183,7 +189,8 @@ def timed_calls(fn, images, labels, calls: int) -> list[float]:
 
 def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int,
             breakdown: bool = False) -> dict:
-    """``{variant: {"ms", "float", "joint"}}``: median ms per call and median ratios."""
+    """``{variant: {"ms", <base>...}}``: median ms per call and median ratios to each of
+    :data:`BASES`."""
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(-1, 1, (batch, input_size, input_size, 3)), tf.float32)
@@ -201,7 +208,7 @@ def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int,
             _sync(fn(images, labels))
     names = list(fns)
     times = {name: [] for name in names}
-    ratios = {name: {"float": [], "joint": []} for name in names}
+    ratios = {name: {base: [] for base in BASES} for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         this_round = {}
@@ -210,7 +217,7 @@ def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int,
             this_round[name] = statistics.median(taken)
             times[name].extend(taken)
         for name in names:
-            for base in ("float", "joint"):
+            for base in BASES:
                 ratios[name][base].append(this_round[name] / this_round[base])
     return {name: {"ms": statistics.median(times[name]) * 1e3,
                    **{base: statistics.median(v) for base, v in ratios[name].items()},
@@ -220,13 +227,14 @@ def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int,
 
 def _table(setting: str, result: dict) -> None:
     print(f"\n{setting}")
-    print("| variant | ms/step (median) | vs float | vs joint | target | first call (s) "
-          "| graph ops |")
-    print("|---|---:|---:|---:|---|---:|---:|")
+    print("| variant | ms/step (median) | vs float | vs selected | vs joint | target "
+          "| first call (s) | graph ops |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|")
     for name, r in result.items():
         base_target = TARGETS.get(name)
         target = f"<= {base_target[1]:.2f}x {base_target[0]}" if base_target else "-"
-        print(f"| {name} | {r['ms']:.0f} | {r['float']:.2f}x | {r['joint']:.2f}x | {target} "
+        print(f"| {name} | {r['ms']:.0f} | {r['float']:.2f}x | {r['selected']:.2f}x "
+              f"| {r['joint']:.2f}x | {target} "
               f"| {r['first_call_s']:.1f} | {r.get('graph_ops') or '-'} |")
 
 
@@ -268,7 +276,7 @@ def main(argv=None) -> dict:
         results[setting] = measure(size, batch, args.rounds, args.steps, args.warmup,
                                    args.breakdown)
     header = (f"MobileNetV2, candidates {CANDIDATES}, {os.cpu_count()} CPU cores "
-              f"({platform.machine()}), TF {tf.__version__}, Keras {keras.__version__}; "
+              f"({run_files.cpu_model()}), TF {tf.__version__}, Keras {keras.__version__}; "
               f"{args.rounds} interleaved rounds x {args.steps} calls; load average at the "
               f"end {os.getloadavg()[0]:.1f}")
     print(header)

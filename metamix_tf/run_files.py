@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from metamix_tf.training import distribute
 
-__all__ = ["load_model", "machine", "plot_bits", "read_json", "save_model", "write_json"]
+__all__ = ["cpu_model", "load_model", "machine", "plot_bits", "read_json", "save_model",
+           "write_json"]
 
 
 def load_model(path: str, what: str, hint: str) -> keras.Model:
@@ -54,9 +55,23 @@ def _json_default(value):
     raise TypeError(f"Not JSON serialisable: {type(value).__name__}")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else ``platform.processor()`` or
+    the architecture: timings differ between CPUs of one architecture (Intel, AMD)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(strategy) -> dict:
     return {
         "platform": platform.platform(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
