@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from metamix_tf import data  # noqa: E402
+from metamix_tf import data, run_files  # noqa: E402
 from metamix_tf.config import DataConfig  # noqa: E402
 
 
@@ -66,7 +66,8 @@ def main(argv=None) -> dict:
     train = data.load(DataConfig(dataset=args.dataset)).train
     settings = {"autotune on": True, "autotune off": False}
     results = {}
-    print(f"{args.dataset} train pipeline, {os.cpu_count()} CPU cores, TF {tf.__version__}; "
+    print(f"{args.dataset} train pipeline, {os.cpu_count()} CPU cores "
+          f"({run_files.cpu_model()}), TF {tf.__version__}; "
           f"{args.epochs} epochs with a {args.busy_s:.2f} s busy step per batch")
     print("| tf.data | iterator release: total s | worst s | epochs over 0.1 s | input img/s |")
     print("|---|---:|---:|---:|---:|")
