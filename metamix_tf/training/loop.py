@@ -3,8 +3,10 @@ and Keras callbacks around :func:`metamix_tf.training.trainer.run_epochs`.
 
 ``train_data`` / ``validation_data``: a ``tf.data.Dataset`` of ``(images, labels)`` batches
 (integer labels), or an ``(x, y)`` tuple of arrays (batched by ``batch_size``, the training
-data reshuffled each epoch). Callbacks get ``on_train_begin``, ``on_epoch_begin``,
-``on_epoch_end(epoch, logs)`` with the epoch's scalars (Keras' ``accuracy`` /
+data reshuffled each epoch); each epoch and evaluation iterates a new iterator, with
+tf.data's autotuning off unless the dataset's options set it
+(:func:`~metamix_tf.training.trainer.distribute_dataset`). Callbacks get ``on_train_begin``,
+``on_epoch_begin``, ``on_epoch_end(epoch, logs)`` with the epoch's scalars (Keras' ``accuracy`` /
 ``val_accuracy`` names added) and ``on_train_end``; ``model.stop_training`` ends the phase
 after the epoch; ``BackupAndRestore`` is refused (resume is ``checkpoint_dir``).
 """
