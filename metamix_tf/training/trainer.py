@@ -21,8 +21,8 @@ Iterator release: every epoch and every evaluation iterates a new iterator, and 
 ``tf.data``'s model-based autotuning on, dropping an iterator can block for seconds (measured
 by ``benchmarks/iterator_release.py``: up to 4.8 s for one iterator of the demo's pipeline, on
 most epochs none); :func:`distribute_dataset` therefore turns autotuning off for datasets that
-leave it unset (``AUTOTUNE`` parallel calls then default to one per core, ``AUTOTUNE``
-prefetch buffers grow as the consumer waits).
+leave it unset (``AUTOTUNE`` parallel calls then stay at tf.data's starting value, one per
+core up to 16; ``AUTOTUNE`` prefetch buffers still grow while the consumer waits).
 
 Losses that are not finite stop the phase with :class:`NonFiniteLossError`; the checkpoint
 of the last finished epoch stays the latest one.
