@@ -35,15 +35,22 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from step_overhead import CANDIDATES, _sgd, _sync, timed_calls, traced_with  # noqa: E402
+from step_overhead import (  # noqa: E402
+    CANDIDATES,
+    _sync,
+    calibrated,
+    float_step,
+    interleaved,
+    joint_step,
+    random_batch,
+    selected_step,
+    traced_with,
+)
 
 import metamix_tf  # noqa: E402
 from metamix_tf.quant import ops  # noqa: E402
-from metamix_tf.quant.cost import CostModel  # noqa: E402
-from metamix_tf.training import steps  # noqa: E402
 
 
 def _zero(t):
@@ -120,57 +127,28 @@ def _mixture_sums_in_kernel(x, steps_, probs, qns, qps, grad_scale):
 
 def build(size: int, images, labels) -> dict:
     strategy = tf.distribute.get_strategy()
-    float_model = keras.applications.MobileNetV2(input_shape=(size, size, 3), weights=None,
-                                                 classes=10, classifier_activation=None)
+    float_model, float_train = float_step(strategy, size)
     config = metamix_tf.QuantConfig(candidate_bits=CANDIDATES, weight_bits=4)
-    out = {"float": steps.make_train_step(strategy, float_model,
-                                          _sgd(float_model.trainable_variables),
-                                          float_model.trainable_variables)}
-
-    def quantized():
-        model = metamix_tf.apply(float_model, config)
-        steps.make_calibrate_step(strategy, model)(images, labels)
-        return model, metamix_tf.variable_groups(model)
-
+    out = {"float": float_train}
     for kind in ("library", "sum_in_kernel", "sum_over_batch_in_kernel", "plain_ops"):
-        model, groups = quantized()
-        metamix_tf.select_bits(model, {layer.name: 4 for layer in metamix_tf.quant_layers(model)
-                                       if layer.input_quantizer.searchable})
-        metamix_tf.enable_weight_quantization(model)
-        step = steps.make_train_step(
-            strategy, model, _sgd(groups.weights_and_steps), groups.weights_and_steps,
-            configure=steps.fixed_bits(model, metamix_tf.get_bits(model)))
+        step = selected_step(strategy, calibrated(strategy, float_model, config, images, labels))
         out[f"selected/{kind}"] = (step if kind == "library" else
                                    traced_with(step, "_lsq_quantize", _quantize_variant(kind)))
     for kind in ("library", "mixture_sums_in_kernel"):
-        model, groups = quantized()
-        cost = CostModel(model)
-        step = steps.make_joint_step(
-            strategy, model, _sgd(groups.weights_and_steps), groups.weights_and_steps,
-            _sgd(groups.alphas), groups.alphas, cost, cost.uniform_gbops(4), 4.0)
+        step = joint_step(strategy, calibrated(strategy, float_model, config, images, labels))
         out[f"joint/{kind}"] = (step if kind == "library" else
                                 traced_with(step, "_lsq_mixture", _mixture_sums_in_kernel))
     return out
 
 
 def in_step(size: int, batch: int, rounds: int, calls: int) -> dict:
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    images = tf.constant(rng.uniform(-1, 1, (batch, size, size, 3)), tf.float32)
-    labels = tf.constant(rng.integers(0, 10, batch), tf.int32)
+    images, labels = random_batch(size, batch)
     fns = build(size, images, labels)
     for fn in fns.values():
         for _ in range(2):  # tracing and compilation, then one warm call
             _sync(fn(images, labels))
-    names = list(fns)
-    ratios = {name: [] for name in names}
-    for r in range(rounds):
-        this = {}
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            this[name] = statistics.median(timed_calls(fns[name], images, labels, calls))
-        for name in names:
-            ratios[name].append(this[name] / this["float"])
-    return {name: statistics.median(v) for name, v in ratios.items()}
+    _, ratios = interleaved(fns, images, labels, rounds, calls, ("float",))
+    return {name: statistics.median(v["float"]) for name, v in ratios.items()}
 
 
 # -- part 2: ReLU6 and the quantizer, fused or not, on one tensor -----------------------------

@@ -115,27 +115,61 @@ def traced_with(fn, name: str, replacement):
     return call
 
 
-def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dict:
-    """``name -> callable(images, labels)`` built with the library's step factories."""
-    strategy = tf.distribute.get_strategy()
+def random_batch(input_size: int, batch: int):
+    """The benchmarks' batch (Keras and numpy seeded): images in [-1, 1], 10-class labels."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(-1, 1, (batch, input_size, input_size, 3)), tf.float32)
+    labels = tf.constant(rng.integers(0, 10, batch), tf.int32)
+    return images, labels
+
+
+def float_step(strategy, input_size: int):
+    """A random-weight MobileNetV2 (10 classes, logits) and its float ``make_train_step``."""
     float_model = keras.applications.MobileNetV2(
         input_shape=(input_size, input_size, 3), weights=None, classes=10,
         classifier_activation=None)
-    config = metamix_tf.QuantConfig(candidate_bits=CANDIDATES, weight_bits=4)
-    out = {"float": steps.make_train_step(strategy, float_model,
-                                          _sgd(float_model.trainable_variables),
-                                          float_model.trainable_variables)}
+    return float_model, steps.make_train_step(strategy, float_model,
+                                              _sgd(float_model.trainable_variables),
+                                              float_model.trainable_variables)
 
-    selected = metamix_tf.apply(float_model, config)
-    steps.make_calibrate_step(strategy, selected)(images, labels)
-    bits = {layer.name: 4 for layer in metamix_tf.quant_layers(selected)
-            if layer.input_quantizer.searchable}
-    metamix_tf.select_bits(selected, bits)
-    metamix_tf.enable_weight_quantization(selected)
-    groups = metamix_tf.variable_groups(selected)
-    out["selected"] = steps.make_train_step(
-        strategy, selected, _sgd(groups.weights_and_steps), groups.weights_and_steps,
-        configure=steps.fixed_bits(selected, metamix_tf.get_bits(selected)))
+
+def calibrated(strategy, float_model, config, images, labels):
+    """``metamix_tf.apply(float_model, config)`` with its step sizes calibrated on the batch."""
+    model = metamix_tf.apply(float_model, config)
+    steps.make_calibrate_step(strategy, model)(images, labels)
+    return model
+
+
+def selected_step(strategy, model):
+    """``model`` set to 4-bit searchable activations with weight quantization on, and its
+    weight-training step at those bits (``make_train_step``)."""
+    metamix_tf.select_bits(model, {layer.name: 4 for layer in metamix_tf.quant_layers(model)
+                                   if layer.input_quantizer.searchable})
+    metamix_tf.enable_weight_quantization(model)
+    groups = metamix_tf.variable_groups(model)
+    return steps.make_train_step(
+        strategy, model, _sgd(groups.weights_and_steps), groups.weights_and_steps,
+        configure=steps.fixed_bits(model, metamix_tf.get_bits(model)))
+
+
+def joint_step(strategy, model):
+    """The joint (mixture) search step of ``model`` at the uniform 4-bit GBOPs target."""
+    groups = metamix_tf.variable_groups(model)
+    cost = CostModel(model)
+    return steps.make_joint_step(
+        strategy, model, _sgd(groups.weights_and_steps), groups.weights_and_steps,
+        _sgd(groups.alphas), groups.alphas, cost, cost.uniform_gbops(4), 4.0)
+
+
+def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dict:
+    """``name -> callable(images, labels)`` built with the library's step factories."""
+    strategy = tf.distribute.get_strategy()
+    float_model, float_train = float_step(strategy, input_size)
+    config = metamix_tf.QuantConfig(candidate_bits=CANDIDATES, weight_bits=4)
+    out = {"float": float_train}
+    selected = calibrated(strategy, float_model, config, images, labels)
+    out["selected"] = selected_step(strategy, selected)
     if breakdown:
         out["activations_only"] = _half_step(strategy, float_model, config, selected, False)
         out["weights_only"] = _half_step(strategy, float_model, config, selected, True)
@@ -143,19 +177,12 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
             _half_step(strategy, float_model, config, selected, False), "_lsq_quantize",
             _forward_only_quantize)
 
-    def searching():
-        model = metamix_tf.apply(float_model, config)
-        steps.make_calibrate_step(strategy, model)(images, labels)
+    out["joint"] = joint_step(strategy, calibrated(strategy, float_model, config, images, labels))
+    for name, meta_batch in (("metamix", "full"), ("metamix_split", "split")):
+        model = calibrated(strategy, float_model, config, images, labels)
         groups = metamix_tf.variable_groups(model)
         cost = CostModel(model)
-        return model, groups, cost, cost.uniform_gbops(4)
-
-    model, groups, cost, target = searching()
-    out["joint"] = steps.make_joint_step(
-        strategy, model, _sgd(groups.weights_and_steps), groups.weights_and_steps,
-        _sgd(groups.alphas), groups.alphas, cost, target, 4.0)
-    for name, meta_batch in (("metamix", "full"), ("metamix_split", "split")):
-        model, groups, cost, target = searching()
+        target = cost.uniform_gbops(4)
         meta = steps.make_meta_step(strategy, model, _sgd(groups.weights_and_steps),
                                     groups.weights_and_steps, CANDIDATES,
                                     meta_batch=meta_batch)
@@ -187,14 +214,30 @@ def timed_calls(fn, images, labels, calls: int) -> list[float]:
     return taken
 
 
+def interleaved(fns: dict, images, labels, rounds: int, calls: int, bases) -> tuple:
+    """``(times, ratios)``: every call's seconds per variant, and per round each variant's
+    ratio to each of ``bases`` (``{name: {base: [one per round]}}``); each round starts one
+    variant later, so slow drifts of the machine's load cancel in the ratios."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    ratios = {name: {base: [] for base in bases} for name in names}
+    for r in range(rounds):
+        this_round = {}
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            taken = timed_calls(fns[name], images, labels, calls)
+            this_round[name] = statistics.median(taken)
+            times[name].extend(taken)
+        for name in names:
+            for base in bases:
+                ratios[name][base].append(this_round[name] / this_round[base])
+    return times, ratios
+
+
 def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int,
             breakdown: bool = False) -> dict:
     """``{variant: {"ms", <base>...}}``: median ms per call and median ratios to each of
     :data:`BASES`."""
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    images = tf.constant(rng.uniform(-1, 1, (batch, input_size, input_size, 3)), tf.float32)
-    labels = tf.constant(rng.integers(0, 10, batch), tf.int32)
+    images, labels = random_batch(input_size, batch)
     fns = build_steps(input_size, images, labels, breakdown)
     first_call, graph_ops = {}, {}
     for name, fn in fns.items():
@@ -207,18 +250,7 @@ def measure(input_size: int, batch: int, rounds: int, calls: int, warmup: int,
         for _ in range(warmup - 1):
             _sync(fn(images, labels))
     names = list(fns)
-    times = {name: [] for name in names}
-    ratios = {name: {base: [] for base in BASES} for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        this_round = {}
-        for name in order:
-            taken = timed_calls(fns[name], images, labels, calls)
-            this_round[name] = statistics.median(taken)
-            times[name].extend(taken)
-        for name in names:
-            for base in BASES:
-                ratios[name][base].append(this_round[name] / this_round[base])
+    times, ratios = interleaved(fns, images, labels, rounds, calls, BASES)
     return {name: {"ms": statistics.median(times[name]) * 1e3,
                    **{base: statistics.median(v) for base, v in ratios[name].items()},
                    "first_call_s": first_call[name], "graph_ops": graph_ops.get(name)}
