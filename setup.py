@@ -17,7 +17,9 @@ setup(
     packages=find_packages(include=["metamix_tf", "metamix_tf.*"]) + ["metamix_tf.configs"],
     # the repository's configs/ ships inside the package as metamix_tf.configs
     package_dir={"metamix_tf.configs": "configs"},
-    package_data={"metamix_tf.configs": ["*.yaml"]},
+    package_data={"metamix_tf.configs": ["*.yaml"],
+                  # compiled on first use (metamix_tf.quant.native)
+                  "metamix_tf.quant.native": ["*.cc"]},
     python_requires=">=3.10",
     install_requires=[
         # Keras 3 arrived with TF 2.16; the test suite runs on 2.21 (Keras 3.15).

@@ -8,7 +8,8 @@ only: a diagnostic that touches the module's private functions), timed in interl
 beside the float step; ratios within rounds. Weight training at 4-bit activations and
 weights (``selected``):
 
-* ``library``: ``ops`` as it is;
+* ``library``: ``ops`` as it is (its native C++ kernels, ``metamix_tf.quant.native``; the
+  XLA kernels with ``METAMIX_TF_NATIVE_OPS=0``);
 * ``sum_in_kernel``: the step-size term summed inside the backward XLA kernel (a scalar out
   instead of a full-size term and TensorFlow's ``Sum``; per-tensor steps only);
 * ``sum_over_batch_in_kernel``: summed over the batch axis inside the kernel, the rest by
@@ -130,14 +131,16 @@ def build(size: int, images, labels) -> dict:
     float_model, float_train = float_step(strategy, size)
     config = metamix_tf.QuantConfig(candidate_bits=CANDIDATES, weight_bits=4)
     out = {"float": float_train}
+    quantize = ("_lsq_quantize", "_lsq_quantize_native")  # a variant stands in for both
+    mixture = ("_lsq_mixture", "_lsq_mixture_native")
     for kind in ("library", "sum_in_kernel", "sum_over_batch_in_kernel", "plain_ops"):
         step = selected_step(strategy, calibrated(strategy, float_model, config, images, labels))
-        out[f"selected/{kind}"] = (step if kind == "library" else
-                                   traced_with(step, "_lsq_quantize", _quantize_variant(kind)))
+        out[f"selected/{kind}"] = (step if kind == "library" else traced_with(
+            step, dict.fromkeys(quantize, _quantize_variant(kind))))
     for kind in ("library", "mixture_sums_in_kernel"):
         step = joint_step(strategy, calibrated(strategy, float_model, config, images, labels))
-        out[f"joint/{kind}"] = (step if kind == "library" else
-                                traced_with(step, "_lsq_mixture", _mixture_sums_in_kernel))
+        out[f"joint/{kind}"] = (step if kind == "library" else traced_with(
+            step, dict.fromkeys(mixture, _mixture_sums_in_kernel)))
     return out
 
 

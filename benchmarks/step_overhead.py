@@ -54,7 +54,7 @@ import tensorflow as tf  # noqa: E402
 
 import metamix_tf  # noqa: E402
 from metamix_tf import run_files  # noqa: E402
-from metamix_tf.quant import ops  # noqa: E402
+from metamix_tf.quant import native, ops  # noqa: E402
 from metamix_tf.quant.cost import CostModel  # noqa: E402
 from metamix_tf.training import steps  # noqa: E402
 
@@ -100,17 +100,31 @@ def _forward_only_quantize(x, step, qn, qp, grad_scale):
     return ops._quantize_forward(x, step, qn, qp), grad
 
 
-def traced_with(fn, name: str, replacement):
-    """``fn`` traced (at its first call) with ``metamix_tf.quant.ops.<name>`` replaced by
-    ``replacement`` (a diagnostic: swapped around every call, read only while tracing)."""
+@tf.custom_gradient
+def _forward_only_quantize_native(x, step, qn, qp, grad_scale):
+    """The same diagnostic on the native forward kernel (``metamix_tf.quant.native``)."""
+
+    def grad(dy):
+        return (dy, tf.zeros_like(step), tf.zeros_like(qn), tf.zeros_like(qp),
+                tf.zeros_like(grad_scale))
+
+    return native.library().metamix_lsq_forward(x, step, qn, qp), grad
+
+
+def traced_with(fn, replacements: dict):
+    """``fn`` traced (at its first call) with each ``metamix_tf.quant.ops.<name>`` in
+    ``replacements`` replaced by its value (a diagnostic: swapped around every call, read
+    only while tracing)."""
 
     def call(images, labels):
-        library = getattr(ops, name)
-        setattr(ops, name, replacement)
+        originals = {name: getattr(ops, name) for name in replacements}
+        for name, replacement in replacements.items():
+            setattr(ops, name, replacement)
         try:
             return fn(images, labels)
         finally:
-            setattr(ops, name, library)
+            for name, original in originals.items():
+                setattr(ops, name, original)
 
     return call
 
@@ -174,8 +188,9 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
         out["activations_only"] = _half_step(strategy, float_model, config, selected, False)
         out["weights_only"] = _half_step(strategy, float_model, config, selected, True)
         out["activations_forward_only"] = traced_with(
-            _half_step(strategy, float_model, config, selected, False), "_lsq_quantize",
-            _forward_only_quantize)
+            _half_step(strategy, float_model, config, selected, False),
+            {"_lsq_quantize": _forward_only_quantize,
+             "_lsq_quantize_native": _forward_only_quantize_native})
 
     out["joint"] = joint_step(strategy, calibrated(strategy, float_model, config, images, labels))
     for name, meta_batch in (("metamix", "full"), ("metamix_split", "split")):
@@ -307,8 +322,11 @@ def main(argv=None) -> dict:
         size, batch = (int(v) for v in setting.split("x"))
         results[setting] = measure(size, batch, args.rounds, args.steps, args.warmup,
                                    args.breakdown)
+    kernels = ("native C++" if native.library() is not None
+               else "XLA (METAMIX_TF_NATIVE_OPS=0 or no compiler)")
     header = (f"MobileNetV2, candidates {CANDIDATES}, {os.cpu_count()} CPU cores "
-              f"({run_files.cpu_model()}), TF {tf.__version__}, Keras {keras.__version__}; "
+              f"({run_files.cpu_model()}), TF {tf.__version__}, Keras {keras.__version__}, "
+              f"{kernels} quantizer kernels; "
               f"{args.rounds} interleaved rounds x {args.steps} calls; load average at the "
               f"end {os.getloadavg()[0]:.1f}")
     print(header)

@@ -17,6 +17,12 @@ unfused (compiling per new shape would cost more than it saves). Both paths comp
 same IEEE operations in the same order (XLA may contract a multiply-add into an FMA: one
 rounding at most). Setting the environment variable ``METAMIX_TF_XLA_OPS=0`` before
 importing the package turns the kernels off.
+
+The training and evaluation steps trace the model inside
+:func:`metamix_tf.quant.native.enabled_in`: there the per-tensor quantizers (a scalar step,
+float32, outside XLA) run :mod:`metamix_tf.quant.native`'s C++ kernels instead, one
+multi-threaded pass per forward and per backward with the reductions done in the same pass
+(same outputs bit for bit; the step and probability sums in float64, in a fixed order).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import os
 
 import numpy as np
 import tensorflow as tf
+
+from metamix_tf.quant import native
 
 __all__ = [
     "quant_dtype",
@@ -157,6 +165,8 @@ def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor,
     qn = _as(x, qn)
     qp = _as(x, qp)
     grad_scale = tf.ones_like(step) if grad_scale is None else _as(x, grad_scale)
+    if native.active(x, step, qn, qp, grad_scale) is not None:
+        return _lsq_quantize_native(x, step, qn, qp, grad_scale)
     return _lsq_quantize(x, step, qn, qp, grad_scale)
 
 
@@ -168,6 +178,19 @@ def _lsq_quantize(x, step, qn, qp, grad_scale):
                 tf.zeros_like(qp), tf.zeros_like(grad_scale))
 
     return _quantize_forward(x, step, qn, qp), grad
+
+
+@tf.custom_gradient
+def _lsq_quantize_native(x, step, qn, qp, grad_scale):
+    """:func:`_lsq_quantize` for a scalar step, on the native kernels."""
+    kernels = native.library()
+
+    def grad(dy):
+        dx, step_sum = kernels.metamix_lsq_backward(dy, x, step, qn, qp)
+        return (dx, step_sum * grad_scale, tf.zeros_like(qn), tf.zeros_like(qp),
+                tf.zeros_like(grad_scale))
+
+    return kernels.metamix_lsq_forward(x, step, qn, qp), grad
 
 
 # The mixture kernels take the number of branches K as a Python int: the kernels are traced
@@ -227,6 +250,9 @@ def lsq_mixture(x: tf.Tensor, steps: tf.Tensor, probs: tf.Tensor, qns, qps,
     qns = _as(x, qns)
     qps = _as(x, qps)
     grad_scale = tf.ones_like(steps) if grad_scale is None else _as(x, grad_scale)
+    if native.active(x) is not None and steps.shape.rank == 1 and steps.shape[0] is not None \
+            and steps.shape[0] <= native.MAX_BRANCHES:
+        return _lsq_mixture_native(x, steps, probs, qns, qps, grad_scale)
     return _lsq_mixture(x, steps, probs, qns, qps, grad_scale)
 
 
@@ -247,6 +273,21 @@ def _lsq_mixture(x, steps, probs, qns, qps, grad_scale):
                 tf.zeros_like(qps), tf.zeros_like(grad_scale))
 
     return _mixture_forward(x, steps, probs, qns, qps, k), grad
+
+
+@tf.custom_gradient
+def _lsq_mixture_native(x, steps, probs, qns, qps, grad_scale):
+    """:func:`_lsq_mixture` on the native kernels: one backward pass for all three
+    gradients."""
+    kernels = native.library()
+
+    def grad(dy):
+        dx, prob_sums, step_sums = kernels.metamix_mixture_backward(dy, x, steps, probs, qns,
+                                                                    qps)
+        return (dx, probs * step_sums * grad_scale, prob_sums * steps, tf.zeros_like(qns),
+                tf.zeros_like(qps), tf.zeros_like(grad_scale))
+
+    return kernels.metamix_mixture_forward(x, steps, probs, qns, qps), grad
 
 
 def lsq_init_step(x: tf.Tensor, qp, axis=None) -> tf.Tensor:

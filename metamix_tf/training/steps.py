@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from metamix_tf.quant import wrap
+from metamix_tf.quant import native, wrap
 from metamix_tf.training import losses
 
 __all__ = [
@@ -165,7 +165,8 @@ def _distributed(strategy: tf.distribute.Strategy, replica_fn: Callable,
     def step(images, labels):
         if configure is not None:
             configure()
-        with context() if context is not None else contextlib.nullcontext():
+        with native.enabled_in(), (context() if context is not None
+                                   else contextlib.nullcontext()):
             per_replica = strategy.run(inner, args=(images, labels))
         return _reduce(strategy, per_replica)
 
@@ -304,16 +305,17 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
         totals = {}
         share = 1.0 if split else 1.0 / k  # parts add up; full passes average
         selected = [tf.identity(q.bit_index) for q in searchable]
-        for part, bits in enumerate(candidate_bits):
-            for q in searchable:
-                q.bit_index.assign(q.index_of(bits))
-            accumulated, metrics = strategy.run(
-                grad_pass_fn, args=(tf.constant(part), images, labels, teacher_logits,
-                                    *accumulated))
-            for key, value in _reduce(strategy, metrics).items():
-                totals[f"{META_PREFIX}{bits}_{key}"] = value  # this candidate's own
-                if key != "count":
-                    totals[key] = totals.get(key, 0.0) + value * share
+        with native.enabled_in():  # read while grad_pass traces
+            for part, bits in enumerate(candidate_bits):
+                for q in searchable:
+                    q.bit_index.assign(q.index_of(bits))
+                accumulated, metrics = strategy.run(
+                    grad_pass_fn, args=(tf.constant(part), images, labels, teacher_logits,
+                                        *accumulated))
+                for key, value in _reduce(strategy, metrics).items():
+                    totals[f"{META_PREFIX}{bits}_{key}"] = value  # this candidate's own
+                    if key != "count":
+                        totals[key] = totals.get(key, 0.0) + value * share
         for q, index in zip(searchable, selected, strict=True):
             q.bit_index.assign(index)
         strategy.run(apply_fn, args=tuple(accumulated))

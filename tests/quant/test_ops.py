@@ -1,10 +1,12 @@
 """metamix_tf.quant.ops: LSQ forward values and gradients against NumPy references."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from metamix_tf.quant import ops
+from metamix_tf.quant import native, ops
 
 BITS = (2, 3, 4, 5, 8)
 
@@ -32,7 +34,8 @@ def np_softmax(a):
 
 def tape_grads(fn, inputs, dy, where="eager"):
     """Output of ``fn(*inputs)`` and the gradients of ``sum(fn(*inputs) * dy)``, computed
-    eagerly (plain TensorFlow ops) or in a ``tf.function`` (the XLA-fused kernels)."""
+    eagerly (plain TensorFlow ops), in a ``tf.function`` (the XLA-fused kernels) or in one
+    traced inside :func:`native.enabled_in` (the C++ kernels)."""
     inputs = [tf.constant(v, tf.float32) for v in inputs]
 
     def forward_backward(*inputs):
@@ -42,13 +45,16 @@ def tape_grads(fn, inputs, dy, where="eager"):
             loss = tf.reduce_sum(y * dy)
         return y, tape.gradient(loss, inputs)
 
-    if where == "graph":
+    if where in ("graph", "native"):
         forward_backward = tf.function(forward_backward)
-    y, grads = forward_backward(*inputs)
+    with native.enabled_in() if where == "native" else contextlib.nullcontext():
+        y, grads = forward_backward(*inputs)  # traced here
     return y.numpy(), [g.numpy() for g in grads]
 
 
-WHERE = ["eager", "graph"]
+# "native": traced as the training steps trace, so per-tensor steps and mixtures run the
+# C++ kernels of metamix_tf.quant.native (per-channel steps keep the XLA kernels).
+WHERE = ["eager", "graph", "native"]
 
 
 def sum_close(actual, expected, terms, rtol=1e-5):

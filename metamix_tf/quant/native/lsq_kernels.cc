@@ -1,0 +1,365 @@
+// LSQ quantizer kernels for the CPU with a scalar step per branch: each op reads its inputs
+// once and writes its outputs once, on TensorFlow's intra-op threads, instead of the
+// XLA kernel + full-size temporaries + TensorFlow reductions of metamix_tf/quant/ops.py.
+//
+// Every element is computed with the same IEEE float32 operations, in the same order, as
+// ops.py's TensorFlow definitions (x / s, max with -Qn, min with Qp, round half to even,
+// multiply; no fused multiply-add), so outputs are bit-identical to them. Sums over the
+// tensor are taken in blocks of a fixed size (not depending on the thread count), in
+// float64 within a block and across blocks in block order: deterministic, and at least as
+// accurate as TensorFlow's float32 reduce_sum.
+//
+//   MetamixLsqForward(x, step, qn, qp) -> y = round(clip(x / s, -Qn, Qp)) * s
+//   MetamixLsqBackward(dy, x, step, qn, qp) -> dx = dy * 1[-Qn <= x/s <= Qp],
+//       step_sum = sum(dy * (round(c) - 1[in range] * x/s))
+//   MetamixMixtureForward(x, steps, probs, qns, qps) -> y = sum_k p_k * round(c_k) * s_k
+//   MetamixMixtureBackward(dy, x, steps, probs, qns, qps) -> dx = dy * sum_k p_k 1[in_k],
+//       prob_sums[k] = sum(dy * round(c_k)), step_sums[k] = sum(dy * (round(c_k) - 1[in_k] v_k))
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/platform/threadpool.h"
+
+namespace metamix {
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::errors::InvalidArgument;
+
+constexpr int64_t kBlock = 8192;  // elements per block of a sum (fixes the summation order)
+constexpr int kLanes = 16;        // independent partial sums inside a block (vectorized)
+constexpr int kMaxBranches = 8;
+
+// tf.clip_by_value: minimum(x, hi), then maximum(., lo).
+inline float Clip(float v, float lo, float hi) {
+  const float upper = v < hi ? v : hi;
+  return upper > lo ? upper : lo;
+}
+
+// Round half to even: nearbyint under the default rounding mode, which TensorFlow never
+// changes (GCC vectorizes nearbyint, not roundeven).
+inline float RoundHalfEven(float v) { return std::nearbyint(v); }
+
+// Runs fn(begin, end, block) over [0, n) in blocks of kBlock on the op's intra-op threads.
+template <typename Fn>
+void ForBlocks(OpKernelContext* context, int64_t n, int64_t cost_per_element, Fn fn) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
+  pool->ParallelFor(blocks, cost_per_element * kBlock, [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t begin = block * kBlock;
+      fn(begin, std::min(n, begin + kBlock), block);
+    }
+  });
+}
+
+float ScalarInput(OpKernelContext* context, int index) {
+  return context->input(index).scalar<float>()();
+}
+
+// Sets an InvalidArgument status (checked by the caller) unless inputs [first, last) are scalars.
+void CheckScalars(OpKernelContext* context, int first, int last) {
+  for (int i = first; i < last; ++i) {
+    OP_REQUIRES(context, tensorflow::TensorShapeUtils::IsScalar(context->input(i).shape()),
+                InvalidArgument("input ", i, " must be a scalar, got shape ",
+                                context->input(i).shape().DebugString()));
+  }
+}
+
+// Reads the branch parameters (steps, probs, qns, qps), each a [K] vector; sets an
+// InvalidArgument status (checked by the caller) on other shapes.
+void ReadBranches(OpKernelContext* context, const std::vector<int>& inputs,
+                  std::vector<std::vector<float>>* out, int* num_branches) {
+  const int64_t k = context->input(inputs[0]).NumElements();
+  OP_REQUIRES(context, k >= 1 && k <= kMaxBranches,
+              InvalidArgument("the number of branches must be in [1, ", kMaxBranches,
+                              "], got ", k));
+  for (int index : inputs) {
+    const Tensor& t = context->input(index);
+    OP_REQUIRES(context, t.dims() == 1 && t.NumElements() == k,
+                InvalidArgument("input ", index, " must have shape [", k, "], got ",
+                                t.shape().DebugString()));
+    auto flat = t.flat<float>();
+    out->emplace_back(flat.data(), flat.data() + k);
+  }
+  *num_branches = static_cast<int>(k);
+}
+
+// Runs chunk(x, g, out) on every kLanes elements of [begin, end): on the tensors themselves
+// for whole chunks, on zero-padded copies for the last partial one (only its `end - start`
+// outputs are copied back). Fixed-length chunks let the compiler vectorize each one.
+template <typename Chunk>
+void ForChunks(int64_t begin, int64_t end, const float* x, const float* g, float* out,
+               Chunk chunk) {
+  int64_t start = begin;
+  for (; start + kLanes <= end; start += kLanes) {
+    chunk(x + start, g == nullptr ? nullptr : g + start, out + start);
+  }
+  if (start == end) return;
+  float x_pad[kLanes] = {}, g_pad[kLanes] = {}, out_pad[kLanes];
+  std::copy(x + start, x + end, x_pad);
+  if (g != nullptr) std::copy(g + start, g + end, g_pad);
+  chunk(x_pad, g == nullptr ? nullptr : g_pad, out_pad);
+  std::copy(out_pad, out_pad + (end - start), out + start);
+}
+
+inline void AddLanes(const float* __restrict term, double* __restrict lanes) {
+  for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(term[l]);
+}
+
+inline double SumLanes(const double* lanes) {
+  double total = 0.0;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+class LsqForward : public OpKernel {
+ public:
+  explicit LsqForward(OpKernelConstruction* c) : OpKernel(c) {}
+
+  void Compute(OpKernelContext* context) override {
+    CheckScalars(context, 1, 4);
+    if (!context->status().ok()) return;
+    const Tensor& x = context->input(0);
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
+    const float step = ScalarInput(context, 1), lo = -ScalarInput(context, 2),
+                hi = ScalarInput(context, 3);
+    const float* in = x.flat<float>().data();
+    float* out = y->flat<float>().data();
+    ForBlocks(context, x.NumElements(), 4, [&](int64_t begin, int64_t end, int64_t) {
+      ForChunks(begin, end, in, nullptr, out,
+                [&](const float* __restrict xs, const float*, float* __restrict ys) {
+                  for (int l = 0; l < kLanes; ++l) {
+                    ys[l] = RoundHalfEven(Clip(xs[l] / step, lo, hi)) * step;
+                  }
+                });
+    });
+  }
+};
+
+class LsqBackward : public OpKernel {
+ public:
+  explicit LsqBackward(OpKernelConstruction* c) : OpKernel(c) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& dy = context->input(0);
+    const Tensor& x = context->input(1);
+    OP_REQUIRES(context, dy.shape() == x.shape(),
+                InvalidArgument("dy and x must have the same shape, got ",
+                                dy.shape().DebugString(), " and ", x.shape().DebugString()));
+    CheckScalars(context, 2, 5);
+    if (!context->status().ok()) return;
+    Tensor *dx = nullptr, *step_sum = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({}), &step_sum));
+    const float step = ScalarInput(context, 2), lo = -ScalarInput(context, 3),
+                hi = ScalarInput(context, 4);
+    const int64_t n = x.NumElements();
+    std::vector<double> partial((n + kBlock - 1) / kBlock, 0.0);
+    ForBlocks(context, n, 8, [&](int64_t begin, int64_t end, int64_t block) {
+      double lanes[kLanes] = {};
+      ForChunks(begin, end, x.flat<float>().data(), dy.flat<float>().data(),
+                dx->flat<float>().data(),
+                [&](const float* __restrict xs, const float* __restrict gs,
+                    float* __restrict dxs) {
+                  float term[kLanes];
+                  for (int l = 0; l < kLanes; ++l) {
+                    // (comparisons written out: a bool local makes GCC branch, not blend)
+                    const float v = xs[l] / step;
+                    const float c = Clip(v, lo, hi);
+                    const float grad = gs[l];
+                    const float v_inside = v == c ? v : 0.0f;
+                    dxs[l] = v == c ? grad : 0.0f;
+                    term[l] = grad * (RoundHalfEven(c) - v_inside);
+                  }
+                  AddLanes(term, lanes);
+                });
+      partial[block] = SumLanes(lanes);
+    });
+    double total = 0.0;
+    for (double p : partial) total += p;
+    step_sum->scalar<float>()() = static_cast<float>(total);
+  }
+};
+
+class MixtureForward : public OpKernel {
+ public:
+  explicit MixtureForward(OpKernelConstruction* c) : OpKernel(c) {}
+
+  void Compute(OpKernelContext* context) override {
+    std::vector<std::vector<float>> p;
+    int k = 0;
+    ReadBranches(context, {1, 2, 3, 4}, &p, &k);
+    if (!context->status().ok()) return;
+    const Tensor& x = context->input(0);
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
+    const std::vector<float>&steps = p[0], &probs = p[1], &qns = p[2], &qps = p[3];
+    ForBlocks(context, x.NumElements(), 4 * k, [&](int64_t begin, int64_t end, int64_t) {
+      ForChunks(begin, end, x.flat<float>().data(), nullptr, y->flat<float>().data(),
+                [&](const float* __restrict xs, const float*, float* __restrict ys) {
+                  float acc[kLanes] = {};
+                  for (int b = 0; b < k; ++b) {
+                    const float s = steps[b], lo = -qns[b], hi = qps[b], prob = probs[b];
+                    for (int l = 0; l < kLanes; ++l) {
+                      acc[l] += prob * (RoundHalfEven(Clip(xs[l] / s, lo, hi)) * s);
+                    }
+                  }
+                  std::copy(acc, acc + kLanes, ys);
+                });
+    });
+  }
+};
+
+// One branch of MixtureBackward on one chunk: adds p * 1[in range] to gate and the chunk's
+// probability and step terms to their lanes.
+inline void MixtureBranchChunk(const float* __restrict xs, const float* __restrict gs, float s,
+                               float lo, float hi, float prob, float* __restrict gate,
+                               double* __restrict prob_lanes, double* __restrict step_lanes) {
+  float gate_term[kLanes], prob_term[kLanes], step_term[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    const float v = xs[l] / s;
+    const float c = Clip(v, lo, hi);
+    const float r = RoundHalfEven(c);
+    const float grad = gs[l];
+    const float v_inside = v == c ? v : 0.0f;
+    gate_term[l] = v == c ? prob : 0.0f;
+    prob_term[l] = grad * r;
+    step_term[l] = grad * (r - v_inside);
+  }
+  for (int l = 0; l < kLanes; ++l) gate[l] += gate_term[l];
+  AddLanes(prob_term, prob_lanes);
+  AddLanes(step_term, step_lanes);
+}
+
+class MixtureBackward : public OpKernel {
+ public:
+  explicit MixtureBackward(OpKernelConstruction* c) : OpKernel(c) {}
+
+  void Compute(OpKernelContext* context) override {
+    std::vector<std::vector<float>> p;
+    int k = 0;
+    ReadBranches(context, {2, 3, 4, 5}, &p, &k);
+    if (!context->status().ok()) return;
+    const Tensor& dy = context->input(0);
+    const Tensor& x = context->input(1);
+    OP_REQUIRES(context, dy.shape() == x.shape(),
+                InvalidArgument("dy and x must have the same shape, got ",
+                                dy.shape().DebugString(), " and ", x.shape().DebugString()));
+    Tensor *dx = nullptr, *prob_sums = nullptr, *step_sums = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({k}), &prob_sums));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({k}), &step_sums));
+    const std::vector<float>&steps = p[0], &probs = p[1], &qns = p[2], &qps = p[3];
+    const int64_t blocks = (x.NumElements() + kBlock - 1) / kBlock;
+    // partial[(block * k + b) * 2 + {0: probability term, 1: step term}]
+    std::vector<double> partial(blocks * k * 2, 0.0);
+    ForBlocks(context, x.NumElements(), 10 * k, [&](int64_t begin, int64_t end,
+                                                    int64_t block) {
+      double prob_lanes[kMaxBranches][kLanes] = {};
+      double step_lanes[kMaxBranches][kLanes] = {};
+      ForChunks(begin, end, x.flat<float>().data(), dy.flat<float>().data(),
+                dx->flat<float>().data(),
+                [&](const float* __restrict xs, const float* __restrict gs,
+                    float* __restrict dxs) {
+                  float gate[kLanes] = {};
+                  for (int b = 0; b < k; ++b) {
+                    MixtureBranchChunk(xs, gs, steps[b], -qns[b], qps[b], probs[b], gate,
+                                       prob_lanes[b], step_lanes[b]);
+                  }
+                  for (int l = 0; l < kLanes; ++l) dxs[l] = gs[l] * gate[l];
+                });
+      for (int b = 0; b < k; ++b) {
+        partial[(block * k + b) * 2] = SumLanes(prob_lanes[b]);
+        partial[(block * k + b) * 2 + 1] = SumLanes(step_lanes[b]);
+      }
+    });
+    auto prob_out = prob_sums->flat<float>();
+    auto step_out = step_sums->flat<float>();
+    for (int b = 0; b < k; ++b) {
+      double prob = 0.0, step = 0.0;
+      for (int64_t block = 0; block < blocks; ++block) {
+        prob += partial[(block * k + b) * 2];
+        step += partial[(block * k + b) * 2 + 1];
+      }
+      prob_out(b) = static_cast<float>(prob);
+      step_out(b) = static_cast<float>(step);
+    }
+  }
+};
+
+using tensorflow::shape_inference::InferenceContext;
+
+tensorflow::Status SameAsFirst(InferenceContext* c) {
+  c->set_output(0, c->input(0));
+  return tensorflow::OkStatus();
+}
+
+REGISTER_OP("MetamixLsqForward")
+    .Input("x: float")
+    .Input("step: float")
+    .Input("qn: float")
+    .Input("qp: float")
+    .Output("y: float")
+    .SetShapeFn(SameAsFirst);
+
+REGISTER_OP("MetamixLsqBackward")
+    .Input("dy: float")
+    .Input("x: float")
+    .Input("step: float")
+    .Input("qn: float")
+    .Input("qp: float")
+    .Output("dx: float")
+    .Output("step_sum: float")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->Scalar());
+      return tensorflow::OkStatus();
+    });
+
+REGISTER_OP("MetamixMixtureForward")
+    .Input("x: float")
+    .Input("steps: float")
+    .Input("probs: float")
+    .Input("qns: float")
+    .Input("qps: float")
+    .Output("y: float")
+    .SetShapeFn(SameAsFirst);
+
+REGISTER_OP("MetamixMixtureBackward")
+    .Input("dy: float")
+    .Input("x: float")
+    .Input("steps: float")
+    .Input("probs: float")
+    .Input("qns: float")
+    .Input("qps: float")
+    .Output("dx: float")
+    .Output("prob_sums: float")
+    .Output("step_sums: float")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(1));
+      c->set_output(1, c->input(2));
+      c->set_output(2, c->input(2));
+      return tensorflow::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("MetamixLsqForward").Device(tensorflow::DEVICE_CPU), LsqForward);
+REGISTER_KERNEL_BUILDER(Name("MetamixLsqBackward").Device(tensorflow::DEVICE_CPU), LsqBackward);
+REGISTER_KERNEL_BUILDER(Name("MetamixMixtureForward").Device(tensorflow::DEVICE_CPU),
+                        MixtureForward);
+REGISTER_KERNEL_BUILDER(Name("MetamixMixtureBackward").Device(tensorflow::DEVICE_CPU),
+                        MixtureBackward);
+
+}  // namespace
+}  // namespace metamix

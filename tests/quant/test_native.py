@@ -1,0 +1,160 @@
+"""metamix_tf.quant.native: the C++ quantizer kernels against TensorFlow's own ops.
+
+Outputs and input gradients must be bit-identical to the TensorFlow definitions (the same
+float32 operations in the same order). The step and probability sums are taken in another
+order (float64 blocks), so they are compared exactly on inputs where every term and every
+partial sum is exact in float32: steps that are powers of two, inputs on a grid of
+``s / 8`` (so ``x / s`` is exact), ``dy`` small multiples of 1/4, few enough elements that
+no sum needs more than 24 bits. Random inputs are covered in test_ops.py (``"native"``).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from metamix_tf.quant import native, ops
+
+N = 8192 * 3 + 21  # three blocks of the kernels and a partial 16-element chunk
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    library = native.library()
+    assert library is not None, ("the native kernels did not build: see the warning above "
+                                 "(a C++ compiler, g++ or $CXX, is required)")
+    return library
+
+
+def _exact_case(signed, seed=0):
+    """x on the grid s/8 over the whole range and beyond it (ties included: k + 1/2),
+    dy multiples of 1/4 in [-2, 2]; s = 2^-3."""
+    rng = np.random.default_rng(seed)
+    s = np.float32(0.125)
+    qn, qp = ops.quant_range(4, signed)
+    x = (rng.integers(-8 * (qn + 3), 8 * (qp + 3), N) * s / 8).astype(np.float32)
+    dy = (rng.integers(-8, 9, N) / 4).astype(np.float32)
+    return x, dy, s, np.float32(qn), np.float32(qp)
+
+
+def _graph_ops(fn, *args):
+    with native.enabled_in():
+        graph = tf.function(fn).get_concrete_function(*args).graph
+    names = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        names.update(node.op for node in function.node_def)
+    return names
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_lsq_kernels_match_tensorflow_exactly(kernels, signed):
+    x, dy, s, qn, qp = _exact_case(signed)
+    v = x / s
+    r = tf.round(tf.clip_by_value(v, -qn, qp)).numpy()
+    inside = (v >= -qn) & (v <= qp)
+
+    y = kernels.metamix_lsq_forward(x, s, qn, qp).numpy()
+    dx, step_sum = kernels.metamix_lsq_backward(dy, x, s, qn, qp)
+
+    np.testing.assert_array_equal(y, r * s)
+    np.testing.assert_array_equal(dx.numpy(), np.where(inside, dy, 0))
+    assert np.any(v == np.round(v) + 0.5)  # ties, rounded to even
+    assert step_sum.numpy() == np.sum(dy.astype(np.float64) * np.where(inside, r - v, r))
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_mixture_kernels_match_tensorflow_exactly(kernels, signed):
+    x, dy, _, _, _ = _exact_case(signed, seed=1)
+    bits = (2, 4, 8)
+    ranges = [ops.quant_range(b, signed) for b in bits]
+    qns = np.array([q[0] for q in ranges], np.float32)
+    qps = np.array([q[1] for q in ranges], np.float32)
+    steps = np.array([0.5, 0.125, 0.125], np.float32)  # powers of two, >= the grid of x
+    probs = np.array([0.25, 0.5, 0.25], np.float32)
+
+    y = kernels.metamix_mixture_forward(x, steps, probs, qns, qps).numpy()
+    dx, prob_sums, step_sums = kernels.metamix_mixture_backward(dy, x, steps, probs, qns, qps)
+
+    y_ref, gate = np.zeros_like(x), np.zeros_like(x)
+    for k in range(len(bits)):
+        v = x / steps[k]
+        r = tf.round(tf.clip_by_value(v, -qns[k], qps[k])).numpy()
+        inside = (v >= -qns[k]) & (v <= qps[k])
+        y_ref += probs[k] * (r * steps[k])
+        gate += np.where(inside, probs[k], np.float32(0))
+        assert prob_sums.numpy()[k] == np.sum(dy.astype(np.float64) * r)
+        assert step_sums.numpy()[k] == np.sum(dy.astype(np.float64) * np.where(inside, r - v, r))
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx.numpy(), dy * gate)
+
+
+def test_forward_is_bit_identical_on_random_inputs(kernels):
+    """Random float32 inputs (no exact structure): forward and input gradient equal
+    TensorFlow's eager ops bit for bit, the step sum its float64 value to float32."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(1.0, 3.0, N).astype(np.float32)
+    dy = rng.normal(size=N).astype(np.float32)
+    s, qn, qp = np.float32(0.0371), np.float32(8), np.float32(7)
+    v = tf.constant(x) / s
+    c = tf.clip_by_value(v, -qn, qp)
+    np.testing.assert_array_equal(kernels.metamix_lsq_forward(x, s, qn, qp),
+                                  (tf.round(c) * s).numpy())
+    dx, step_sum = kernels.metamix_lsq_backward(dy, x, s, qn, qp)
+    inside = (v == c).numpy()
+    np.testing.assert_array_equal(dx, np.where(inside, dy, 0))
+    terms = (dy * (tf.round(c) - tf.where(v == c, v, 0.0))).numpy()  # float32 terms
+    assert step_sum.numpy() == np.float32(np.sum(terms.astype(np.float64)))
+
+
+def test_training_steps_trace_the_native_kernels_and_nothing_else_does(kernels):
+    x = tf.TensorSpec([2, 8], tf.float32)
+
+    def quantize(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = ops.lsq_quantize(x, tf.constant(0.1), 0.0, 15.0)
+        return y, tape.gradient(y, x)
+
+    def mixture(x):
+        return ops.lsq_mixture(x, tf.constant([0.3, 0.1]), tf.constant([0.5, 0.5]),
+                               [0.0, 0.0], [3.0, 15.0])
+
+    assert {"MetamixLsqForward", "MetamixLsqBackward"} <= _graph_ops(quantize, x)
+    assert "MetamixMixtureForward" in _graph_ops(mixture, x)
+    # Outside enabled_in (model.export, the TFLite conversion, a user's fit): TF ops only.
+    plain = tf.function(quantize).get_concrete_function(x).graph
+    assert not any(op.type.startswith("Metamix") for op in plain.get_operations())
+    # Inside an XLA-compiled step: the XLA kernels (XLA cannot compile a custom op).
+    with native.enabled_in():
+        jit = tf.function(quantize, jit_compile=True).get_concrete_function(x).graph
+    assert not any(op.type.startswith("Metamix") for op in jit.get_operations())
+    # A per-channel step (the weight quantizers) keeps the XLA kernels.
+    with native.enabled_in():
+        per_channel = tf.function(
+            lambda x: ops.lsq_quantize(x, tf.fill([8], 0.1), 0.0, 15.0)).get_concrete_function(x)
+    assert not any(op.type.startswith("Metamix") for op in per_channel.graph.get_operations())
+
+
+def test_bad_shapes_raise_one_line_errors(kernels):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be a scalar"):
+        kernels.metamix_lsq_forward(tf.zeros([4]), tf.ones([2]), 0.0, 15.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="same shape"):
+        kernels.metamix_lsq_backward(tf.zeros([3]), tf.zeros([4]), 1.0, 0.0, 15.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="number of branches"):
+        kernels.metamix_mixture_forward(tf.zeros([4]), tf.ones([9]), tf.ones([9]),
+                                        tf.zeros([9]), tf.ones([9]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must have shape"):
+        kernels.metamix_mixture_forward(tf.zeros([4]), tf.ones([2]), tf.ones([3]),
+                                        tf.zeros([2]), tf.ones([2]))
+
+
+def test_disabled_by_environment_variable(tmp_path):
+    """METAMIX_TF_NATIVE_OPS=0: no library, the XLA kernels run (checked in a fresh process:
+    the library is loaded once per process)."""
+    code = ("from metamix_tf.quant import native; import sys; "
+            "sys.exit(0 if native.library() is None else 1)")
+    env = {**os.environ, "METAMIX_TF_NATIVE_OPS": "0"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path).returncode == 0
