@@ -19,10 +19,11 @@ rounding at most). Setting the environment variable ``METAMIX_TF_XLA_OPS=0`` bef
 importing the package turns the kernels off.
 
 The training and evaluation steps trace the model inside
-:func:`metamix_tf.quant.native.enabled_in`: there the per-tensor quantizers (a scalar step,
-float32, outside XLA) run :mod:`metamix_tf.quant.native`'s C++ kernels instead, one
-multi-threaded pass per forward and per backward with the reductions done in the same pass
-(same outputs bit for bit; the step and probability sums in float64, in a fixed order).
+:func:`metamix_tf.quant.native.enabled_in`: there the quantizers (float32, outside XLA; a
+scalar step, a mixture, or a step per channel of the last axes) run
+:mod:`metamix_tf.quant.native`'s C++ kernels instead: one pass per forward and per backward
+with the reductions done in the same pass (same outputs bit for bit; the step and
+probability sums in float64, in a fixed order), and no XLA compilation per tensor shape.
 """
 
 from __future__ import annotations
@@ -165,9 +166,26 @@ def lsq_quantize(x: tf.Tensor, step: tf.Tensor, qn: tf.Tensor, qp: tf.Tensor,
     qn = _as(x, qn)
     qp = _as(x, qp)
     grad_scale = tf.ones_like(step) if grad_scale is None else _as(x, grad_scale)
-    if native.active(x, step, qn, qp, grad_scale) is not None:
+    if (native.active(x) is not None and _step_columns(x, step) is not None
+            and qn.shape.rank == qp.shape.rank == 0
+            and grad_scale.shape in (tf.TensorShape([]), step.shape)):
         return _lsq_quantize_native(x, step, qn, qp, grad_scale)
     return _lsq_quantize(x, step, qn, qp, grad_scale)
+
+
+def _step_columns(x: tf.Tensor, step: tf.Tensor) -> int | None:
+    """1 for a scalar step; ``P`` for a step whose shape, leading 1s dropped, is ``x``'s last
+    dimensions (``P`` their product: per-channel weight steps); None otherwise."""
+    if step.shape.rank == 0:
+        return 1
+    if not (step.shape.is_fully_defined() and x.shape.rank is not None):
+        return None
+    dims = step.shape.as_list()
+    while dims and dims[0] == 1:
+        dims.pop(0)
+    if not dims or len(dims) > x.shape.rank or x.shape.as_list()[-len(dims):] != dims:
+        return None
+    return int(np.prod(dims))
 
 
 @tf.custom_gradient
@@ -182,15 +200,17 @@ def _lsq_quantize(x, step, qn, qp, grad_scale):
 
 @tf.custom_gradient
 def _lsq_quantize_native(x, step, qn, qp, grad_scale):
-    """:func:`_lsq_quantize` for a scalar step, on the native kernels."""
+    """:func:`_lsq_quantize` on the native kernels, for a step that :func:`_step_columns`
+    accepts (passed to them as a scalar or a ``[P]`` vector)."""
     kernels = native.library()
+    columns = step if step.shape.rank == 0 else tf.reshape(step, [-1])
 
     def grad(dy):
-        dx, step_sum = kernels.metamix_lsq_backward(dy, x, step, qn, qp)
-        return (dx, step_sum * grad_scale, tf.zeros_like(qn), tf.zeros_like(qp),
-                tf.zeros_like(grad_scale))
+        dx, step_sum = kernels.metamix_lsq_backward(dy, x, columns, qn, qp)
+        return (dx, tf.reshape(step_sum, tf.shape(step)) * grad_scale, tf.zeros_like(qn),
+                tf.zeros_like(qp), tf.zeros_like(grad_scale))
 
-    return kernels.metamix_lsq_forward(x, step, qn, qp), grad
+    return kernels.metamix_lsq_forward(x, columns, qn, qp), grad
 
 
 # The mixture kernels take the number of branches K as a Python int: the kernels are traced

@@ -65,6 +65,28 @@ def test_lsq_kernels_match_tensorflow_exactly(kernels, signed):
     assert step_sum.numpy() == np.sum(dy.astype(np.float64) * np.where(inside, r - v, r))
 
 
+def test_per_column_steps_match_tensorflow_exactly(kernels):
+    """A step per column (x seen as [rows, P]: a depthwise kernel's [cin, multiplier]
+    steps), the weight quantizers' case: per-column sums exact as above."""
+    rng = np.random.default_rng(3)
+    steps = 2.0 ** rng.integers(-5, -1, (6, 2)).astype(np.float32)  # powers of two
+    qn, qp = ops.quant_range(4, True)
+    x = (rng.integers(-8 * (qn + 3), 8 * (qp + 3), (3, 3, 6, 2)) * steps / 8).astype(np.float32)
+    dy = (rng.integers(-8, 9, x.shape) / 4).astype(np.float32)
+    v = x / steps
+    r = tf.round(tf.clip_by_value(v, -qn, qp)).numpy()
+    inside = (v >= -qn) & (v <= qp)
+
+    flat = steps.reshape(-1)
+    y = kernels.metamix_lsq_forward(x, flat, qn, qp).numpy()
+    dx, step_sums = kernels.metamix_lsq_backward(dy, x, flat, qn, qp)
+
+    np.testing.assert_array_equal(y, r * steps)
+    np.testing.assert_array_equal(dx.numpy(), np.where(inside, dy, 0))
+    expected = np.sum(dy.astype(np.float64) * np.where(inside, r - v, r), axis=(0, 1))
+    np.testing.assert_array_equal(step_sums.numpy(), expected.reshape(-1))
+
+
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 def test_mixture_kernels_match_tensorflow_exactly(kernels, signed):
     x, dy, _, _, _ = _exact_case(signed, seed=1)
@@ -131,16 +153,19 @@ def test_training_steps_trace_the_native_kernels_and_nothing_else_does(kernels):
     with native.enabled_in():
         jit = tf.function(quantize, jit_compile=True).get_concrete_function(x).graph
     assert not any(op.type.startswith("Metamix") for op in jit.get_operations())
-    # A per-channel step (the weight quantizers) keeps the XLA kernels.
-    with native.enabled_in():
-        per_channel = tf.function(
-            lambda x: ops.lsq_quantize(x, tf.fill([8], 0.1), 0.0, 15.0)).get_concrete_function(x)
-    assert not any(op.type.startswith("Metamix") for op in per_channel.graph.get_operations())
+    # A step per channel of the last axis (the weight quantizers) runs natively too; one
+    # broadcast over another axis keeps the XLA kernels.
+    assert "MetamixLsqForward" in _graph_ops(
+        lambda x: ops.lsq_quantize(x, tf.fill([1, 8], 0.1), 0.0, 15.0), x)
+    assert not any(name.startswith("Metamix") for name in _graph_ops(
+        lambda x: ops.lsq_quantize(x, tf.fill([2, 1], 0.1), 0.0, 15.0), x))
 
 
 def test_bad_shapes_raise_one_line_errors(kernels):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="divides x's size"):
+        kernels.metamix_lsq_forward(tf.zeros([4]), tf.ones([3]), 0.0, 15.0)
     with pytest.raises(tf.errors.InvalidArgumentError, match="must be a scalar"):
-        kernels.metamix_lsq_forward(tf.zeros([4]), tf.ones([2]), 0.0, 15.0)
+        kernels.metamix_lsq_forward(tf.zeros([4]), 1.0, tf.zeros([2]), 15.0)
     with pytest.raises(tf.errors.InvalidArgumentError, match="same shape"):
         kernels.metamix_lsq_backward(tf.zeros([3]), tf.zeros([4]), 1.0, 0.0, 15.0)
     with pytest.raises(tf.errors.InvalidArgumentError, match="number of branches"):

@@ -129,14 +129,11 @@ def enabled_in():
         _DEPTH[0] -= 1
 
 
-def active(x: tf.Tensor, *scalars: tf.Tensor):
+def active(x: tf.Tensor):
     """The library if a quantizer of ``x`` should run natively here: inside
-    :func:`enabled_in`, building a graph that XLA will not compile, float32,
-    and every tensor in ``scalars`` of static rank 0 (else None). The ops have CPU kernels
-    only (soft placement keeps them there)."""
+    :func:`enabled_in`, building a graph that XLA will not compile, ``x`` float32 (else
+    None). The ops have CPU kernels only (soft placement keeps them there)."""
     if _DEPTH[0] == 0 or tf.executing_eagerly() or x.dtype != tf.float32:
-        return None
-    if any(s.shape.rank != 0 for s in scalars):
         return None
     from tensorflow.python.ops import control_flow_util  # noqa: PLC0415 (private module)
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):

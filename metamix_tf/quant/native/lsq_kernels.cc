@@ -1,6 +1,8 @@
-// LSQ quantizer kernels for the CPU with a scalar step per branch: each op reads its inputs
-// once and writes its outputs once, on TensorFlow's intra-op threads, instead of the
-// XLA kernel + full-size temporaries + TensorFlow reductions of metamix_tf/quant/ops.py.
+// LSQ quantizer kernels for the CPU: each op reads its inputs once and writes its outputs
+// once, instead of the XLA kernel + full-size temporaries + TensorFlow reductions of
+// metamix_tf/quant/ops.py. A scalar step (activations) runs on TensorFlow's intra-op
+// threads; a step per column (x seen as [rows, P], the step a [P] vector: per-channel
+// weight steps, small tensors) on one thread.
 //
 // Every element is computed with the same IEEE float32 operations, in the same order, as
 // ops.py's TensorFlow definitions (x / s, max with -Qn, min with Qp, round half to even,
@@ -11,7 +13,7 @@
 //
 //   MetamixLsqForward(x, step, qn, qp) -> y = round(clip(x / s, -Qn, Qp)) * s
 //   MetamixLsqBackward(dy, x, step, qn, qp) -> dx = dy * 1[-Qn <= x/s <= Qp],
-//       step_sum = sum(dy * (round(c) - 1[in range] * x/s))
+//       step_sum = sum(dy * (round(c) - 1[in range] * x/s)), per column for a [P] step
 //   MetamixMixtureForward(x, steps, probs, qns, qps) -> y = sum_k p_k * round(c_k) * s_k
 //   MetamixMixtureBackward(dy, x, steps, probs, qns, qps) -> dx = dy * sum_k p_k 1[in_k],
 //       prob_sums[k] = sum(dy * round(c_k)), step_sums[k] = sum(dy * (round(c_k) - 1[in_k] v_k))
@@ -123,20 +125,47 @@ inline double SumLanes(const double* lanes) {
   return total;
 }
 
+// The number of columns P of a step: 1 for a scalar, P for a [P] vector whose length
+// divides x's size; sets an InvalidArgument status (checked by the caller) otherwise.
+int64_t StepColumns(OpKernelContext* context, const Tensor& step, const Tensor& x) {
+  if (tensorflow::TensorShapeUtils::IsScalar(step.shape())) return 1;
+  const int64_t columns = step.NumElements();
+  if (step.dims() != 1 || columns == 0 || x.NumElements() % columns != 0) {
+    context->SetStatus(InvalidArgument("step must be a scalar or a vector whose length "
+                                       "divides x's size, got step ",
+                                       step.shape().DebugString(), " for x ",
+                                       x.shape().DebugString()));
+    return 0;
+  }
+  return columns;
+}
+
 class LsqForward : public OpKernel {
  public:
   explicit LsqForward(OpKernelConstruction* c) : OpKernel(c) {}
 
   void Compute(OpKernelContext* context) override {
-    CheckScalars(context, 1, 4);
-    if (!context->status().ok()) return;
+    CheckScalars(context, 2, 4);
     const Tensor& x = context->input(0);
+    const int64_t columns = StepColumns(context, context->input(1), x);
+    if (!context->status().ok()) return;
     Tensor* y = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
-    const float step = ScalarInput(context, 1), lo = -ScalarInput(context, 2),
-                hi = ScalarInput(context, 3);
+    const float lo = -ScalarInput(context, 2), hi = ScalarInput(context, 3);
     const float* in = x.flat<float>().data();
     float* out = y->flat<float>().data();
+    const float* steps = context->input(1).flat<float>().data();
+    if (columns > 1) {
+      for (int64_t row = 0; row < x.NumElements(); row += columns) {
+        const float* __restrict xs = in + row;
+        float* __restrict ys = out + row;
+        for (int64_t p = 0; p < columns; ++p) {
+          ys[p] = RoundHalfEven(Clip(xs[p] / steps[p], lo, hi)) * steps[p];
+        }
+      }
+      return;
+    }
+    const float step = steps[0];
     ForBlocks(context, x.NumElements(), 4, [&](int64_t begin, int64_t end, int64_t) {
       ForChunks(begin, end, in, nullptr, out,
                 [&](const float* __restrict xs, const float*, float* __restrict ys) {
@@ -158,14 +187,36 @@ class LsqBackward : public OpKernel {
     OP_REQUIRES(context, dy.shape() == x.shape(),
                 InvalidArgument("dy and x must have the same shape, got ",
                                 dy.shape().DebugString(), " and ", x.shape().DebugString()));
-    CheckScalars(context, 2, 5);
+    CheckScalars(context, 3, 5);
+    const int64_t columns = StepColumns(context, context->input(2), x);
     if (!context->status().ok()) return;
     Tensor *dx = nullptr, *step_sum = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
-    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({}), &step_sum));
-    const float step = ScalarInput(context, 2), lo = -ScalarInput(context, 3),
-                hi = ScalarInput(context, 4);
+    OP_REQUIRES_OK(context, context->allocate_output(1, context->input(2).shape(), &step_sum));
+    const float lo = -ScalarInput(context, 3), hi = ScalarInput(context, 4);
     const int64_t n = x.NumElements();
+    const float* steps = context->input(2).flat<float>().data();
+    if (columns > 1) {
+      std::vector<double> sums(columns, 0.0);
+      for (int64_t row = 0; row < n; row += columns) {
+        const float* __restrict xs = x.flat<float>().data() + row;
+        const float* __restrict gs = dy.flat<float>().data() + row;
+        float* __restrict dxs = dx->flat<float>().data() + row;
+        double* __restrict column_sums = sums.data();
+        for (int64_t p = 0; p < columns; ++p) {
+          const float v = xs[p] / steps[p];
+          const float c = Clip(v, lo, hi);
+          const float grad = gs[p];
+          const float v_inside = v == c ? v : 0.0f;
+          dxs[p] = v == c ? grad : 0.0f;
+          column_sums[p] += static_cast<double>(grad * (RoundHalfEven(c) - v_inside));
+        }
+      }
+      auto out = step_sum->flat<float>();
+      for (int64_t p = 0; p < columns; ++p) out(p) = static_cast<float>(sums[p]);
+      return;
+    }
+    const float step = steps[0];
     std::vector<double> partial((n + kBlock - 1) / kBlock, 0.0);
     ForBlocks(context, n, 8, [&](int64_t begin, int64_t end, int64_t block) {
       double lanes[kLanes] = {};
@@ -324,7 +375,7 @@ REGISTER_OP("MetamixLsqBackward")
     .Output("step_sum: float")
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(0));
-      c->set_output(1, c->Scalar());
+      c->set_output(1, c->input(2));
       return tensorflow::OkStatus();
     });
 
