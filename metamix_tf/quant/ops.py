@@ -22,8 +22,9 @@ The training and evaluation steps trace the model inside
 :func:`metamix_tf.quant.native.enabled_in`: there the quantizers (float32, outside XLA; a
 scalar step, a mixture, or a step per channel of the last axes) run
 :mod:`metamix_tf.quant.native`'s C++ kernels instead: one pass per forward and per backward
-with the reductions done in the same pass (same outputs bit for bit; the step and
-probability sums in float64, in a fixed order), and no XLA compilation per tensor shape.
+with the reductions done in the same pass (the eager ops' outputs bit for bit, where XLA
+may contract an FMA; the step and probability sums in float64, in a fixed order), and no
+XLA compilation per tensor shape.
 """
 
 from __future__ import annotations

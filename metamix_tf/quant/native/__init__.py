@@ -1,9 +1,10 @@
 """The CPU kernels of ``lsq_kernels.cc``: LSQ quantizer forward and backward, one pass each.
 
-The XLA kernels of :mod:`metamix_tf.quant.ops` run single-threaded and write one full-size
-temporary per gradient term before TensorFlow reduces it; these read each input once, write
-each output once and reduce while they go, on TensorFlow's intra-op threads, with
-bit-identical outputs (sums in float64, in a fixed order). They exist for the training and
+The XLA kernels of :mod:`metamix_tf.quant.ops` are compiled once per tensor shape and
+write one full-size temporary per gradient term before TensorFlow reduces it; these read
+each input once, write each output once and reduce while they go (a per-tensor step on
+TensorFlow's intra-op threads), with the values of TensorFlow's own ops bit for bit (sums
+in float64, in a fixed order). They exist for the training and
 evaluation steps of :mod:`metamix_tf.training.steps`, which trace the model inside
 :func:`enabled_in`; every other graph (a user's ``model.fit``, ``model.export``, the TFLite
 conversion) keeps TensorFlow's own ops, so no SavedModel ever needs this library.
