@@ -89,26 +89,24 @@ def _half_step(strategy, float_model, config, selected, weights: bool):
                                  groups.weights_and_steps, configure=configure)
 
 
-@tf.custom_gradient
-def _forward_only_quantize(x, step, qn, qp, grad_scale):
-    """``ops.lsq_quantize``'s forward kernel with a pass-through backward (the diagnostic)."""
+def _forward_only(forward):
+    """``forward(x, step, qn, qp)`` with a pass-through backward: the diagnostic that stands
+    in for ``ops._lsq_quantize`` / ``ops._lsq_quantize_native``."""
 
-    def grad(dy):
-        return (dy, tf.zeros_like(step), tf.zeros_like(qn), tf.zeros_like(qp),
-                tf.zeros_like(grad_scale))
+    @tf.custom_gradient
+    def quantize(x, step, qn, qp, grad_scale):
+        def grad(dy):
+            return (dy, tf.zeros_like(step), tf.zeros_like(qn), tf.zeros_like(qp),
+                    tf.zeros_like(grad_scale))
 
-    return ops._quantize_forward(x, step, qn, qp), grad
+        return forward(x, step, qn, qp), grad
+
+    return quantize
 
 
-@tf.custom_gradient
-def _forward_only_quantize_native(x, step, qn, qp, grad_scale):
-    """The same diagnostic on the native forward kernel (``metamix_tf.quant.native``)."""
-
-    def grad(dy):
-        return (dy, tf.zeros_like(step), tf.zeros_like(qn), tf.zeros_like(qp),
-                tf.zeros_like(grad_scale))
-
-    return native.library().metamix_lsq_forward(x, step, qn, qp), grad
+def _native_forward(x, step, qn, qp):
+    columns = step if step.shape.rank == 0 else tf.reshape(step, [-1])  # as the library
+    return native.library().metamix_lsq_forward(x, columns, qn, qp)
 
 
 def traced_with(fn, replacements: dict):
@@ -189,8 +187,8 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
         out["weights_only"] = _half_step(strategy, float_model, config, selected, True)
         out["activations_forward_only"] = traced_with(
             _half_step(strategy, float_model, config, selected, False),
-            {"_lsq_quantize": _forward_only_quantize,
-             "_lsq_quantize_native": _forward_only_quantize_native})
+            {"_lsq_quantize": _forward_only(ops._quantize_forward),
+             "_lsq_quantize_native": _forward_only(_native_forward)})
 
     out["joint"] = joint_step(strategy, calibrated(strategy, float_model, config, images, labels))
     for name, meta_batch in (("metamix", "full"), ("metamix_split", "split")):
