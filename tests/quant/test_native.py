@@ -8,6 +8,7 @@ partial sum is exact in float32: steps that are powers of two, inputs on a grid 
 no sum needs more than 24 bits. Random inputs are covered in test_ops.py (``"native"``).
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -129,6 +130,31 @@ def test_forward_is_bit_identical_on_random_inputs(kernels):
     np.testing.assert_array_equal(dx, np.where(inside, dy, 0))
     terms = (dy * (tf.round(c) - tf.where(v == c, v, 0.0))).numpy()  # float32 terms
     assert step_sum.numpy() == np.float32(np.sum(terms.astype(np.float64)))
+
+
+def test_non_finite_inputs_as_tensorflow(kernels):
+    """A NaN stays NaN (a diverging run must not be hidden by the quantizer) and +-inf
+    clip, in the forward and in every gradient, as the TensorFlow ops do."""
+    x = np.array([np.nan, np.inf, -np.inf, 1.0] * 5, np.float32)
+    dy = np.ones_like(x)
+    for where in ("xla", "native"):
+        with native.enabled_in() if where == "native" else contextlib.nullcontext():
+            y, grads = _forward_backward(x, dy, np.float32(0.5))
+        np.testing.assert_array_equal(y, [np.nan, 7.5, 0.0, 1.0] * 5)
+        np.testing.assert_array_equal(grads[0], [0.0, 0.0, 0.0, 1.0] * 5)
+        assert np.isnan(grads[1])
+
+
+def _forward_backward(x, dy, step):
+    @tf.function
+    def run(x, step):
+        with tf.GradientTape() as tape:
+            tape.watch([x, step])
+            y = ops.lsq_quantize(x, step, 0.0, 15.0)
+        return y, tape.gradient(y, [x, step], output_gradients=tf.constant(dy))
+
+    y, grads = run(tf.constant(x), tf.constant(step))
+    return y.numpy(), [g.numpy() for g in grads]
 
 
 def test_training_steps_trace_the_native_kernels_and_nothing_else_does(kernels):

@@ -42,10 +42,10 @@ constexpr int64_t kBlock = 8192;  // elements per block of a sum (fixes the summ
 constexpr int kLanes = 16;        // independent partial sums inside a block (vectorized)
 constexpr int kMaxBranches = 8;
 
-// tf.clip_by_value: minimum(x, hi), then maximum(., lo).
+// tf.clip_by_value: minimum(x, hi), then maximum(., lo); a NaN stays NaN, as in TensorFlow.
 inline float Clip(float v, float lo, float hi) {
-  const float upper = v < hi ? v : hi;
-  return upper > lo ? upper : lo;
+  const float upper = v > hi ? hi : v;
+  return upper < lo ? lo : upper;
 }
 
 // Round half to even: nearbyint under the default rounding mode, which TensorFlow never
