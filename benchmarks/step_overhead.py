@@ -105,8 +105,7 @@ def _forward_only(forward):
 
 
 def _native_forward(x, step, qn, qp):
-    columns = step if step.shape.rank == 0 else tf.reshape(step, [-1])  # as the library
-    return native.library().metamix_lsq_forward(x, columns, qn, qp)
+    return native.library().metamix_lsq_forward(x, ops._native_step(step), qn, qp)
 
 
 def traced_with(fn, replacements: dict):

@@ -199,12 +199,17 @@ def _lsq_quantize(x, step, qn, qp, grad_scale):
     return _quantize_forward(x, step, qn, qp), grad
 
 
+def _native_step(step: tf.Tensor) -> tf.Tensor:
+    """``step`` as the native kernels take it: a scalar, or flattened to ``[P]``."""
+    return step if step.shape.rank == 0 else tf.reshape(step, [-1])
+
+
 @tf.custom_gradient
 def _lsq_quantize_native(x, step, qn, qp, grad_scale):
     """:func:`_lsq_quantize` on the native kernels, for a step that :func:`_step_columns`
     accepts (passed to them as a scalar or a ``[P]`` vector)."""
     kernels = native.library()
-    columns = step if step.shape.rank == 0 else tf.reshape(step, [-1])
+    columns = _native_step(step)
 
     def grad(dy):
         dx, step_sum = kernels.metamix_lsq_backward(dy, x, columns, qn, qp)

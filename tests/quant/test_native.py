@@ -41,9 +41,11 @@ def _exact_case(signed, seed=0):
     return x, dy, s, np.float32(qn), np.float32(qp)
 
 
-def _graph_ops(fn, *args):
-    with native.enabled_in():
-        graph = tf.function(fn).get_concrete_function(*args).graph
+def _graph_ops(fn, *args, enabled=True, jit_compile=False):
+    """The op types of ``fn``'s graph (and its functions), traced inside
+    :func:`native.enabled_in` unless ``enabled`` is false."""
+    with native.enabled_in() if enabled else contextlib.nullcontext():
+        graph = tf.function(fn, jit_compile=jit_compile).get_concrete_function(*args).graph
     names = {op.type for op in graph.get_operations()}
     for function in graph.as_graph_def().library.function:
         names.update(node.op for node in function.node_def)
@@ -173,12 +175,11 @@ def test_training_steps_trace_the_native_kernels_and_nothing_else_does(kernels):
     assert {"MetamixLsqForward", "MetamixLsqBackward"} <= _graph_ops(quantize, x)
     assert "MetamixMixtureForward" in _graph_ops(mixture, x)
     # Outside enabled_in (model.export, the TFLite conversion, a user's fit): TF ops only.
-    plain = tf.function(quantize).get_concrete_function(x).graph
-    assert not any(op.type.startswith("Metamix") for op in plain.get_operations())
+    assert not any(name.startswith("Metamix") for name in _graph_ops(quantize, x,
+                                                                     enabled=False))
     # Inside an XLA-compiled step: the XLA kernels (XLA cannot compile a custom op).
-    with native.enabled_in():
-        jit = tf.function(quantize, jit_compile=True).get_concrete_function(x).graph
-    assert not any(op.type.startswith("Metamix") for op in jit.get_operations())
+    assert not any(name.startswith("Metamix") for name in _graph_ops(quantize, x,
+                                                                     jit_compile=True))
     # A step per channel of the last axis (the weight quantizers) runs natively too; one
     # broadcast over another axis keeps the XLA kernels.
     assert "MetamixLsqForward" in _graph_ops(

@@ -30,6 +30,7 @@ import tempfile
 import warnings
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # XLA-context check (private module)
 
 __all__ = ["library", "enabled_in", "active", "build_flags", "SOURCE", "MAX_BRANCHES"]
 
@@ -136,7 +137,6 @@ def active(x: tf.Tensor):
     None). The ops have CPU kernels only (soft placement keeps them there)."""
     if _DEPTH[0] == 0 or tf.executing_eagerly() or x.dtype != tf.float32:
         return None
-    from tensorflow.python.ops import control_flow_util  # noqa: PLC0415 (private module)
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
         return None
     return library()

@@ -78,6 +78,13 @@ void CheckScalars(OpKernelContext* context, int first, int last) {
   }
 }
 
+// Sets an InvalidArgument status (checked by the caller) unless dy has x's shape.
+void CheckSameShape(OpKernelContext* context, const Tensor& dy, const Tensor& x) {
+  OP_REQUIRES(context, dy.shape() == x.shape(),
+              InvalidArgument("dy and x must have the same shape, got ",
+                              dy.shape().DebugString(), " and ", x.shape().DebugString()));
+}
+
 // Reads the branch parameters (steps, probs, qns, qps), each a [K] vector; sets an
 // InvalidArgument status (checked by the caller) on other shapes.
 void ReadBranches(OpKernelContext* context, const std::vector<int>& inputs,
@@ -184,9 +191,7 @@ class LsqBackward : public OpKernel {
   void Compute(OpKernelContext* context) override {
     const Tensor& dy = context->input(0);
     const Tensor& x = context->input(1);
-    OP_REQUIRES(context, dy.shape() == x.shape(),
-                InvalidArgument("dy and x must have the same shape, got ",
-                                dy.shape().DebugString(), " and ", x.shape().DebugString()));
+    CheckSameShape(context, dy, x);
     CheckScalars(context, 3, 5);
     const int64_t columns = StepColumns(context, context->input(2), x);
     if (!context->status().ok()) return;
@@ -305,9 +310,8 @@ class MixtureBackward : public OpKernel {
     if (!context->status().ok()) return;
     const Tensor& dy = context->input(0);
     const Tensor& x = context->input(1);
-    OP_REQUIRES(context, dy.shape() == x.shape(),
-                InvalidArgument("dy and x must have the same shape, got ",
-                                dy.shape().DebugString(), " and ", x.shape().DebugString()));
+    CheckSameShape(context, dy, x);
+    if (!context->status().ok()) return;
     Tensor *dx = nullptr, *prob_sums = nullptr, *step_sums = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({k}), &prob_sums));
