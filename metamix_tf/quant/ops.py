@@ -24,7 +24,10 @@ scalar step, a mixture, or a step per channel of the last axes) run
 :mod:`metamix_tf.quant.native`'s C++ kernels instead: one pass per forward and per backward
 with the reductions done in the same pass (the eager ops' outputs bit for bit, where XLA
 may contract an FMA; the step and probability sums in float64, in a fixed order), and no
-XLA compilation per tensor shape.
+XLA compilation per tensor shape. A quantizer whose input is the output of a ReLU or ReLU6
+op reads that op's input instead and applies the activation in the same pass
+(:func:`_folded_input`; the same values and gradients bit for bit): the activation's
+backward op is not built, and its forward op is pruned when nothing else reads it.
 """
 
 from __future__ import annotations
@@ -204,19 +207,52 @@ def _native_step(step: tf.Tensor) -> tf.Tensor:
     return step if step.shape.rank == 0 else tf.reshape(step, [-1])
 
 
-@tf.custom_gradient
+# The activation ops the native kernels can fold into the quantizer that reads their output,
+# by their names in the kernels' `activation` attribute.
+_FOLDABLE = {"Relu": "relu", "Relu6": "relu6"}
+
+
+def _folded_input(x: tf.Tensor) -> tuple[tf.Tensor, str]:
+    """``(z, name)`` when graph tensor ``x`` is the output of a ReLU or ReLU6 op on ``z`` (of
+    ``x``'s dtype), ``(x, "none")`` otherwise. A native quantizer of ``x`` then reads ``z``
+    and applies the activation itself (its forward value and its gradient, both exact): the
+    activation's own forward op is left without a reader (pruned from the step's graph when
+    nothing else reads it) and its backward op is never built."""
+    op = x.op
+    name = _FOLDABLE.get(op.type)
+    if name is None or op.inputs[0].dtype != x.dtype:
+        return x, "none"
+    return op.inputs[0], name
+
+
 def _lsq_quantize_native(x, step, qn, qp, grad_scale):
     """:func:`_lsq_quantize` on the native kernels, for a step that :func:`_step_columns`
-    accepts (passed to them as a scalar or a ``[P]`` vector)."""
+    accepts (passed to them as a scalar or a ``[P]`` vector), with a ReLU / ReLU6 that
+    produced ``x`` folded in (:func:`_folded_input`)."""
+    z, activation = _folded_input(x)
+    return _native_quantizer(activation)(z, step, qn, qp, grad_scale)
+
+
+@functools.cache
+def _native_quantizer(activation: str):
+    """The native quantizer of ``activation(z)`` (a custom-gradient function of
+    ``(z, step, qn, qp, grad_scale)``); one per activation, as the kernels take it as an
+    attribute."""
     kernels = native.library()
-    columns = _native_step(step)
 
-    def grad(dy):
-        dx, step_sum = kernels.metamix_lsq_backward(dy, x, columns, qn, qp)
-        return (dx, tf.reshape(step_sum, tf.shape(step)) * grad_scale, tf.zeros_like(qn),
-                tf.zeros_like(qp), tf.zeros_like(grad_scale))
+    @tf.custom_gradient
+    def quantize(z, step, qn, qp, grad_scale):
+        columns = _native_step(step)
 
-    return kernels.metamix_lsq_forward(x, columns, qn, qp), grad
+        def grad(dy):
+            dz, step_sum = kernels.metamix_lsq_backward(dy, z, columns, qn, qp,
+                                                        activation=activation)
+            return (dz, tf.reshape(step_sum, tf.shape(step)) * grad_scale, tf.zeros_like(qn),
+                    tf.zeros_like(qp), tf.zeros_like(grad_scale))
+
+        return kernels.metamix_lsq_forward(z, columns, qn, qp, activation=activation), grad
+
+    return quantize
 
 
 # The mixture kernels take the number of branches K as a Python int: the kernels are traced
@@ -301,19 +337,30 @@ def _lsq_mixture(x, steps, probs, qns, qps, grad_scale):
     return _mixture_forward(x, steps, probs, qns, qps, k), grad
 
 
-@tf.custom_gradient
 def _lsq_mixture_native(x, steps, probs, qns, qps, grad_scale):
-    """:func:`_lsq_mixture` on the native kernels: one backward pass for all three
-    gradients."""
+    """:func:`_lsq_mixture` on the native kernels (one backward pass for all three
+    gradients), with a ReLU / ReLU6 that produced ``x`` folded in (:func:`_folded_input`)."""
+    z, activation = _folded_input(x)
+    return _native_mixture(activation)(z, steps, probs, qns, qps, grad_scale)
+
+
+@functools.cache
+def _native_mixture(activation: str):
+    """As :func:`_native_quantizer`, for the mixture kernels."""
     kernels = native.library()
 
-    def grad(dy):
-        dx, prob_sums, step_sums = kernels.metamix_mixture_backward(dy, x, steps, probs, qns,
-                                                                    qps)
-        return (dx, probs * step_sums * grad_scale, prob_sums * steps, tf.zeros_like(qns),
-                tf.zeros_like(qps), tf.zeros_like(grad_scale))
+    @tf.custom_gradient
+    def mixture(z, steps, probs, qns, qps, grad_scale):
+        def grad(dy):
+            dz, prob_sums, step_sums = kernels.metamix_mixture_backward(
+                dy, z, steps, probs, qns, qps, activation=activation)
+            return (dz, probs * step_sums * grad_scale, prob_sums * steps, tf.zeros_like(qns),
+                    tf.zeros_like(qps), tf.zeros_like(grad_scale))
 
-    return kernels.metamix_mixture_forward(x, steps, probs, qns, qps), grad
+        return kernels.metamix_mixture_forward(z, steps, probs, qns, qps,
+                                               activation=activation), grad
+
+    return mixture
 
 
 def lsq_init_step(x: tf.Tensor, qp, axis=None) -> tf.Tensor:

@@ -188,6 +188,58 @@ def test_training_steps_trace_the_native_kernels_and_nothing_else_does(kernels):
         lambda x: ops.lsq_quantize(x, tf.fill([2, 1], 0.1), 0.0, 15.0), x))
 
 
+def _quantizer_of_activation(activation, mixture):
+    """``fn(x, step, steps, probs)``: the quantizer (a 4-bit branch or a three-branch
+    mixture) of ``activation(x)``."""
+
+    def fn(x, step, steps, probs):
+        a = activation(x)
+        if mixture:
+            return ops.lsq_mixture(a, steps, probs, [0.0, 0.0, 0.0], [3.0, 15.0, 255.0])
+        return ops.lsq_quantize(a, step, 0.0, 15.0)
+
+    return fn
+
+
+@pytest.mark.parametrize("mixture", [False, True], ids=["quantize", "mixture"])
+@pytest.mark.parametrize("activation", [tf.nn.relu6, tf.nn.relu], ids=["relu6", "relu"])
+def test_folded_activation_gives_the_unfolded_values_exactly(kernels, monkeypatch,
+                                                             activation, mixture):
+    """A ReLU / ReLU6 folded into the native quantizer after it: output and every gradient
+    bit for bit those of the activation op followed by the quantizer (the same float32
+    operations per element and the same summation order), and no activation gradient op in
+    the graph. Inputs cover both sides of 0 and 6, both bounds exactly, NaN and +-inf."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(2.0, 4.0, N).astype(np.float32)
+    x[:8] = [0.0, 6.0, -0.0, np.nan, np.inf, -np.inf, 5.999999, 1e-30]
+    dy = rng.normal(size=N).astype(np.float32)
+    inputs = (x, np.float32(0.37), np.array([0.9, 0.37, 0.05], np.float32),
+              np.array([0.2, 0.5, 0.3], np.float32))
+    fn = _quantizer_of_activation(activation, mixture)
+    grad_op = {tf.nn.relu6: "Relu6Grad", tf.nn.relu: "ReluGrad"}[activation]
+
+    def forward_backward(*args):
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            y = fn(*args)
+        return y, tape.gradient(y, args, output_gradients=tf.constant(dy))
+
+    specs = [tf.TensorSpec(np.shape(v), tf.float32) for v in inputs]
+    folded = tf.function(forward_backward)
+    with native.enabled_in():
+        y, grads = folded(*inputs)
+    assert grad_op not in _graph_ops(forward_backward, *specs)
+    monkeypatch.setattr(ops, "_folded_input", lambda x: (x, "none"))
+    unfolded = tf.function(forward_backward)
+    with native.enabled_in():
+        y_ref, grads_ref = unfolded(*inputs)
+    assert grad_op in _graph_ops(forward_backward, *specs)
+
+    np.testing.assert_array_equal(y, y_ref)  # NaN where NaN
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_array_equal(g, g_ref)
+
+
 def test_bad_shapes_raise_one_line_errors(kernels):
     with pytest.raises(tf.errors.InvalidArgumentError, match="divides x's size"):
         kernels.metamix_lsq_forward(tf.zeros([4]), tf.ones([3]), 0.0, 15.0)

@@ -52,8 +52,8 @@ def tape_grads(fn, inputs, dy, where="eager"):
     return y.numpy(), [g.numpy() for g in grads]
 
 
-# "native": traced as the training steps trace, so per-tensor steps and mixtures run the
-# C++ kernels of metamix_tf.quant.native (per-channel steps keep the XLA kernels).
+# "native": traced as the training steps trace, so the quantizers (per-tensor and
+# per-channel steps, mixtures) run the C++ kernels of metamix_tf.quant.native.
 WHERE = ["eager", "graph", "native"]
 
 

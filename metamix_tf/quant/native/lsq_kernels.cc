@@ -17,10 +17,19 @@
 //   MetamixMixtureForward(x, steps, probs, qns, qps) -> y = sum_k p_k * round(c_k) * s_k
 //   MetamixMixtureBackward(dy, x, steps, probs, qns, qps) -> dx = dy * sum_k p_k 1[in_k],
 //       prob_sums[k] = sum(dy * round(c_k)), step_sums[k] = sum(dy * (round(c_k) - 1[in_k] v_k))
+//
+// Each op's `activation` attribute ("none", "relu" or "relu6") folds the ReLU / ReLU6 that
+// produced the quantizer's input into it: x is then the pre-activation, each element first
+// becomes a(x) = min(max(x, 0), 6 or inf) (as tf.nn.relu6 / relu: a NaN stays NaN) and dx is
+// also zero unless 0 < x < 6 (or inf), as in TensorFlow's Relu6Grad / ReluGrad. The
+// quantizer of a(x) then computes exactly what it computes on the activation's output, and
+// neither the activation's forward pass nor its backward pass needs to run.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -51,6 +60,36 @@ inline float Clip(float v, float lo, float hi) {
 // Round half to even: nearbyint under the default rounding mode, which TensorFlow never
 // changes (GCC vectorizes nearbyint, not roundeven).
 inline float RoundHalfEven(float v) { return std::nearbyint(v); }
+
+// Base of the four kernels: reads the `activation` attribute. fold_ is false for "none";
+// upper_ is the activation's upper bound (6 for relu6, inf for relu). Kernels dispatch on
+// fold_ once per call, to loops compiled for each case.
+class FoldingKernel : public OpKernel {
+ public:
+  explicit FoldingKernel(OpKernelConstruction* context) : OpKernel(context) {
+    std::string name;
+    OP_REQUIRES_OK(context, context->GetAttr("activation", &name));
+    fold_ = name != "none";
+    upper_ = name == "relu6" ? 6.0f : std::numeric_limits<float>::infinity();
+  }
+
+ protected:
+  bool fold_ = false;
+  float upper_ = 0.0f;
+};
+
+// The quantizer's input: a(x) when kFold, else x.
+template <bool kFold>
+inline float Folded(float x, float upper) {
+  return kFold ? Clip(x, 0.0f, upper) : x;
+}
+
+// 1 where the folded activation passes gradient (0 < x < upper), always 1 without one;
+// as a float, so that the callers' selects stay branch-free.
+template <bool kFold>
+inline float Passes(float x, float upper) {
+  return kFold ? static_cast<float>(x > 0.0f) * static_cast<float>(x < upper) : 1.0f;
+}
 
 // Runs fn(begin, end, block) over [0, n) in blocks of kBlock on the op's intra-op threads.
 template <typename Fn>
@@ -147,18 +186,28 @@ int64_t StepColumns(OpKernelContext* context, const Tensor& step, const Tensor& 
   return columns;
 }
 
-class LsqForward : public OpKernel {
+class LsqForward : public FoldingKernel {
  public:
-  explicit LsqForward(OpKernelConstruction* c) : OpKernel(c) {}
+  explicit LsqForward(OpKernelConstruction* c) : FoldingKernel(c) {}
 
   void Compute(OpKernelContext* context) override {
+    if (fold_) {
+      Run<true>(context);
+    } else {
+      Run<false>(context);
+    }
+  }
+
+ private:
+  template <bool kFold>
+  void Run(OpKernelContext* context) {
     CheckScalars(context, 2, 4);
     const Tensor& x = context->input(0);
     const int64_t columns = StepColumns(context, context->input(1), x);
     if (!context->status().ok()) return;
     Tensor* y = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
-    const float lo = -ScalarInput(context, 2), hi = ScalarInput(context, 3);
+    const float lo = -ScalarInput(context, 2), hi = ScalarInput(context, 3), upper = upper_;
     const float* in = x.flat<float>().data();
     float* out = y->flat<float>().data();
     const float* steps = context->input(1).flat<float>().data();
@@ -167,7 +216,8 @@ class LsqForward : public OpKernel {
         const float* __restrict xs = in + row;
         float* __restrict ys = out + row;
         for (int64_t p = 0; p < columns; ++p) {
-          ys[p] = RoundHalfEven(Clip(xs[p] / steps[p], lo, hi)) * steps[p];
+          const float a = Folded<kFold>(xs[p], upper);
+          ys[p] = RoundHalfEven(Clip(a / steps[p], lo, hi)) * steps[p];
         }
       }
       return;
@@ -177,18 +227,29 @@ class LsqForward : public OpKernel {
       ForChunks(begin, end, in, nullptr, out,
                 [&](const float* __restrict xs, const float*, float* __restrict ys) {
                   for (int l = 0; l < kLanes; ++l) {
-                    ys[l] = RoundHalfEven(Clip(xs[l] / step, lo, hi)) * step;
+                    const float a = Folded<kFold>(xs[l], upper);
+                    ys[l] = RoundHalfEven(Clip(a / step, lo, hi)) * step;
                   }
                 });
     });
   }
 };
 
-class LsqBackward : public OpKernel {
+class LsqBackward : public FoldingKernel {
  public:
-  explicit LsqBackward(OpKernelConstruction* c) : OpKernel(c) {}
+  explicit LsqBackward(OpKernelConstruction* c) : FoldingKernel(c) {}
 
   void Compute(OpKernelContext* context) override {
+    if (fold_) {
+      Run<true>(context);
+    } else {
+      Run<false>(context);
+    }
+  }
+
+ private:
+  template <bool kFold>
+  void Run(OpKernelContext* context) {
     const Tensor& dy = context->input(0);
     const Tensor& x = context->input(1);
     CheckSameShape(context, dy, x);
@@ -198,7 +259,7 @@ class LsqBackward : public OpKernel {
     Tensor *dx = nullptr, *step_sum = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
     OP_REQUIRES_OK(context, context->allocate_output(1, context->input(2).shape(), &step_sum));
-    const float lo = -ScalarInput(context, 3), hi = ScalarInput(context, 4);
+    const float lo = -ScalarInput(context, 3), hi = ScalarInput(context, 4), upper = upper_;
     const int64_t n = x.NumElements();
     const float* steps = context->input(2).flat<float>().data();
     if (columns > 1) {
@@ -209,11 +270,11 @@ class LsqBackward : public OpKernel {
         float* __restrict dxs = dx->flat<float>().data() + row;
         double* __restrict column_sums = sums.data();
         for (int64_t p = 0; p < columns; ++p) {
-          const float v = xs[p] / steps[p];
+          const float v = Folded<kFold>(xs[p], upper) / steps[p];
           const float c = Clip(v, lo, hi);
           const float grad = gs[p];
           const float v_inside = v == c ? v : 0.0f;
-          dxs[p] = v == c ? grad : 0.0f;
+          dxs[p] = v == c ? grad * Passes<kFold>(xs[p], upper) : 0.0f;
           column_sums[p] += static_cast<double>(grad * (RoundHalfEven(c) - v_inside));
         }
       }
@@ -232,11 +293,11 @@ class LsqBackward : public OpKernel {
                   float term[kLanes];
                   for (int l = 0; l < kLanes; ++l) {
                     // (comparisons written out: a bool local makes GCC branch, not blend)
-                    const float v = xs[l] / step;
+                    const float v = Folded<kFold>(xs[l], upper) / step;
                     const float c = Clip(v, lo, hi);
                     const float grad = gs[l];
                     const float v_inside = v == c ? v : 0.0f;
-                    dxs[l] = v == c ? grad : 0.0f;
+                    dxs[l] = v == c ? grad * Passes<kFold>(xs[l], upper) : 0.0f;
                     term[l] = grad * (RoundHalfEven(c) - v_inside);
                   }
                   AddLanes(term, lanes);
@@ -249,11 +310,21 @@ class LsqBackward : public OpKernel {
   }
 };
 
-class MixtureForward : public OpKernel {
+class MixtureForward : public FoldingKernel {
  public:
-  explicit MixtureForward(OpKernelConstruction* c) : OpKernel(c) {}
+  explicit MixtureForward(OpKernelConstruction* c) : FoldingKernel(c) {}
 
   void Compute(OpKernelContext* context) override {
+    if (fold_) {
+      Run<true>(context);
+    } else {
+      Run<false>(context);
+    }
+  }
+
+ private:
+  template <bool kFold>
+  void Run(OpKernelContext* context) {
     std::vector<std::vector<float>> p;
     int k = 0;
     ReadBranches(context, {1, 2, 3, 4}, &p, &k);
@@ -262,14 +333,16 @@ class MixtureForward : public OpKernel {
     Tensor* y = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
     const std::vector<float>&steps = p[0], &probs = p[1], &qns = p[2], &qps = p[3];
+    const float upper = upper_;
     ForBlocks(context, x.NumElements(), 4 * k, [&](int64_t begin, int64_t end, int64_t) {
       ForChunks(begin, end, x.flat<float>().data(), nullptr, y->flat<float>().data(),
                 [&](const float* __restrict xs, const float*, float* __restrict ys) {
-                  float acc[kLanes] = {};
+                  float a[kLanes], acc[kLanes] = {};
+                  for (int l = 0; l < kLanes; ++l) a[l] = Folded<kFold>(xs[l], upper);
                   for (int b = 0; b < k; ++b) {
                     const float s = steps[b], lo = -qns[b], hi = qps[b], prob = probs[b];
                     for (int l = 0; l < kLanes; ++l) {
-                      acc[l] += prob * (RoundHalfEven(Clip(xs[l] / s, lo, hi)) * s);
+                      acc[l] += prob * (RoundHalfEven(Clip(a[l] / s, lo, hi)) * s);
                     }
                   }
                   std::copy(acc, acc + kLanes, ys);
@@ -278,14 +351,14 @@ class MixtureForward : public OpKernel {
   }
 };
 
-// One branch of MixtureBackward on one chunk: adds p * 1[in range] to gate and the chunk's
-// probability and step terms to their lanes.
-inline void MixtureBranchChunk(const float* __restrict xs, const float* __restrict gs, float s,
+// One branch of MixtureBackward on one chunk of quantizer inputs `as`: adds p * 1[in range]
+// to gate and the chunk's probability and step terms to their lanes.
+inline void MixtureBranchChunk(const float* __restrict as, const float* __restrict gs, float s,
                                float lo, float hi, float prob, float* __restrict gate,
                                double* __restrict prob_lanes, double* __restrict step_lanes) {
   float gate_term[kLanes], prob_term[kLanes], step_term[kLanes];
   for (int l = 0; l < kLanes; ++l) {
-    const float v = xs[l] / s;
+    const float v = as[l] / s;
     const float c = Clip(v, lo, hi);
     const float r = RoundHalfEven(c);
     const float grad = gs[l];
@@ -299,11 +372,21 @@ inline void MixtureBranchChunk(const float* __restrict xs, const float* __restri
   AddLanes(step_term, step_lanes);
 }
 
-class MixtureBackward : public OpKernel {
+class MixtureBackward : public FoldingKernel {
  public:
-  explicit MixtureBackward(OpKernelConstruction* c) : OpKernel(c) {}
+  explicit MixtureBackward(OpKernelConstruction* c) : FoldingKernel(c) {}
 
   void Compute(OpKernelContext* context) override {
+    if (fold_) {
+      Run<true>(context);
+    } else {
+      Run<false>(context);
+    }
+  }
+
+ private:
+  template <bool kFold>
+  void Run(OpKernelContext* context) {
     std::vector<std::vector<float>> p;
     int k = 0;
     ReadBranches(context, {2, 3, 4, 5}, &p, &k);
@@ -317,6 +400,7 @@ class MixtureBackward : public OpKernel {
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({k}), &prob_sums));
     OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({k}), &step_sums));
     const std::vector<float>&steps = p[0], &probs = p[1], &qns = p[2], &qps = p[3];
+    const float upper = upper_;
     const int64_t blocks = (x.NumElements() + kBlock - 1) / kBlock;
     // partial[(block * k + b) * 2 + {0: probability term, 1: step term}]
     std::vector<double> partial(blocks * k * 2, 0.0);
@@ -328,12 +412,15 @@ class MixtureBackward : public OpKernel {
                 dx->flat<float>().data(),
                 [&](const float* __restrict xs, const float* __restrict gs,
                     float* __restrict dxs) {
-                  float gate[kLanes] = {};
+                  float a[kLanes], gate[kLanes] = {};
+                  for (int l = 0; l < kLanes; ++l) a[l] = Folded<kFold>(xs[l], upper);
                   for (int b = 0; b < k; ++b) {
-                    MixtureBranchChunk(xs, gs, steps[b], -qns[b], qps[b], probs[b], gate,
+                    MixtureBranchChunk(a, gs, steps[b], -qns[b], qps[b], probs[b], gate,
                                        prob_lanes[b], step_lanes[b]);
                   }
-                  for (int l = 0; l < kLanes; ++l) dxs[l] = gs[l] * gate[l];
+                  for (int l = 0; l < kLanes; ++l) {
+                    dxs[l] = gs[l] * gate[l] * Passes<kFold>(xs[l], upper);
+                  }
                 });
       for (int b = 0; b < k; ++b) {
         partial[(block * k + b) * 2] = SumLanes(prob_lanes[b]);
@@ -367,6 +454,7 @@ REGISTER_OP("MetamixLsqForward")
     .Input("qn: float")
     .Input("qp: float")
     .Output("y: float")
+    .Attr("activation: {'none', 'relu', 'relu6'} = 'none'")
     .SetShapeFn(SameAsFirst);
 
 REGISTER_OP("MetamixLsqBackward")
@@ -377,6 +465,7 @@ REGISTER_OP("MetamixLsqBackward")
     .Input("qp: float")
     .Output("dx: float")
     .Output("step_sum: float")
+    .Attr("activation: {'none', 'relu', 'relu6'} = 'none'")
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(0));
       c->set_output(1, c->input(2));
@@ -390,6 +479,7 @@ REGISTER_OP("MetamixMixtureForward")
     .Input("qns: float")
     .Input("qps: float")
     .Output("y: float")
+    .Attr("activation: {'none', 'relu', 'relu6'} = 'none'")
     .SetShapeFn(SameAsFirst);
 
 REGISTER_OP("MetamixMixtureBackward")
@@ -402,6 +492,7 @@ REGISTER_OP("MetamixMixtureBackward")
     .Output("dx: float")
     .Output("prob_sums: float")
     .Output("step_sums: float")
+    .Attr("activation: {'none', 'relu', 'relu6'} = 'none'")
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(1));
       c->set_output(1, c->input(2));
