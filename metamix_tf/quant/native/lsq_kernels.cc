@@ -337,12 +337,12 @@ class MixtureForward : public FoldingKernel {
     ForBlocks(context, x.NumElements(), 4 * k, [&](int64_t begin, int64_t end, int64_t) {
       ForChunks(begin, end, x.flat<float>().data(), nullptr, y->flat<float>().data(),
                 [&](const float* __restrict xs, const float*, float* __restrict ys) {
-                  float a[kLanes], acc[kLanes] = {};
-                  for (int l = 0; l < kLanes; ++l) a[l] = Folded<kFold>(xs[l], upper);
+                  float acc[kLanes] = {};
                   for (int b = 0; b < k; ++b) {
                     const float s = steps[b], lo = -qns[b], hi = qps[b], prob = probs[b];
                     for (int l = 0; l < kLanes; ++l) {
-                      acc[l] += prob * (RoundHalfEven(Clip(a[l] / s, lo, hi)) * s);
+                      const float a = Folded<kFold>(xs[l], upper);
+                      acc[l] += prob * (RoundHalfEven(Clip(a / s, lo, hi)) * s);
                     }
                   }
                   std::copy(acc, acc + kLanes, ys);
@@ -351,19 +351,23 @@ class MixtureForward : public FoldingKernel {
   }
 };
 
-// One branch of MixtureBackward on one chunk of quantizer inputs `as`: adds p * 1[in range]
-// to gate and the chunk's probability and step terms to their lanes.
-inline void MixtureBranchChunk(const float* __restrict as, const float* __restrict gs, float s,
-                               float lo, float hi, float prob, float* __restrict gate,
-                               double* __restrict prob_lanes, double* __restrict step_lanes) {
+// One branch of MixtureBackward on one chunk: adds p * 1[in range] (times the folded
+// activation's 1[0 < x < upper]) to gate and the chunk's
+// probability and step terms to their lanes. (The activation is applied here, per branch:
+// GCC unrolls a separate 16-lane pass completely and then branches instead of blending.)
+template <bool kFold>
+inline void MixtureBranchChunk(const float* __restrict xs, const float* __restrict gs,
+                               float upper, float s, float lo, float hi, float prob,
+                               float* __restrict gate, double* __restrict prob_lanes,
+                               double* __restrict step_lanes) {
   float gate_term[kLanes], prob_term[kLanes], step_term[kLanes];
   for (int l = 0; l < kLanes; ++l) {
-    const float v = as[l] / s;
+    const float v = Folded<kFold>(xs[l], upper) / s;
     const float c = Clip(v, lo, hi);
     const float r = RoundHalfEven(c);
     const float grad = gs[l];
     const float v_inside = v == c ? v : 0.0f;
-    gate_term[l] = v == c ? prob : 0.0f;
+    gate_term[l] = v == c ? prob * Passes<kFold>(xs[l], upper) : 0.0f;
     prob_term[l] = grad * r;
     step_term[l] = grad * (r - v_inside);
   }
@@ -412,15 +416,12 @@ class MixtureBackward : public FoldingKernel {
                 dx->flat<float>().data(),
                 [&](const float* __restrict xs, const float* __restrict gs,
                     float* __restrict dxs) {
-                  float a[kLanes], gate[kLanes] = {};
-                  for (int l = 0; l < kLanes; ++l) a[l] = Folded<kFold>(xs[l], upper);
+                  float gate[kLanes] = {};
                   for (int b = 0; b < k; ++b) {
-                    MixtureBranchChunk(a, gs, steps[b], -qns[b], qps[b], probs[b], gate,
-                                       prob_lanes[b], step_lanes[b]);
+                    MixtureBranchChunk<kFold>(xs, gs, upper, steps[b], -qns[b], qps[b],
+                                              probs[b], gate, prob_lanes[b], step_lanes[b]);
                   }
-                  for (int l = 0; l < kLanes; ++l) {
-                    dxs[l] = gs[l] * gate[l] * Passes<kFold>(xs[l], upper);
-                  }
+                  for (int l = 0; l < kLanes; ++l) dxs[l] = gs[l] * gate[l];
                 });
       for (int b = 0; b < k; ++b) {
         partial[(block * k + b) * 2] = SumLanes(prob_lanes[b]);
