@@ -21,7 +21,9 @@ weight quantization off) and ``weights_only`` (every activation quantizer in ``"
 mode), to show which quantizers the selected step's overhead comes from, and a diagnostic
 that is not a training step: ``activations_forward_only``, ``activations_only`` with each
 quantizer's backward replaced by a pass-through of ``dy`` (no step-size gradient), so the
-forward kernels' share of the overhead shows.
+forward kernels' share of the overhead shows. With the native kernels it also times
+``selected_unfolded`` and ``joint_unfolded``: the same steps with no ReLU6 folded into the
+quantizer after it (``ops._folded_input`` off), the fold's effect side by side.
 
 Each variant's first call is timed on its own (tracing, graph optimization and XLA kernel
 compilation: what a training phase pays once, in its first epoch), and the operations of its
@@ -108,6 +110,11 @@ def _native_forward(x, step, qn, qp):
     return native.library().metamix_lsq_forward(x, ops._native_step(step), qn, qp)
 
 
+def _unfolded(x):
+    """``ops._folded_input`` that folds nothing (the diagnostic's replacement)."""
+    return x, "none"
+
+
 def traced_with(fn, replacements: dict):
     """``fn`` traced (at its first call) with each ``metamix_tf.quant.ops.<name>`` in
     ``replacements`` replaced by its value (a diagnostic: swapped around every call, read
@@ -190,6 +197,12 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
              "_lsq_quantize_native": _forward_only(_native_forward)})
 
     out["joint"] = joint_step(strategy, calibrated(strategy, float_model, config, images, labels))
+    if breakdown and native.library() is not None:
+        unfolded = {"_folded_input": _unfolded}
+        for name, make in (("selected", selected_step), ("joint", joint_step)):
+            out[f"{name}_unfolded"] = traced_with(
+                make(strategy, calibrated(strategy, float_model, config, images, labels)),
+                unfolded)
     for name, meta_batch in (("metamix", "full"), ("metamix_split", "split")):
         model = calibrated(strategy, float_model, config, images, labels)
         groups = metamix_tf.variable_groups(model)
