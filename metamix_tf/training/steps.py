@@ -12,7 +12,9 @@ always runs the modes it was built for, whatever the model's modes are when it i
 Such Python state is only changed outside ``strategy.run`` (MirroredStrategy traces the
 replicas in threads that take turns at each cross-replica call, so a change made inside one
 replica's function would leak into another's trace); the bit-meta step therefore runs one
-``strategy.run`` per candidate bit-width.
+``strategy.run`` per candidate bit-width. Every step traces the model with the quantizers'
+native kernels (:mod:`metamix_tf.quant.native`) and BatchNorm's fused kernel
+(:mod:`metamix_tf.training.batch_norm`).
 
 ``loss_fn`` (every training builder): ``(labels, logits) -> [batch]`` per-example losses
 instead of cross-entropy (ignored with a ``teacher``: the KD loss).
@@ -50,6 +52,7 @@ import tensorflow as tf
 
 from metamix_tf.quant import native, wrap
 from metamix_tf.training import losses
+from metamix_tf.training.batch_norm import fused_batch_norm
 
 __all__ = [
     "make_train_step",
@@ -148,12 +151,14 @@ def _compiled(fn: Callable, jit_compile: bool) -> Callable:
     return tf.function(fn, jit_compile=True, autograph=False) if jit_compile else fn
 
 
-def _distributed(strategy: tf.distribute.Strategy, replica_fn: Callable,
+def _distributed(strategy: tf.distribute.Strategy, model, replica_fn: Callable,
                  configure: Callable | None, jit_compile: bool, name: str,
                  context: Callable | None = None) -> Callable:
     """``tf.function`` that runs ``configure()`` (at trace time), then ``replica_fn`` on
     every replica inside ``context()`` (a trace-time context manager), and sums each
-    returned scalar over replicas.
+    returned scalar over replicas. ``model`` is traced with the native quantizer kernels
+    (:func:`metamix_tf.quant.native.enabled_in`) and fused BatchNorm
+    (:func:`metamix_tf.training.batch_norm.fused_batch_norm`).
 
     Python state (quantizer modes, BatchNorm momenta) changes only here, outside
     ``strategy.run``: MirroredStrategy traces its replicas in threads that take turns at
@@ -165,8 +170,8 @@ def _distributed(strategy: tf.distribute.Strategy, replica_fn: Callable,
     def step(images, labels):
         if configure is not None:
             configure()
-        with native.enabled_in(), (context() if context is not None
-                                   else contextlib.nullcontext()):
+        with native.enabled_in(), fused_batch_norm(model), (
+                context() if context is not None else contextlib.nullcontext()):
             per_replica = strategy.run(inner, args=(images, labels))
         return _reduce(strategy, per_replica)
 
@@ -212,7 +217,7 @@ def make_train_step(strategy, model, optimizer, variables: Sequence, *,
         return {"loss_sum": tf.reduce_sum(per_example), "correct": _correct(labels, logits),
                 "count": tf.cast(tf.shape(labels)[0], tf.float32)}
 
-    return _distributed(strategy, replica_fn, configure, jit_compile, "train_step")
+    return _distributed(strategy, model, replica_fn, configure, jit_compile, "train_step")
 
 
 META_BATCH = ("full", "split")
@@ -305,7 +310,7 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
         totals = {}
         share = 1.0 if split else 1.0 / k  # parts add up; full passes average
         selected = [tf.identity(q.bit_index) for q in searchable]
-        with native.enabled_in():  # read while grad_pass traces
+        with native.enabled_in(), fused_batch_norm(model):  # read while grad_pass traces
             for part, bits in enumerate(candidate_bits):
                 for q in searchable:
                     q.bit_index.assign(q.index_of(bits))
@@ -365,7 +370,7 @@ def make_search_step(strategy, model, optimizer, alphas: Sequence, cost_model, t
                 "penalty": losses.scale_replica_term(penalty),
                 "gbops": losses.scale_replica_term(gbops)}
 
-    return _distributed(strategy, replica_fn, _mixture(model), jit_compile, "search_step",
+    return _distributed(strategy, model, replica_fn, _mixture(model), jit_compile, "search_step",
                         context=lambda: frozen_batch_norm_statistics(model))
 
 
@@ -403,7 +408,7 @@ def make_joint_step(strategy, model, weight_optimizer, weight_variables: Sequenc
                 "gbops": losses.scale_replica_term(gbops)}
 
     context = (lambda: frozen_batch_norm_statistics(model)) if freeze_batch_norm else None
-    return _distributed(strategy, replica_fn, _mixture(model), jit_compile, "joint_step",
+    return _distributed(strategy, model, replica_fn, _mixture(model), jit_compile, "joint_step",
                         context=context)
 
 
@@ -418,7 +423,7 @@ def make_eval_step(strategy, model, *, configure: Callable | None = None,
                 "correct": _correct(labels, logits),
                 "count": tf.cast(tf.shape(labels)[0], tf.float32)}
 
-    return _distributed(strategy, replica_fn, configure, jit_compile, "eval_step")
+    return _distributed(strategy, model, replica_fn, configure, jit_compile, "eval_step")
 
 
 def make_calibrate_step(strategy, model, *, training: bool = True) -> Callable:
