@@ -5,6 +5,9 @@ For each setting (default: MobileNetV2 at 32x32 with batch 128, and at 224x224 w
 16; random weights, 10 classes, random data) it times, in interleaved rounds on one batch:
 
 * ``float``: ``make_train_step`` on the float model (the reference);
+* ``float_keras_batch_norm``: the same step traced with Keras' own BatchNormalization ops
+  instead of the fused kernel that every step here uses
+  (:mod:`metamix_tf.training.batch_norm`): the float step of a plain Keras training loop;
 * ``selected``: ``make_train_step`` at fixed 4-bit activations (8 for the first and last
   layer) with 4-bit weights: weight training;
 * ``joint``: ``make_joint_step``, the mixture of the 3 candidates (2/4/8) with weights, step
@@ -42,6 +45,7 @@ Usage: ``python benchmarks/step_overhead.py [--settings 32x128,224x16] [--rounds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -115,20 +119,20 @@ def _unfolded(x):
     return x, "none"
 
 
-def traced_with(fn, replacements: dict):
-    """``fn`` traced (at its first call) with each ``metamix_tf.quant.ops.<name>`` in
-    ``replacements`` replaced by its value (a diagnostic: swapped around every call, read
-    only while tracing)."""
+def traced_with(fn, replacements: dict, module=ops):
+    """``fn`` traced (at its first call) with each ``<module>.<name>`` (default: of
+    ``metamix_tf.quant.ops``) in ``replacements`` replaced by its value (a diagnostic:
+    swapped around every call, read only while tracing)."""
 
     def call(images, labels):
-        originals = {name: getattr(ops, name) for name in replacements}
+        originals = {name: getattr(module, name) for name in replacements}
         for name, replacement in replacements.items():
-            setattr(ops, name, replacement)
+            setattr(module, name, replacement)
         try:
             return fn(images, labels)
         finally:
             for name, original in originals.items():
-                setattr(ops, name, original)
+                setattr(module, name, original)
 
     return call
 
@@ -185,7 +189,9 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
     strategy = tf.distribute.get_strategy()
     float_model, float_train = float_step(strategy, input_size)
     config = metamix_tf.QuantConfig(candidate_bits=CANDIDATES, weight_bits=4)
-    out = {"float": float_train}
+    out = {"float": float_train, "float_keras_batch_norm": traced_with(
+        float_step(strategy, input_size)[1],
+        {"fused_batch_norm": lambda model: contextlib.nullcontext()}, module=steps)}
     selected = calibrated(strategy, float_model, config, images, labels)
     out["selected"] = selected_step(strategy, selected)
     if breakdown:

@@ -61,9 +61,10 @@ inline float Clip(float v, float lo, float hi) {
 // changes (GCC vectorizes nearbyint, not roundeven).
 inline float RoundHalfEven(float v) { return std::nearbyint(v); }
 
-// Base of the four kernels: reads the `activation` attribute. fold_ is false for "none";
-// upper_ is the activation's upper bound (6 for relu6, inf for relu). Kernels dispatch on
-// fold_ once per call, to loops compiled for each case.
+// Base of the four kernels (CRTP): reads the `activation` attribute and runs
+// Kernel::Run<true> when it folds an activation, Run<false> otherwise, so that each case has
+// its own compiled loops. upper_ is the activation's upper bound (6 for relu6, inf for relu).
+template <class Kernel>
 class FoldingKernel : public OpKernel {
  public:
   explicit FoldingKernel(OpKernelConstruction* context) : OpKernel(context) {
@@ -71,6 +72,15 @@ class FoldingKernel : public OpKernel {
     OP_REQUIRES_OK(context, context->GetAttr("activation", &name));
     fold_ = name != "none";
     upper_ = name == "relu6" ? 6.0f : std::numeric_limits<float>::infinity();
+  }
+
+  void Compute(OpKernelContext* context) override {
+    auto* kernel = static_cast<Kernel*>(this);
+    if (fold_) {
+      kernel->template Run<true>(context);
+    } else {
+      kernel->template Run<false>(context);
+    }
   }
 
  protected:
@@ -186,19 +196,10 @@ int64_t StepColumns(OpKernelContext* context, const Tensor& step, const Tensor& 
   return columns;
 }
 
-class LsqForward : public FoldingKernel {
+class LsqForward : public FoldingKernel<LsqForward> {
  public:
   explicit LsqForward(OpKernelConstruction* c) : FoldingKernel(c) {}
 
-  void Compute(OpKernelContext* context) override {
-    if (fold_) {
-      Run<true>(context);
-    } else {
-      Run<false>(context);
-    }
-  }
-
- private:
   template <bool kFold>
   void Run(OpKernelContext* context) {
     CheckScalars(context, 2, 4);
@@ -235,19 +236,10 @@ class LsqForward : public FoldingKernel {
   }
 };
 
-class LsqBackward : public FoldingKernel {
+class LsqBackward : public FoldingKernel<LsqBackward> {
  public:
   explicit LsqBackward(OpKernelConstruction* c) : FoldingKernel(c) {}
 
-  void Compute(OpKernelContext* context) override {
-    if (fold_) {
-      Run<true>(context);
-    } else {
-      Run<false>(context);
-    }
-  }
-
- private:
   template <bool kFold>
   void Run(OpKernelContext* context) {
     const Tensor& dy = context->input(0);
@@ -310,19 +302,10 @@ class LsqBackward : public FoldingKernel {
   }
 };
 
-class MixtureForward : public FoldingKernel {
+class MixtureForward : public FoldingKernel<MixtureForward> {
  public:
   explicit MixtureForward(OpKernelConstruction* c) : FoldingKernel(c) {}
 
-  void Compute(OpKernelContext* context) override {
-    if (fold_) {
-      Run<true>(context);
-    } else {
-      Run<false>(context);
-    }
-  }
-
- private:
   template <bool kFold>
   void Run(OpKernelContext* context) {
     std::vector<std::vector<float>> p;
@@ -376,19 +359,10 @@ inline void MixtureBranchChunk(const float* __restrict xs, const float* __restri
   AddLanes(step_term, step_lanes);
 }
 
-class MixtureBackward : public FoldingKernel {
+class MixtureBackward : public FoldingKernel<MixtureBackward> {
  public:
   explicit MixtureBackward(OpKernelConstruction* c) : FoldingKernel(c) {}
 
-  void Compute(OpKernelContext* context) override {
-    if (fold_) {
-      Run<true>(context);
-    } else {
-      Run<false>(context);
-    }
-  }
-
- private:
   template <bool kFold>
   void Run(OpKernelContext* context) {
     std::vector<std::vector<float>> p;
