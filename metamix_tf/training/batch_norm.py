@@ -5,8 +5,8 @@ separate TensorFlow ops (mean, squared difference, multiply, add, and their grad
 a dozen full passes over the tensor per layer and step); ``FusedBatchNormV3`` and its
 gradient kernel do each direction in one. :func:`fused_batch_norm` swaps the fused kernel in
 while a step function of :mod:`metamix_tf.training.steps` traces the model, for every layer
-where it computes Keras' function (see :func:`fusable`); other graphs (a user's ``fit``,
-``model.export``, the TFLite conversion) keep Keras' own call.
+where it computes Keras' function and a NaN stays a NaN (see :func:`fusable`); other
+graphs (a user's ``fit``, ``model.export``, the TFLite conversion) keep Keras' own call.
 
 Forward (training): ``y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta`` with the batch
 mean ``mu_B`` and the biased batch variance ``var_B`` over all axes but the last; the moving
@@ -23,6 +23,8 @@ import contextlib
 
 import keras
 import tensorflow as tf
+
+from metamix_tf.quant import graph_rules as rules
 
 __all__ = ["fused_batch_norm", "fusable", "fused_batch_norm_train"]
 
@@ -42,16 +44,31 @@ def fused_batch_norm_train(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor,
     return y, mean, unbiased * ((n - 1.0) / tf.maximum(n, 1.0))
 
 
+def _read_by_relu(layer) -> bool | None:
+    """Whether a plain ReLU layer (TensorFlow's ``Relu`` op) reads ``layer``'s output; None
+    when no graph says what reads it (a subclassed model's ``call``, a model output)."""
+    readers = [node.operation for node in layer._outbound_nodes]
+    if not readers:
+        return None
+    return any((isinstance(op, keras.layers.ReLU) and op.max_value is None)
+               or (isinstance(op, keras.layers.Activation)
+                   and rules.activation_name(op) == "relu") for op in readers)
+
+
 def fusable(layer) -> bool:
     """Whether ``layer`` is a stock ``BatchNormalization`` (not a subclass with its own
     ``call``) that the fused kernel computes: not synchronized across replicas (the kernel
     sees one replica's batch), no batch renormalization, channels-last (checked per call:
-    4-D float32 inputs, no mask)."""
+    4-D float32 inputs, no mask), and read by layers of a functional graph none of which is
+    a plain ReLU. (Grappler's remapper fuses ``FusedBatchNormV3`` + ``Relu`` into one oneDNN
+    kernel whose ReLU maps NaN to 0: a diverged layer would train on with a finite loss.
+    ReLU6, Add and every other reader keep a NaN a NaN.)"""
     return (isinstance(layer, keras.layers.BatchNormalization)
             and type(layer).call is _KERAS_CALL
             and not getattr(layer, "synchronized", False)
             and not getattr(layer, "renorm", False)
-            and layer.axis in (-1, 3))
+            and layer.axis in (-1, 3)
+            and _read_by_relu(layer) is False)
 
 
 def _fused_call(layer):

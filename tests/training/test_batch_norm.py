@@ -48,8 +48,10 @@ def _train_step(layer, x, dy, fused):
             y = layer(x, training=True)
         return y, tape.gradient(y, [x, *layer.trainable_weights], output_gradients=dy)
 
-    holder = keras.Sequential([layer])
+    inputs = keras.Input(SHAPE[1:])
+    holder = keras.Model(inputs, keras.layers.Identity()(layer(inputs)))
     if fused:
+        assert batch_norm.fusable(layer)
         with batch_norm.fused_batch_norm(holder):
             y, grads = run(x)
     else:
@@ -91,21 +93,45 @@ def test_only_fusable_layers_are_swapped_and_restored():
     stock, synced, own, first_axis = (keras.layers.BatchNormalization(),
                                       keras.layers.BatchNormalization(synchronized=True),
                                       OwnCall(), keras.layers.BatchNormalization(axis=1))
+    before_relu, last = keras.layers.BatchNormalization(), keras.layers.BatchNormalization()
     inputs = keras.Input(SHAPE[1:])
-    outputs = first_axis(own(synced(stock(inputs))))
-    model = keras.Model(inputs, outputs)
-    assert [batch_norm.fusable(layer) for layer in (stock, synced, own, first_axis)] == [
-        True, False, False, False]
+    x = first_axis(own(synced(stock(inputs))))
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.ReLU()(before_relu(x))
+    model = keras.Model(inputs, last(x))
+    layers = (stock, synced, own, first_axis, before_relu, last)
+    # before_relu: read by a plain ReLU; last: a model output (no graph says what reads it).
+    assert [batch_norm.fusable(layer) for layer in layers] == [
+        True, False, False, False, False, False]
     with batch_norm.fused_batch_norm(model):
         assert "call" in vars(stock)
-        assert not any("call" in vars(layer) for layer in (synced, own, first_axis))
+        assert not any("call" in vars(layer) for layer in layers[1:])
     assert "call" not in vars(stock)
+
+
+@pytest.mark.parametrize("relu_max", [None, 6.0], ids=["relu", "relu6"])
+def test_a_nan_stays_a_nan_in_the_training_step(relu_max):
+    """NaN weights give a NaN loss, so the trainer stops (grappler fuses BatchNorm + Relu
+    into a kernel that maps NaN to 0, which is why a BatchNorm before a plain ReLU keeps
+    Keras' ops)."""
+    inputs = keras.Input(SHAPE[1:])
+    x = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
+    x = keras.layers.ReLU(relu_max)(keras.layers.BatchNormalization()(x))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+    optimizer = keras.optimizers.SGD(0.0)
+    optimizer.build(model.trainable_variables)
+    step = steps.make_train_step(tf.distribute.get_strategy(), model, optimizer,
+                                 model.trainable_variables)
+    model.layers[1].kernel.assign(np.full(model.layers[1].kernel.shape, np.nan, np.float32))
+    images, _ = _data()
+    assert np.isnan(step(images, tf.zeros([SHAPE[0]], tf.int32))["loss_sum"].numpy())
 
 
 def test_inference_and_other_inputs_keep_keras_call():
     """Inference, 2-D inputs and float64 run Keras' own call under the context."""
     layer = keras.layers.BatchNormalization()
-    model = keras.Sequential([keras.Input((3,)), layer])
+    model = keras.Sequential([keras.Input((3,)), layer, keras.layers.Identity()])
+    assert batch_norm.fusable(layer)
     x = tf.constant(np.random.default_rng(0).normal(size=(16, 3)), tf.float32)
     expected = layer(x, training=True).numpy()
     with batch_norm.fused_batch_norm(model):
@@ -115,7 +141,7 @@ def test_inference_and_other_inputs_keep_keras_call():
 
 def test_training_steps_trace_the_fused_kernel_and_eval_does_not():
     model = keras.Sequential([keras.Input(SHAPE[1:]), keras.layers.Conv2D(4, 3),
-                              keras.layers.BatchNormalization(), keras.layers.ReLU(),
+                              keras.layers.BatchNormalization(), keras.layers.ReLU(6.0),
                               keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
     strategy = tf.distribute.get_strategy()
     optimizer = keras.optimizers.SGD(0.1)
