@@ -82,3 +82,11 @@ def package_imports(path: str) -> list[tuple[str, str | None]]:
             out += [(alias.name, None) for alias in node.names
                     if alias.name.startswith("metamix_tf")]
     return out
+
+
+def graph_op_types(graph) -> set:
+    """The op types of a traced ``graph`` and of the functions in its library."""
+    names = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        names.update(node.op for node in function.node_def)
+    return names

@@ -18,14 +18,9 @@ import tensorflow as tf
 
 from metamix_tf.quant import wrap
 from metamix_tf.training import steps
+from metamix_tf.training.batch_norm import batch_norm_layers
 
 __all__ = ["batch_norm_layers", "reestimate_batch_norm", "predictions"]
-
-
-def batch_norm_layers(model) -> list:
-    """Every ``keras.layers.BatchNormalization`` of ``model``, nested ones included."""
-    return [layer for layer in model._flatten_layers(include_self=True, recursive=True)
-            if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def _bits(model, bits: dict | None) -> dict:

@@ -26,9 +26,15 @@ import tensorflow as tf
 
 from metamix_tf.quant import graph_rules as rules
 
-__all__ = ["fused_batch_norm", "fusable", "fused_batch_norm_train"]
+__all__ = ["batch_norm_layers", "fused_batch_norm", "fusable", "fused_batch_norm_train"]
 
 _KERAS_CALL = keras.layers.BatchNormalization.call
+
+
+def batch_norm_layers(model) -> list:
+    """Every ``keras.layers.BatchNormalization`` of ``model``, nested ones included."""
+    return [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def fused_batch_norm_train(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor,
@@ -95,7 +101,7 @@ def fused_batch_norm(model):
     """While tracing: every :func:`fusable` BatchNormalization of ``model`` (nested ones
     included) computes its training forward with :func:`fused_batch_norm_train` (an
     instance attribute ``call``, removed on exit)."""
-    layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+    layers = [layer for layer in batch_norm_layers(model)
               if fusable(layer) and "call" not in vars(layer)]
     try:
         for layer in layers:

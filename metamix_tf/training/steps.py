@@ -47,12 +47,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 
-import keras
 import tensorflow as tf
 
 from metamix_tf.quant import native, wrap
 from metamix_tf.training import losses
-from metamix_tf.training.batch_norm import fused_batch_norm
+from metamix_tf.training.batch_norm import batch_norm_layers, fused_batch_norm
 
 __all__ = [
     "make_train_step",
@@ -98,8 +97,7 @@ def apply_gradients(optimizer, grads: Sequence, variables: Sequence) -> None:
 def frozen_batch_norm_statistics(model):
     """While tracing: BatchNorm uses batch statistics but keeps its moving statistics
     (momentum 1, so ``moving = moving * 1 + batch * 0``). Restores the momenta on exit."""
-    layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
-              if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = batch_norm_layers(model)
     saved = [layer.momentum for layer in layers]
     try:
         for layer in layers:

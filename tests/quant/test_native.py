@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import graph_op_types
 
 from metamix_tf.quant import native, ops
 
@@ -46,10 +47,7 @@ def _graph_ops(fn, *args, enabled=True, jit_compile=False):
     :func:`native.enabled_in` unless ``enabled`` is false."""
     with native.enabled_in() if enabled else contextlib.nullcontext():
         graph = tf.function(fn, jit_compile=jit_compile).get_concrete_function(*args).graph
-    names = {op.type for op in graph.get_operations()}
-    for function in graph.as_graph_def().library.function:
-        names.update(node.op for node in function.node_def)
-    return names
+    return graph_op_types(graph)
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import graph_op_types
 
 from metamix_tf.training import batch_norm, steps
 
@@ -150,11 +151,7 @@ def test_training_steps_trace_the_fused_kernel_and_eval_does_not():
     labels = tf.zeros([SHAPE[0]], tf.int32)
 
     def op_types(step):
-        graph = step.get_concrete_function(images, labels).graph
-        names = {op.type for op in graph.get_operations()}
-        for function in graph.as_graph_def().library.function:
-            names.update(node.op for node in function.node_def)
-        return names
+        return graph_op_types(step.get_concrete_function(images, labels).graph)
 
     train = op_types(steps.make_train_step(strategy, model, optimizer,
                                            model.trainable_variables))

@@ -335,9 +335,9 @@ class MixtureForward : public FoldingKernel<MixtureForward> {
 };
 
 // One branch of MixtureBackward on one chunk: adds p * 1[in range] (times the folded
-// activation's 1[0 < x < upper]) to gate and the chunk's
-// probability and step terms to their lanes. (The activation is applied here, per branch:
-// GCC unrolls a separate 16-lane pass completely and then branches instead of blending.)
+// activation's 1[0 < x < upper]) to gate and the chunk's probability and step terms to their
+// lanes. (The activation is applied here, per branch: GCC unrolls a separate 16-lane pass
+// completely and then branches instead of blending.)
 template <bool kFold>
 inline void MixtureBranchChunk(const float* __restrict xs, const float* __restrict gs,
                                float upper, float s, float lo, float hi, float prob,
