@@ -7,6 +7,8 @@ gradient kernel do each direction in one. :func:`fused_batch_norm` swaps the fus
 while a step function of :mod:`metamix_tf.training.steps` traces the model, for every layer
 where it computes Keras' function and a NaN stays a NaN (see :func:`fusable`); other
 graphs (a user's ``fit``, ``model.export``, the TFLite conversion) keep Keras' own call.
+``METAMIX_TF_FUSED_BATCH_NORM=0`` (read when a step traces) keeps Keras' call in the step
+functions too.
 
 Forward (training): ``y = gamma * (x - mu_B) / sqrt(var_B + eps) + beta`` with the batch
 mean ``mu_B`` and the biased batch variance ``var_B`` over all axes but the last; the moving
@@ -20,6 +22,7 @@ order), so results are not bit-identical to Keras' ops.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import keras
 import tensorflow as tf
@@ -100,9 +103,10 @@ def _fused_call(layer):
 def fused_batch_norm(model):
     """While tracing: every :func:`fusable` BatchNormalization of ``model`` (nested ones
     included) computes its training forward with :func:`fused_batch_norm_train` (an
-    instance attribute ``call``, removed on exit)."""
+    instance attribute ``call``, removed on exit); none with ``METAMIX_TF_FUSED_BATCH_NORM=0``."""
+    enabled = os.environ.get("METAMIX_TF_FUSED_BATCH_NORM", "1") != "0"
     layers = [layer for layer in batch_norm_layers(model)
-              if fusable(layer) and "call" not in vars(layer)]
+              if enabled and fusable(layer) and "call" not in vars(layer)]
     try:
         for layer in layers:
             layer.call = _fused_call(layer)

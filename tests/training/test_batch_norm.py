@@ -86,7 +86,7 @@ def test_biased_variance_updates_the_moving_variance():
                                rtol=TOL)
 
 
-def test_only_fusable_layers_are_swapped_and_restored():
+def test_only_fusable_layers_are_swapped_and_restored(monkeypatch):
     class OwnCall(keras.layers.BatchNormalization):
         def call(self, inputs, training=None, mask=None):
             return super().call(inputs, training=training, mask=mask)
@@ -108,6 +108,9 @@ def test_only_fusable_layers_are_swapped_and_restored():
         assert "call" in vars(stock)
         assert not any("call" in vars(layer) for layer in layers[1:])
     assert "call" not in vars(stock)
+    monkeypatch.setenv("METAMIX_TF_FUSED_BATCH_NORM", "0")
+    with batch_norm.fused_batch_norm(model):
+        assert "call" not in vars(stock)
 
 
 @pytest.mark.parametrize("relu_max", [None, 6.0], ids=["relu", "relu6"])
