@@ -4,10 +4,18 @@
 coupled L2 term (PyTorch's ``weight_decay``, the paper's alpha optimizer), and LSQ step sizes
 whose updates are bounded relative to their value; :func:`cosine_schedule`: cosine decay
 after an optional linear warm-up.
+
+Each update runs on TensorFlow's fused training kernels (``ResourceApplyAdam``,
+``ResourceApplyKerasMomentum``, ``ResourceApplyGradientDescent``: one op per variable where
+Keras' ``update_step`` builds about a dozen, each a pass over the variable), where they
+compute Keras' update: dense gradients and a scalar learning rate (not the LSQ step sizes'
+element-wise one), no AMSGrad. ``METAMIX_TF_FUSED_OPTIMIZER=0`` (read while a step traces)
+keeps Keras' ops.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import keras
@@ -77,11 +85,69 @@ class _RelativeSteps:
         return super().update_step(gradient, variable, learning_rate)
 
 
-class _Adam(_CoupledL2, _RelativeSteps, keras.optimizers.Adam):
+def _fusable(gradient, variable, learning_rate) -> bool:
+    """Whether a fused kernel computes Keras' update of ``variable`` here."""
+    return (os.environ.get("METAMIX_TF_FUSED_OPTIMIZER", "1") != "0"
+            and not isinstance(gradient, tf.IndexedSlices)
+            and variable.dtype.is_floating
+            and tf.convert_to_tensor(learning_rate).shape.rank == 0)
+
+
+def _handle(variable) -> tf.Tensor:
+    """The resource handle of a Keras or TensorFlow variable (inside tf.distribute's
+    ``update``: the current device's copy)."""
+    return (variable.value if isinstance(variable, keras.Variable) else variable).handle
+
+
+class _FusedAdam(keras.optimizers.Adam):
+    """Keras' Adam update as ``ResourceApplyAdam``: ``m += (g - m) * (1 - b1)``, ``v += (g^2
+    - v) * (1 - b2)``, ``w -= m * a / (sqrt(v) + eps)`` with ``a = lr * sqrt(1 - b2^t) / (1 -
+    b1^t)``, the same operations in the same order, except that ``1 - b1`` and ``1 - b2``
+    are taken in the variable's precision (as tf.keras 2's Adam did) where Keras rounds them
+    from Python floats: ``1 - 0.999f`` is 1.3e-5 off 0.001, so the second moment moves by
+    that fraction differently (the first by 2.2e-7)."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.amsgrad or not _fusable(gradient, variable, learning_rate):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        index = self._get_variable_index(variable)
+        local_step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=_handle(variable), m=_handle(self._momentums[index]),
+            v=_handle(self._velocities[index]), beta1_power=tf.pow(beta_1, local_step),
+            beta2_power=tf.pow(beta_2, local_step), lr=tf.cast(learning_rate, dtype),
+            beta1=beta_1, beta2=beta_2, epsilon=tf.cast(self.epsilon, dtype),
+            grad=tf.cast(gradient, dtype))
+
+
+class _FusedSGD(keras.optimizers.SGD):
+    """Keras' SGD update as ``ResourceApplyKerasMomentum`` (``m = m * mu - g * lr``, then ``w
+    += m * mu - g * lr`` with Nesterov, ``w += m`` without) or, without momentum,
+    ``ResourceApplyGradientDescent`` (``w -= g * lr``): Keras' operations, values bit for
+    bit."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not _fusable(gradient, variable, learning_rate):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        lr, gradient = tf.cast(learning_rate, dtype), tf.cast(gradient, dtype)
+        if self.momentum == 0:
+            tf.raw_ops.ResourceApplyGradientDescent(var=_handle(variable), alpha=lr,
+                                                    delta=gradient)
+            return
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=_handle(variable), accum=_handle(self.momentums[self._get_variable_index(
+                variable)]), lr=lr, grad=gradient, momentum=tf.cast(self.momentum, dtype),
+            use_nesterov=self.nesterov)
+
+
+class _Adam(_CoupledL2, _RelativeSteps, _FusedAdam):
     pass
 
 
-class _SGD(_CoupledL2, _RelativeSteps, keras.optimizers.SGD):
+class _SGD(_CoupledL2, _RelativeSteps, _FusedSGD):
     pass
 
 

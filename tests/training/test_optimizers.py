@@ -1,9 +1,10 @@
-"""Tests for make_optimizer's bounded LSQ step-size updates."""
+"""Tests for make_optimizer: bounded LSQ step-size updates, the fused update kernels."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import graph_op_types
 
 from metamix_tf.training import optimizers
 
@@ -64,6 +65,74 @@ def test_bounded_steps_under_tf_function_and_two_replicas(two_cpu_strategy):
     step()
     # Gradients are summed over the two replicas (each 1.0).
     np.testing.assert_allclose(v.numpy(), [1e-3 - 1e-4 * 2, 1.0 - 0.01 * 2], rtol=1e-6)
+
+
+def _three_updates(monkeypatch, fused, strategy=None, **kwargs):
+    """The variable and the optimizer's slots after three updates in one tf.function, and
+    the op types of the traced update. With a two-replica ``strategy`` each replica sends
+    half the gradient (halves sum exactly to it)."""
+    monkeypatch.setenv("METAMIX_TF_FUSED_OPTIMIZER", "1" if fused else "0")
+    rng = np.random.default_rng(0)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        v = keras.Variable(rng.normal(0.0, 1.0, (4, 3)).astype(np.float32), aggregation="mean")
+        opt = optimizers.make_optimizer(0.01, [v], weight_decay=1e-2, **kwargs)
+    grads = [tf.constant(rng.normal(0.0, 1.0, (4, 3)), tf.float32) for _ in range(3)]
+
+    @tf.function
+    def update(g):  # the share is computed per replica (a captured tensor cannot be reduced)
+        replicas = float(strategy.num_replicas_in_sync)
+        strategy.run(lambda: opt.apply_gradients([(g / replicas, v)]))
+
+    for g in grads:
+        update(g)
+    slots = [keras.ops.convert_to_numpy(w) for w in opt.variables if w.shape == v.shape]
+    return [keras.ops.convert_to_numpy(v), *slots], graph_op_types(
+        update.get_concrete_function(grads[0]).graph), v
+
+@pytest.mark.parametrize("kwargs", [dict(kind="sgd", momentum=0.9, nesterov=True),
+                                    dict(kind="sgd", momentum=0.9, nesterov=False),
+                                    dict(kind="sgd", momentum=0.0)],
+                         ids=["nesterov", "momentum", "plain"])
+def test_fused_sgd_is_keras_sgd_bit_for_bit(monkeypatch, kwargs):
+    """The kernels run Keras' float32 operations in Keras' order: equal values."""
+    fused, fused_ops, _ = _three_updates(monkeypatch, True, **kwargs)
+    keras_values, keras_ops, _ = _three_updates(monkeypatch, False, **kwargs)
+    kernel = ("ResourceApplyKerasMomentum" if kwargs["momentum"]
+              else "ResourceApplyGradientDescent")
+    assert kernel in fused_ops and kernel not in keras_ops
+    for a, e in zip(fused, keras_values, strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_fused_adam_is_keras_adam_up_to_its_constants_rounding(monkeypatch):
+    """``ResourceApplyAdam`` takes ``1 - beta`` in float32 where Keras rounds it from a
+    Python float: ``1 - 0.999f`` is 1.3e-5 off 0.001 (relative ``delta``; 2.2e-7 for 0.9).
+    So each of three updates moves a moment by at most ``delta`` of the largest term plus
+    the same ops' rounding (2 ulp), and the variable by a far smaller part of its scale:
+    ``3 * (delta + 2^-22)`` of each array's largest value bounds the difference."""
+    fused, fused_ops, _ = _three_updates(monkeypatch, True)
+    keras_values, keras_ops, _ = _three_updates(monkeypatch, False)
+    assert "ResourceApplyAdam" in fused_ops and "ResourceApplyAdam" not in keras_ops
+    assert len(fused) == 3  # the variable, its first and second moments
+    delta = max(abs((np.float32(1) - np.float32(beta)) / np.float32(1 - beta) - 1)
+                for beta in (0.9, 0.999))
+    assert 1e-5 < delta < 2e-5
+    for a, e in zip(fused, keras_values, strict=True):
+        np.testing.assert_allclose(a, e, rtol=0,
+                                   atol=3 * (delta + 2.0 ** -22) * np.max(np.abs(e)))
+    assert not np.array_equal(fused[2], keras_values[2])  # the constants do differ
+
+
+def test_fused_updates_reach_both_replicas(monkeypatch, two_cpu_strategy):
+    """Under MirroredStrategy each device's copy is updated with the summed gradient."""
+    kwargs = dict(kind="sgd", momentum=0.9, nesterov=True)
+    expected = _three_updates(monkeypatch, False, **kwargs)[0]
+    *_, v = _three_updates(monkeypatch, True, two_cpu_strategy, **kwargs)
+    copies = [copy.numpy() for copy in v.value.values]
+    assert len(copies) == 2
+    for copy in copies:
+        np.testing.assert_array_equal(copy, expected[0])
 
 
 def test_cosine_schedule_ends_at_its_final_fraction():
