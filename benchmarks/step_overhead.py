@@ -8,6 +8,8 @@ For each setting (default: MobileNetV2 at 32x32 with batch 128, and at 224x224 w
 * ``float_keras_batch_norm``: the same step traced with Keras' own BatchNormalization ops
   instead of the fused kernel that every step here uses
   (:mod:`metamix_tf.training.batch_norm`): the float step of a plain Keras training loop;
+* ``float_keras_optimizer``: the float step with Keras' own Adam update ops instead of the
+  fused update kernels (:mod:`metamix_tf.training.optimizers`);
 * ``selected``: ``make_train_step`` at fixed 4-bit activations (8 for the first and last
   layer) with 4-bit weights: weight training;
 * ``joint``: ``make_joint_step``, the mixture of the 3 candidates (2/4/8) with weights, step
@@ -62,7 +64,7 @@ import metamix_tf  # noqa: E402
 from metamix_tf import run_files  # noqa: E402
 from metamix_tf.quant import native, ops  # noqa: E402
 from metamix_tf.quant.cost import CostModel  # noqa: E402
-from metamix_tf.training import steps  # noqa: E402
+from metamix_tf.training import optimizers, steps  # noqa: E402
 
 CANDIDATES = (2, 4, 8)
 # issue 14's targets: (the variant it is compared with, the largest ratio)
@@ -72,10 +74,9 @@ TARGETS = {"selected": ("float", 1.15), "joint": ("float", 1.30),
 BASES = ("float", "selected", "joint")  # the variants every ratio is taken against
 
 
-def _sgd(variables, learning_rate=1e-3):
-    optimizer = keras.optimizers.SGD(learning_rate)
-    optimizer.build(variables)
-    return optimizer
+def _optimizer(variables, learning_rate=1e-3):
+    """The phases' optimizer (``make_optimizer``: Adam, decoupled weight decay)."""
+    return optimizers.make_optimizer(learning_rate, variables, weight_decay=1e-5)
 
 
 def _half_step(strategy, float_model, config, selected, weights: bool):
@@ -91,7 +92,7 @@ def _half_step(strategy, float_model, config, selected, weights: bool):
     else:
         configure = steps.fixed_bits(half, metamix_tf.get_bits(selected))
     groups = metamix_tf.variable_groups(half)
-    return steps.make_train_step(strategy, half, _sgd(groups.weights_and_steps),
+    return steps.make_train_step(strategy, half, _optimizer(groups.weights_and_steps),
                                  groups.weights_and_steps, configure=configure)
 
 
@@ -152,7 +153,7 @@ def float_step(strategy, input_size: int):
         input_shape=(input_size, input_size, 3), weights=None, classes=10,
         classifier_activation=None)
     return float_model, steps.make_train_step(strategy, float_model,
-                                              _sgd(float_model.trainable_variables),
+                                              _optimizer(float_model.trainable_variables),
                                               float_model.trainable_variables)
 
 
@@ -171,7 +172,7 @@ def selected_step(strategy, model):
     metamix_tf.enable_weight_quantization(model)
     groups = metamix_tf.variable_groups(model)
     return steps.make_train_step(
-        strategy, model, _sgd(groups.weights_and_steps), groups.weights_and_steps,
+        strategy, model, _optimizer(groups.weights_and_steps), groups.weights_and_steps,
         configure=steps.fixed_bits(model, metamix_tf.get_bits(model)))
 
 
@@ -180,8 +181,8 @@ def joint_step(strategy, model):
     groups = metamix_tf.variable_groups(model)
     cost = CostModel(model)
     return steps.make_joint_step(
-        strategy, model, _sgd(groups.weights_and_steps), groups.weights_and_steps,
-        _sgd(groups.alphas), groups.alphas, cost, cost.uniform_gbops(4), 4.0)
+        strategy, model, _optimizer(groups.weights_and_steps), groups.weights_and_steps,
+        _optimizer(groups.alphas), groups.alphas, cost, cost.uniform_gbops(4), 4.0)
 
 
 def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dict:
@@ -191,7 +192,10 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
     config = metamix_tf.QuantConfig(candidate_bits=CANDIDATES, weight_bits=4)
     out = {"float": float_train, "float_keras_batch_norm": traced_with(
         float_step(strategy, input_size)[1],
-        {"fused_batch_norm": lambda model: contextlib.nullcontext()}, module=steps)}
+        {"fused_batch_norm": lambda model: contextlib.nullcontext()}, module=steps),
+        "float_keras_optimizer": traced_with(float_step(strategy, input_size)[1],
+                                             {"_fusable": lambda *args: False},
+                                             module=optimizers)}
     selected = calibrated(strategy, float_model, config, images, labels)
     out["selected"] = selected_step(strategy, selected)
     if breakdown:
@@ -214,10 +218,10 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
         groups = metamix_tf.variable_groups(model)
         cost = CostModel(model)
         target = cost.uniform_gbops(4)
-        meta = steps.make_meta_step(strategy, model, _sgd(groups.weights_and_steps),
+        meta = steps.make_meta_step(strategy, model, _optimizer(groups.weights_and_steps),
                                     groups.weights_and_steps, CANDIDATES,
                                     meta_batch=meta_batch)
-        search = steps.make_search_step(strategy, model, _sgd(groups.alphas), groups.alphas,
+        search = steps.make_search_step(strategy, model, _optimizer(groups.alphas), groups.alphas,
                                         cost, target, 4.0)
 
         def iteration(x, y, meta=meta, search=search):
