@@ -8,7 +8,8 @@ Each measurement runs in its own child process, and its peak RSS is read from
 * ``search_step_224``: MobileNetV2 at 224x224, batch 16, 3 candidates: calibration, then
   ``--iterations`` MetaMix iterations (``make_meta_step`` with full bit-meta, then
   ``make_search_step``) and as many joint steps, on random data (the library's own step
-  functions, as ``benchmarks/step_overhead.py`` times them).
+  functions, as ``benchmarks/step_overhead.py`` times them; only the float model and the
+  two quantized models these steps train are built).
 
 Usage: ``python benchmarks/memory.py [--skip-main] [--iterations 3]``
 """
@@ -45,12 +46,20 @@ def _search_step(iterations: int) -> None:
     import tensorflow as tf
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from step_overhead import build_steps
+    from step_overhead import CANDIDATES, calibrated, joint_step, metamix_steps, mobilenet_v2
+
+    import metamix_tf
 
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(-1, 1, (16, 224, 224, 3)), tf.float32)
     labels = tf.constant(rng.integers(0, 10, 16), tf.int32)
-    fns = build_steps(224, images, labels)
+    strategy = tf.distribute.get_strategy()
+    float_model = mobilenet_v2(224)
+    config = metamix_tf.QuantConfig(candidate_bits=CANDIDATES, weight_bits=4)
+    fns = {"metamix": metamix_steps(strategy, calibrated(strategy, float_model, config,
+                                                         images, labels), "full")[1],
+           "joint": joint_step(strategy, calibrated(strategy, float_model, config, images,
+                                                    labels))}
     for name in ("metamix", "joint"):
         for _ in range(iterations):
             for value in fns[name](images, labels).values():

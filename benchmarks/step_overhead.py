@@ -147,11 +147,16 @@ def random_batch(input_size: int, batch: int):
     return images, labels
 
 
-def float_step(strategy, input_size: int):
-    """A random-weight MobileNetV2 (10 classes, logits) and its float ``make_train_step``."""
-    float_model = keras.applications.MobileNetV2(
+def mobilenet_v2(input_size: int) -> keras.Model:
+    """A random-weight MobileNetV2 with 10 classes and logits."""
+    return keras.applications.MobileNetV2(
         input_shape=(input_size, input_size, 3), weights=None, classes=10,
         classifier_activation=None)
+
+
+def float_step(strategy, input_size: int):
+    """:func:`mobilenet_v2` and its float ``make_train_step``."""
+    float_model = mobilenet_v2(input_size)
     return float_model, steps.make_train_step(strategy, float_model,
                                               _optimizer(float_model.trainable_variables),
                                               float_model.trainable_variables)
@@ -185,6 +190,24 @@ def joint_step(strategy, model):
         _optimizer(groups.alphas), groups.alphas, cost, cost.uniform_gbops(4), 4.0)
 
 
+def metamix_steps(strategy, model, meta_batch: str):
+    """``(bit_meta, iteration)``: ``model``'s MetaMix bit-meta step (``make_meta_step``) and
+    one iteration after the warm-up, bit-meta then bit-search (``make_search_step``) at the
+    uniform 4-bit GBOPs target."""
+    groups = metamix_tf.variable_groups(model)
+    cost = CostModel(model)
+    meta = steps.make_meta_step(strategy, model, _optimizer(groups.weights_and_steps),
+                                groups.weights_and_steps, CANDIDATES, meta_batch=meta_batch)
+    search = steps.make_search_step(strategy, model, _optimizer(groups.alphas), groups.alphas,
+                                    cost, cost.uniform_gbops(4), 4.0)
+
+    def iteration(x, y):
+        meta(x, y)
+        return search(x, y)
+
+    return meta, iteration
+
+
 def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dict:
     """``name -> callable(images, labels)`` built with the library's step factories."""
     strategy = tf.distribute.get_strategy()
@@ -215,20 +238,7 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
                 unfolded)
     for name, meta_batch in (("metamix", "full"), ("metamix_split", "split")):
         model = calibrated(strategy, float_model, config, images, labels)
-        groups = metamix_tf.variable_groups(model)
-        cost = CostModel(model)
-        target = cost.uniform_gbops(4)
-        meta = steps.make_meta_step(strategy, model, _optimizer(groups.weights_and_steps),
-                                    groups.weights_and_steps, CANDIDATES,
-                                    meta_batch=meta_batch)
-        search = steps.make_search_step(strategy, model, _optimizer(groups.alphas), groups.alphas,
-                                        cost, target, 4.0)
-
-        def iteration(x, y, meta=meta, search=search):
-            meta(x, y)
-            return search(x, y)
-
-        out[name] = iteration
+        meta, out[name] = metamix_steps(strategy, model, meta_batch)
         if meta_batch == "full":
             out["bit_meta"] = meta
     return out

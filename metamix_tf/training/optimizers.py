@@ -89,7 +89,7 @@ def _fusable(gradient, variable, learning_rate) -> bool:
     """Whether a fused kernel computes Keras' update of ``variable`` here."""
     return (os.environ.get("METAMIX_TF_FUSED_OPTIMIZER", "1") != "0"
             and not isinstance(gradient, tf.IndexedSlices)
-            and variable.dtype.is_floating
+            and tf.as_dtype(variable.dtype).is_floating
             and tf.convert_to_tensor(learning_rate).shape.rank == 0)
 
 
