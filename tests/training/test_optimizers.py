@@ -90,6 +90,7 @@ def _three_updates(monkeypatch, fused, strategy=None, **kwargs):
     return [keras.ops.convert_to_numpy(v), *slots], graph_op_types(
         update.get_concrete_function(grads[0]).graph), v
 
+
 @pytest.mark.parametrize("kwargs", [dict(kind="sgd", momentum=0.9, nesterov=True),
                                     dict(kind="sgd", momentum=0.9, nesterov=False),
                                     dict(kind="sgd", momentum=0.0)],
