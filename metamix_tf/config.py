@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -32,9 +33,16 @@ __all__ = [
     "validate_bits",
     "WEIGHT_STORAGES",
     "check_weight_storage",
+    "switched_on",
 ]
 
 MIN_BITS, MAX_BITS = 2, 16
+
+
+def switched_on(variable: str) -> bool:
+    """Whether the environment leaves the implementation switch ``variable`` on (anything but
+    ``0``; unset is on), e.g. ``METAMIX_TF_NATIVE_OPS=0`` for the XLA quantizer kernels."""
+    return os.environ.get(variable, "1") != "0"
 
 # How the int8 export stores conv / dense weights (metamix_tf.export): "bits" the b-bit
 # integers with the learned steps, "spread" the same integers times a per-channel multiplier

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import numpy as np
 import tensorflow as tf
 
+from metamix_tf.config import switched_on
 from metamix_tf.quant import native
 
 __all__ = [
@@ -106,7 +106,7 @@ def _sum_to_shape(t: tf.Tensor, shape: tf.TensorShape) -> tf.Tensor:
     return tf.reshape(tf.reduce_sum(t, axis=axes), shape)
 
 
-_USE_XLA = os.environ.get("METAMIX_TF_XLA_OPS", "1") != "0"
+_USE_XLA = switched_on("METAMIX_TF_XLA_OPS")
 
 
 def _fused(fn):

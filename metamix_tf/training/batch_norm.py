@@ -22,11 +22,11 @@ order), so results are not bit-identical to Keras' ops.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import keras
 import tensorflow as tf
 
+from metamix_tf.config import switched_on
 from metamix_tf.quant import graph_rules as rules
 
 __all__ = ["batch_norm_layers", "fused_batch_norm", "fusable", "fused_batch_norm_train"]
@@ -104,9 +104,9 @@ def fused_batch_norm(model):
     """While tracing: every :func:`fusable` BatchNormalization of ``model`` (nested ones
     included) computes its training forward with :func:`fused_batch_norm_train` (an
     instance attribute ``call``, removed on exit); none with ``METAMIX_TF_FUSED_BATCH_NORM=0``."""
-    enabled = os.environ.get("METAMIX_TF_FUSED_BATCH_NORM", "1") != "0"
     layers = [layer for layer in batch_norm_layers(model)
-              if enabled and fusable(layer) and "call" not in vars(layer)]
+              if fusable(layer) and "call" not in vars(layer)] \
+        if switched_on("METAMIX_TF_FUSED_BATCH_NORM") else []
     try:
         for layer in layers:
             layer.call = _fused_call(layer)

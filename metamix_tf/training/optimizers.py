@@ -15,11 +15,12 @@ keeps Keras' ops.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
+
+from metamix_tf.config import switched_on
 
 __all__ = ["OPTIMIZERS", "cosine_schedule", "make_optimizer"]
 
@@ -87,7 +88,7 @@ class _RelativeSteps:
 
 def _fusable(gradient, variable, learning_rate) -> bool:
     """Whether a fused kernel computes Keras' update of ``variable`` here."""
-    return (os.environ.get("METAMIX_TF_FUSED_OPTIMIZER", "1") != "0"
+    return (switched_on("METAMIX_TF_FUSED_OPTIMIZER")
             and not isinstance(gradient, tf.IndexedSlices)
             and tf.as_dtype(variable.dtype).is_floating
             and tf.convert_to_tensor(learning_rate).shape.rank == 0)
@@ -137,10 +138,10 @@ class _FusedSGD(keras.optimizers.SGD):
             tf.raw_ops.ResourceApplyGradientDescent(var=_handle(variable), alpha=lr,
                                                     delta=gradient)
             return
+        momentum = self.momentums[self._get_variable_index(variable)]
         tf.raw_ops.ResourceApplyKerasMomentum(
-            var=_handle(variable), accum=_handle(self.momentums[self._get_variable_index(
-                variable)]), lr=lr, grad=gradient, momentum=tf.cast(self.momentum, dtype),
-            use_nesterov=self.nesterov)
+            var=_handle(variable), accum=_handle(momentum), lr=lr, grad=gradient,
+            momentum=tf.cast(self.momentum, dtype), use_nesterov=self.nesterov)
 
 
 class _Adam(_CoupledL2, _RelativeSteps, _FusedAdam):

@@ -32,6 +32,8 @@ import warnings
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util  # XLA-context check (private module)
 
+from metamix_tf.config import switched_on
+
 __all__ = ["library", "enabled_in", "active", "build_flags", "SOURCE", "MAX_BRANCHES"]
 
 SOURCE = os.path.join(os.path.dirname(__file__), "lsq_kernels.cc")
@@ -102,7 +104,7 @@ def _build(compiler: str, path: str) -> None:
 def library():
     """The loaded op library (``tf.load_op_library``), built first if needed; None (with
     one warning naming the reason) when it cannot be, or ``METAMIX_TF_NATIVE_OPS=0``."""
-    if os.environ.get("METAMIX_TF_NATIVE_OPS", "1") == "0":
+    if not switched_on("METAMIX_TF_NATIVE_OPS"):
         return None
     compiler = _compiler()
     if compiler is None:
