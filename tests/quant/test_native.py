@@ -260,3 +260,17 @@ def test_disabled_by_environment_variable(tmp_path):
             "sys.exit(0 if native.library() is None else 1)")
     env = {**os.environ, "METAMIX_TF_NATIVE_OPS": "0"}
     assert subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path).returncode == 0
+
+
+def test_load_builds_a_given_source_and_reports_its_first_error(tmp_path, monkeypatch):
+    """native.load(source) compiles that file (as benchmarks/native_kernels.py does with
+    older sources); a build that fails raises with the compiler's first error line and
+    caches nothing."""
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("METAMIX_TF_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "broken.cc"
+    source.write_text("int main() { return undeclared_name; }\n")
+    with pytest.raises(RuntimeError, match="undeclared_name"):
+        native.load(str(source))
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix == ".so"]

@@ -34,7 +34,7 @@ from tensorflow.python.ops import control_flow_util  # XLA-context check (privat
 
 from metamix_tf.config import switched_on
 
-__all__ = ["library", "enabled_in", "active", "build_flags", "SOURCE", "MAX_BRANCHES"]
+__all__ = ["library", "load", "enabled_in", "active", "build_flags", "SOURCE", "MAX_BRANCHES"]
 
 SOURCE = os.path.join(os.path.dirname(__file__), "lsq_kernels.cc")
 MAX_BRANCHES = 8  # kMaxBranches of the mixture kernels
@@ -67,8 +67,8 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def _cache_path(compiler: str) -> str:
-    with open(SOURCE, "rb") as f:
+def _cache_path(compiler: str, source: str = SOURCE) -> str:
+    with open(source, "rb") as f:
         key = hashlib.sha256(f.read())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     for part in (tf.__version__, version, " ".join(build_flags()), sys.platform):
@@ -82,14 +82,14 @@ def _cache_path(compiler: str) -> str:
     return os.path.join(root, f"lsq_kernels-{key.hexdigest()[:16]}.so")
 
 
-def _build(compiler: str, path: str) -> None:
+def _build(compiler: str, path: str, source: str = SOURCE) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     print("metamix_tf: compiling the native quantizer kernels (once, about 20 s) ...",
           file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        command = [compiler, *build_flags(), SOURCE, "-o", tmp, *tf.sysconfig.get_link_flags()]
+        command = [compiler, *build_flags(), source, "-o", tmp, *tf.sysconfig.get_link_flags()]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line]
@@ -100,22 +100,31 @@ def _build(compiler: str, path: str) -> None:
             os.remove(tmp)
 
 
+def load(source: str = SOURCE):
+    """``source`` compiled (cached as described above) and loaded with
+    ``tf.load_op_library``; raises when there is no compiler or the build fails. A process
+    can load one build of the kernels only (their ops are registered by name)."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (set $CXX or install g++)")
+    path = _cache_path(compiler, source)
+    if not os.path.exists(path):
+        _build(compiler, path, source)
+    return tf.load_op_library(path)
+
+
 @functools.cache
 def library():
     """The loaded op library (``tf.load_op_library``), built first if needed; None (with
     one warning naming the reason) when it cannot be, or ``METAMIX_TF_NATIVE_OPS=0``."""
     if not switched_on("METAMIX_TF_NATIVE_OPS"):
         return None
-    compiler = _compiler()
-    if compiler is None:
+    if _compiler() is None:
         warnings.warn("metamix_tf: no C++ compiler (set $CXX or install g++): the quantizers "
                       "use their XLA kernels, which are slower", stacklevel=2)
         return None
     try:
-        path = _cache_path(compiler)
-        if not os.path.exists(path):
-            _build(compiler, path)
-        return tf.load_op_library(path)
+        return load()
     except Exception as e:  # a compiler or loader failure must not stop training
         warnings.warn(f"metamix_tf: the native quantizer kernels are unavailable ({e}); the "
                       "quantizers use their XLA kernels, which are slower", stacklevel=2)

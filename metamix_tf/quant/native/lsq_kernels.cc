@@ -171,8 +171,23 @@ void ForChunks(int64_t begin, int64_t end, const float* x, const float* g, float
   std::copy(out_pad, out_pad + (end - start), out + start);
 }
 
+// Four lanes at a time as GCC / Clang vector types: written as a plain loop, GCC left the
+// float -> double conversions and adds scalar (32 instructions per chunk in the backward
+// kernels' hot loop, which then ran at a quarter of memory speed). Each lane still adds
+// its own terms in chunk order, so the sums are unchanged.
+typedef float Floats4 __attribute__((vector_size(4 * sizeof(float))));
+typedef double Doubles4 __attribute__((vector_size(4 * sizeof(double))));
+
 inline void AddLanes(const float* __restrict term, double* __restrict lanes) {
-  for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<double>(term[l]);
+  static_assert(kLanes % 4 == 0, "AddLanes adds four lanes at a time");
+  for (int l = 0; l < kLanes; l += 4) {
+    Floats4 terms;
+    Doubles4 sums;
+    __builtin_memcpy(&terms, term + l, sizeof(terms));
+    __builtin_memcpy(&sums, lanes + l, sizeof(sums));
+    sums += __builtin_convertvector(terms, Doubles4);
+    __builtin_memcpy(lanes + l, &sums, sizeof(sums));
+  }
 }
 
 inline double SumLanes(const double* lanes) {
