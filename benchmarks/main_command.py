@@ -3,15 +3,20 @@ and variants: final accuracy, bits and where the seconds went, with each variant
 standard deviation.
 
 A variant is a name and environment overrides, ``NAME[:VAR=VALUE,...]`` (``base`` with none:
-the defaults). Runs are interleaved (seed 0 of every variant, then seed 1, ...), each in its
-own child process and temporary run directory, with ``--set seed=S`` (the data order, the
-initialization and the augmentation). One run is one draw: on the demo's 500 validation
-images one run's accuracy moves by a point or two from seed to seed, so compare means.
+the defaults), optionally run from another checkout of the repository,
+``NAME@PATH[:VAR=VALUE,...]`` (e.g. a ``git worktree`` of an older commit: code against
+code in the same sitting). Runs are interleaved (seed 0 of every variant, then seed 1,
+...), each in its own child process and temporary run directory, with ``--set seed=S``
+(the data order, the initialization and the augmentation). One run is one draw: on the
+demo's 500 validation images one run's accuracy moves by a point or two from seed to seed,
+so compare means.
 
 Usage::
 
     python benchmarks/main_command.py --seeds 0 1 2 3 \\
         --variant base --variant keras_bn:METAMIX_TF_FUSED_BATCH_NORM=0 --save FILE.json
+    git worktree add /tmp/before 2ae19df
+    python benchmarks/main_command.py --seeds 0 1 --variant after --variant before@/tmp/before
 """
 
 from __future__ import annotations
@@ -31,25 +36,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("pretrain", "search", "finetune")
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """``"name:A=1,B=2"`` -> ``("name", {"A": "1", "B": "2"})``."""
+def parse_variant(text: str) -> tuple[str, dict, str]:
+    """``"name@path:A=1,B=2"`` -> ``("name", {"A": "1", "B": "2"}, path)`` (the path of
+    this repository without ``@path``)."""
     name, _, overrides = text.partition(":")
+    name, _, root = name.partition("@")
+    root = os.path.abspath(root) if root else ROOT
+    if not os.path.isfile(os.path.join(root, "train.py")):
+        raise ValueError(f"--variant {text!r}: no train.py in {root}")
     env = {}
     for item in filter(None, overrides.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--variant {text!r}: overrides are VAR=VALUE, comma-separated")
         env[key] = value
-    return name, env
+    return name, env, root
 
 
-def run_once(seed: int, env: dict, extra: list[str]) -> dict:
+def run_once(seed: int, env: dict, extra: list[str], root: str = ROOT) -> dict:
     """One main command in a fresh run directory: its summary's numbers and the wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "train.py", "--model=mobilenet_v2", "--phase=all",
                    f"--model_dir={tmp}/run", f"--set=seed={seed}", *extra]
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT, env={**os.environ, **env},
+        done = subprocess.run(command, cwd=root, env={**os.environ, **env},
                               capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode:
@@ -93,16 +103,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variant", action="append", default=None,
-                        help="NAME[:VAR=VALUE,...]; repeatable (default: base)")
+                        help="NAME[@CHECKOUT][:VAR=VALUE,...]; repeatable (default: base)")
     parser.add_argument("--extra", action="append", default=[],
                         help="a further train.py flag for every run, e.g. --extra=--epochs=1")
     parser.add_argument("--save", help="write the runs and the machine to this JSON file")
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in (args.variant or ["base"])]
-    results = {name: [] for name, _ in variants}
+    results = {name: [] for name, _, _ in variants}
     for seed in args.seeds:
-        for name, env in variants:
-            results[name].append(run_once(seed, env, args.extra))
+        for name, env, root in variants:
+            results[name].append(run_once(seed, env, args.extra, root))
             print(f"{name} seed {seed}: {results[name][-1]}", flush=True)
     text = report(results)
     print(text)
@@ -110,8 +120,9 @@ def main(argv=None) -> None:
         with open(args.save, "w") as f:
             json.dump({"command": " ".join(sys.argv), "cpu": cpu_model(),
                        "cpu_count": os.cpu_count(),
-                       "variants": dict(variants), "runs": results, "report": text}, f,
-                      indent=1)
+                       "variants": {name: {"env": env, "checkout": root}
+                                    for name, env, root in variants},
+                       "runs": results, "report": text}, f, indent=1)
 
 
 if __name__ == "__main__":
