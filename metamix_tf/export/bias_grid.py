@@ -111,6 +111,9 @@ class BiasGrid:
                 continue
             bn = model.get_layer(weights.batch_norm) if weights.batch_norm else None
             self._entries.append((model.get_layer(name), bn, target))
+        # the deltas as one function, traced once for every step :meth:`around` wraps
+        self._deltas = tf.function(lambda: [delta for _, delta in self.shifts()],
+                                   autograph=False)
 
     @property
     def layers(self) -> list:
@@ -169,7 +172,8 @@ class BiasGrid:
         step inside it updates the latent biases with the gradient at the rounded ones)."""
 
         def step(images, labels):
-            moves = self.shifts()
+            moves = list(zip((target for _, _, target in self._entries), self._deltas(),
+                             strict=True))
             latent = [tf.identity(_read(variable)) for variable, _ in moves]
             with tf.control_dependencies(latent):
                 ops_ = [variable.assign_add(delta) for variable, delta in moves]
