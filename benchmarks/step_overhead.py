@@ -12,6 +12,9 @@ For each setting (default: MobileNetV2 at 32x32 with batch 128, and at 224x224 w
   fused update kernels (:mod:`metamix_tf.training.optimizers`);
 * ``selected``: ``make_train_step`` at fixed 4-bit activations (8 for the first and last
   layer) with 4-bit weights: weight training;
+* ``selected_bias_grid``: ``selected`` with every folded bias on the int8 export's int32
+  grid (:class:`~metamix_tf.export.bias_grid.BiasGrid` around the same step: weight
+  training's default; its graph ops are the wrapper's own, the step being a call in it);
 * ``joint``: ``make_joint_step``, the mixture of the 3 candidates (2/4/8) with weights, step
   sizes and bit logits trained together (the EdMIPS/DNAS search step; the mixture step);
 * ``metamix``: one MetaMix iteration after the warm-up, ``make_meta_step`` (K = 3 full
@@ -62,6 +65,7 @@ import tensorflow as tf  # noqa: E402
 
 import metamix_tf  # noqa: E402
 from metamix_tf import run_files  # noqa: E402
+from metamix_tf.export.bias_grid import BiasGrid  # noqa: E402
 from metamix_tf.quant import native, ops  # noqa: E402
 from metamix_tf.quant.cost import CostModel  # noqa: E402
 from metamix_tf.training import optimizers, steps  # noqa: E402
@@ -221,6 +225,7 @@ def build_steps(input_size: int, images, labels, breakdown: bool = False) -> dic
                                              module=optimizers)}
     selected = calibrated(strategy, float_model, config, images, labels)
     out["selected"] = selected_step(strategy, selected)
+    out["selected_bias_grid"] = BiasGrid(selected).around(out["selected"])
     if breakdown:
         out["activations_only"] = _half_step(strategy, float_model, config, selected, False)
         out["weights_only"] = _half_step(strategy, float_model, config, selected, True)
