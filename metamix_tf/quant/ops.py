@@ -225,12 +225,39 @@ def _folded_input(x: tf.Tensor) -> tuple[tf.Tensor, str]:
     return op.inputs[0], name
 
 
+def _zero_padded(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """``(inner, paddings)`` when graph tensor ``x`` is ``inner`` padded with zeros (a
+    ``Pad`` op, or ``PadV2`` with a constant 0: Keras' ``ZeroPadding2D``), ``(x, None)``
+    otherwise."""
+    op = x.op
+    if op.type == "Pad" or (op.type == "PadV2"
+                            and tf.get_static_value(op.inputs[2]) == 0):
+        return op.inputs[0], op.inputs[1]
+    return x, None
+
+
+def _folded_through_pad(x: tf.Tensor, quantize) -> tf.Tensor:
+    """``quantize(z, activation)`` (a native quantizer of ``activation(z)``) for ``x``, with
+    the ReLU / ReLU6 that produced ``x`` folded in (:func:`_folded_input`), also where a zero
+    padding sits between them (MobileNetV2's ``ZeroPadding2D`` before each stride-2
+    depthwise conv): the quantizer then runs on the unpadded tensor and its output is padded
+    with zeros, ``q(pad(a(z))) = pad(q(a(z)))`` as ``q(0) = 0`` for every quantizer with a
+    nonzero step. The same values and input gradients bit for bit; the step-size sums leave
+    out the padding's terms, each an exact 0 (for a finite ``dy``), so they are the same sums
+    grouped otherwise (equal up to float64 rounding)."""
+    inner, paddings = _zero_padded(x)
+    z, activation = _folded_input(inner)
+    if paddings is None or activation == "none":  # nothing folds through the padding
+        return quantize(*_folded_input(x))
+    return tf.pad(quantize(z, activation), paddings)
+
+
 def _lsq_quantize_native(x, step, qn, qp, grad_scale):
     """:func:`_lsq_quantize` on the native kernels, for a step that :func:`_step_columns`
     accepts (passed to them as a scalar or a ``[P]`` vector), with a ReLU / ReLU6 that
-    produced ``x`` folded in (:func:`_folded_input`)."""
-    z, activation = _folded_input(x)
-    return _native_quantizer(activation)(z, step, qn, qp, grad_scale)
+    produced ``x`` folded in (:func:`_folded_through_pad`)."""
+    return _folded_through_pad(x, lambda z, activation: _native_quantizer(activation)(
+        z, step, qn, qp, grad_scale))
 
 
 @functools.cache
@@ -339,9 +366,9 @@ def _lsq_mixture(x, steps, probs, qns, qps, grad_scale):
 
 def _lsq_mixture_native(x, steps, probs, qns, qps, grad_scale):
     """:func:`_lsq_mixture` on the native kernels (one backward pass for all three
-    gradients), with a ReLU / ReLU6 that produced ``x`` folded in (:func:`_folded_input`)."""
-    z, activation = _folded_input(x)
-    return _native_mixture(activation)(z, steps, probs, qns, qps, grad_scale)
+    gradients), with a ReLU / ReLU6 that produced ``x`` folded in (:func:`_folded_through_pad`)."""
+    return _folded_through_pad(x, lambda z, activation: _native_mixture(activation)(
+        z, steps, probs, qns, qps, grad_scale))
 
 
 @functools.cache

@@ -274,3 +274,41 @@ def test_load_builds_a_given_source_and_reports_its_first_error(tmp_path, monkey
     with pytest.raises(RuntimeError, match="undeclared_name"):
         native.load(str(source))
     assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix == ".so"]
+
+
+@pytest.mark.parametrize("mixture", [False, True], ids=["quantize", "mixture"])
+def test_activation_folds_through_a_zero_padding(kernels, monkeypatch, mixture):
+    """ReLU6 -> zero padding (Keras' ZeroPadding2D) -> quantizer: the quantizer runs on the
+    pre-activation and its output is padded (q(0) = 0). Output and input gradient bit for bit
+    those of the unfolded ops; the step sums are the same exact terms without the padding's
+    zeros (inputs on a grid that keeps every sum exact in float64, so they are equal too);
+    no ReLU6 gradient op."""
+    rng = np.random.default_rng(5)
+    shape = (2, 6, 6, 4)
+    x = (rng.integers(-32, 160, shape) / 16).astype(np.float32)  # both sides of 0 and 6
+    x.flat[:2] = [0.0, 6.0]
+    dy = (rng.integers(-8, 9, (2, 7, 7, 4)) / 4).astype(np.float32)
+    inputs = (x, np.float32(0.5), np.array([1.0, 0.5, 0.0625], np.float32),
+              np.array([0.25, 0.5, 0.25], np.float32))
+    quantize = _quantizer_of_activation(
+        lambda t: tf.pad(tf.nn.relu6(t), [[0, 0], [0, 1], [0, 1], [0, 0]]), mixture)
+
+    def forward_backward(*args):
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            y = quantize(*args)
+        return y, tape.gradient(y, args, output_gradients=tf.constant(dy))
+
+    specs = [tf.TensorSpec(np.shape(v), tf.float32) for v in inputs]
+    with native.enabled_in():
+        y, grads = tf.function(forward_backward)(*inputs)
+    assert "Relu6Grad" not in _graph_ops(forward_backward, *specs)
+    monkeypatch.setattr(ops, "_folded_input", lambda x: (x, "none"))
+    with native.enabled_in():
+        y_ref, grads_ref = tf.function(forward_backward)(*inputs)
+    assert "Relu6Grad" in _graph_ops(forward_backward, *specs)
+
+    assert y.shape == (2, 7, 7, 4)
+    np.testing.assert_array_equal(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_array_equal(g, g_ref)
