@@ -26,8 +26,9 @@ with the reductions done in the same pass (the eager ops' outputs bit for bit, w
 may contract an FMA; the step and probability sums in float64, in a fixed order), and no
 XLA compilation per tensor shape. A quantizer whose input is the output of a ReLU or ReLU6
 op reads that op's input instead and applies the activation in the same pass
-(:func:`_folded_input`; the same values and gradients bit for bit): the activation's
-backward op is not built, and its forward op is pruned when nothing else reads it.
+(:func:`_folded_input`; the same values and gradients bit for bit), also through a zero
+padding between them (:func:`_folded_through_pad`): the activation's backward op is not
+built, and its forward op is pruned when nothing else reads it.
 """
 
 from __future__ import annotations
