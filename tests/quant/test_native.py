@@ -213,8 +213,15 @@ def test_folded_activation_gives_the_unfolded_values_exactly(kernels, monkeypatc
     dy = rng.normal(size=N).astype(np.float32)
     inputs = (x, np.float32(0.37), np.array([0.9, 0.37, 0.05], np.float32),
               np.array([0.2, 0.5, 0.3], np.float32))
-    fn = _quantizer_of_activation(activation, mixture)
     grad_op = {tf.nn.relu6: "Relu6Grad", tf.nn.relu: "ReluGrad"}[activation]
+    _assert_fold_is_exact(monkeypatch, _quantizer_of_activation(activation, mixture), inputs,
+                          dy, grad_op)
+
+
+def _assert_fold_is_exact(monkeypatch, fn, inputs, dy, grad_op):
+    """``fn(*inputs)`` and its gradients for ``dy``, traced with the activation folded into
+    the quantizer and with ``ops._folded_input`` off: ``grad_op`` (the activation's
+    gradient) only in the second graph, every value equal (NaN where NaN)."""
 
     def forward_backward(*args):
         with tf.GradientTape() as tape:
@@ -223,19 +230,18 @@ def test_folded_activation_gives_the_unfolded_values_exactly(kernels, monkeypatc
         return y, tape.gradient(y, args, output_gradients=tf.constant(dy))
 
     specs = [tf.TensorSpec(np.shape(v), tf.float32) for v in inputs]
-    folded = tf.function(forward_backward)
     with native.enabled_in():
-        y, grads = folded(*inputs)
+        y, grads = tf.function(forward_backward)(*inputs)
     assert grad_op not in _graph_ops(forward_backward, *specs)
     monkeypatch.setattr(ops, "_folded_input", lambda x: (x, "none"))
-    unfolded = tf.function(forward_backward)
     with native.enabled_in():
-        y_ref, grads_ref = unfolded(*inputs)
+        y_ref, grads_ref = tf.function(forward_backward)(*inputs)
     assert grad_op in _graph_ops(forward_backward, *specs)
 
-    np.testing.assert_array_equal(y, y_ref)  # NaN where NaN
+    np.testing.assert_array_equal(y, y_ref)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         np.testing.assert_array_equal(g, g_ref)
+    return y
 
 
 def test_bad_shapes_raise_one_line_errors(kernels):
@@ -292,23 +298,5 @@ def test_activation_folds_through_a_zero_padding(kernels, monkeypatch, mixture):
               np.array([0.25, 0.5, 0.25], np.float32))
     quantize = _quantizer_of_activation(
         lambda t: tf.pad(tf.nn.relu6(t), [[0, 0], [0, 1], [0, 1], [0, 0]]), mixture)
-
-    def forward_backward(*args):
-        with tf.GradientTape() as tape:
-            tape.watch(args)
-            y = quantize(*args)
-        return y, tape.gradient(y, args, output_gradients=tf.constant(dy))
-
-    specs = [tf.TensorSpec(np.shape(v), tf.float32) for v in inputs]
-    with native.enabled_in():
-        y, grads = tf.function(forward_backward)(*inputs)
-    assert "Relu6Grad" not in _graph_ops(forward_backward, *specs)
-    monkeypatch.setattr(ops, "_folded_input", lambda x: (x, "none"))
-    with native.enabled_in():
-        y_ref, grads_ref = tf.function(forward_backward)(*inputs)
-    assert "Relu6Grad" in _graph_ops(forward_backward, *specs)
-
+    y = _assert_fold_is_exact(monkeypatch, quantize, inputs, dy, "Relu6Grad")
     assert y.shape == (2, 7, 7, 4)
-    np.testing.assert_array_equal(y, y_ref)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        np.testing.assert_array_equal(g, g_ref)
