@@ -248,8 +248,10 @@ def _folded_through_pad(x: tf.Tensor, quantize) -> tf.Tensor:
     grouped otherwise (equal up to float64 rounding)."""
     inner, paddings = _zero_padded(x)
     z, activation = _folded_input(inner)
-    if paddings is None or activation == "none":  # nothing folds through the padding
-        return quantize(*_folded_input(x))
+    if paddings is None:
+        return quantize(z, activation)
+    if activation == "none":  # nothing folds through the padding: quantize the padded x
+        return quantize(x, "none")
     return tf.pad(quantize(z, activation), paddings)
 
 
