@@ -2,8 +2,10 @@
 and variants: final accuracy, bits and where the seconds went, with each variant's mean and
 standard deviation.
 
-A variant is a name and environment overrides, ``NAME[:VAR=VALUE,...]`` (``base`` with none:
-the defaults), optionally run from another checkout of the repository,
+A variant is a name and overrides, ``NAME[:KEY=VALUE,...]`` (``base`` with none: the
+defaults): an environment variable, or a config key when KEY has a dot (passed as ``--set
+KEY=VALUE``, e.g. ``split:search.meta_batch=split``); optionally run from another checkout
+of the repository,
 ``NAME@PATH[:VAR=VALUE,...]`` (e.g. a ``git worktree`` of an older commit: code against
 code in the same sitting). Runs are interleaved (seed 0 of every variant, then seed 1,
 ...), each in its own child process and temporary run directory, with ``--set seed=S``
@@ -36,21 +38,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ("pretrain", "search", "finetune")
 
 
-def parse_variant(text: str) -> tuple[str, dict, str]:
-    """``"name@path:A=1,B=2"`` -> ``("name", {"A": "1", "B": "2"}, path)`` (the path of
-    this repository without ``@path``)."""
+def parse_variant(text: str) -> tuple[str, dict, str, list[str]]:
+    """``"name@path:A=1,b.c=2"`` -> ``("name", {"A": "1"}, path, ["--set=b.c=2"])`` (the
+    path of this repository without ``@path``)."""
     name, _, overrides = text.partition(":")
     name, _, root = name.partition("@")
     root = os.path.abspath(root) if root else ROOT
     if not os.path.isfile(os.path.join(root, "train.py")):
         raise ValueError(f"--variant {text!r}: no train.py in {root}")
-    env = {}
+    env, settings = {}, []
     for item in filter(None, overrides.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--variant {text!r}: overrides are VAR=VALUE, comma-separated")
-        env[key] = value
-    return name, env, root
+            raise ValueError(f"--variant {text!r}: overrides are KEY=VALUE, comma-separated")
+        if "." in key:
+            settings.append(f"--set={key}={value}")
+        else:
+            env[key] = value
+    return name, env, root, settings
 
 
 def run_once(seed: int, env: dict, extra: list[str], root: str = ROOT) -> dict:
@@ -103,16 +108,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variant", action="append", default=None,
-                        help="NAME[@CHECKOUT][:VAR=VALUE,...]; repeatable (default: base)")
+                        help="NAME[@CHECKOUT][:KEY=VALUE,...]; repeatable (default: base)")
     parser.add_argument("--extra", action="append", default=[],
                         help="a further train.py flag for every run, e.g. --extra=--epochs=1")
     parser.add_argument("--save", help="write the runs and the machine to this JSON file")
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in (args.variant or ["base"])]
-    results = {name: [] for name, _, _ in variants}
+    results = {name: [] for name, *_ in variants}
     for seed in args.seeds:
-        for name, env, root in variants:
-            results[name].append(run_once(seed, env, args.extra, root))
+        for name, env, root, settings in variants:
+            results[name].append(run_once(seed, env, [*settings, *args.extra], root))
             print(f"{name} seed {seed}: {results[name][-1]}", flush=True)
     text = report(results)
     print(text)
@@ -120,8 +125,9 @@ def main(argv=None) -> None:
         with open(args.save, "w") as f:
             json.dump({"command": " ".join(sys.argv), "cpu": cpu_model(),
                        "cpu_count": os.cpu_count(),
-                       "variants": {name: {"env": env, "checkout": root}
-                                    for name, env, root in variants},
+                       "variants": {name: {"env": env, "checkout": root,
+                                           "settings": settings}
+                                    for name, env, root, settings in variants},
                        "runs": results, "report": text}, f, indent=1)
 
 
