@@ -17,7 +17,8 @@ are merged):
   bits, folded ReLU6).
 
 Each source (``--source NAME=PATH``, repeated; default the installed package's) is compiled
-with the package's flags (``metamix_tf.quant.native.load``) and timed in its own child
+with the package's flags (``metamix_tf.quant.native.load``; ``NAME=PATH:ARCH`` builds it
+for another x86-64 level, ``METAMIX_TF_NATIVE_ARCH=ARCH``) and timed in its own child
 process (a process can load one build of the ops), the sources alternating over ``--rounds``
 rounds; the table gives each kernel's median milliseconds and its ratio to the TensorFlow op
 with the same traffic, timed in the same child. An older source comes from git, e.g.
@@ -112,7 +113,7 @@ def _shape(text: str) -> tuple:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", action="append", default=[],
-                        help="NAME=PATH of a lsq_kernels.cc (repeatable)")
+                        help="NAME=PATH[:ARCH] of a lsq_kernels.cc (repeatable)")
     parser.add_argument("--shapes", default="128x16x16x96,16x112x112x96")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tensors", type=int, default=10, help="distinct tensors per call")
@@ -127,11 +128,13 @@ def main(argv=None) -> dict:
     sources = dict(s.split("=", 1) for s in args.source) or {"library": native.SOURCE}
     rounds = {name: [] for name in sources}
     for _ in range(args.rounds):
-        for name, path in sources.items():
+        for name, spec in sources.items():
+            path, _, arch = spec.partition(":")
+            env = {**os.environ, **({"METAMIX_TF_NATIVE_ARCH": arch} if arch else {})}
             run = subprocess.run(
                 [sys.executable, __file__, "--child", os.path.abspath(path), "--shapes",
                  args.shapes, "--tensors", str(args.tensors), "--repeats", str(args.repeats)],
-                capture_output=True, text=True, check=True)
+                capture_output=True, text=True, check=True, env=env)
             rounds[name].append(json.loads(run.stdout.strip().splitlines()[-1]))
     results = {name: {shape: {kernel: statistics.median(r[shape][kernel] for r in runs)
                               for kernel in runs[0][shape]} for shape in runs[0]}

@@ -10,6 +10,7 @@ no sum needs more than 24 bits. Random inputs are covered in test_ops.py (``"nat
 
 import contextlib
 import os
+import platform
 import subprocess
 import sys
 
@@ -130,6 +131,38 @@ def test_forward_is_bit_identical_on_random_inputs(kernels):
     np.testing.assert_array_equal(dx, np.where(inside, dy, 0))
     terms = (dy * (tf.round(c) - tf.where(v == c, v, 0.0))).numpy()  # float32 terms
     assert step_sum.numpy() == np.float32(np.sum(terms.astype(np.float64)))
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_mixture_is_bit_identical_on_random_inputs(kernels, signed):
+    """The mixture kernels (16 lanes as vector types, their own rounding) on random float32
+    inputs, zeros of both signs and values just below zero included: forward and input
+    gradient equal TensorFlow's eager ops bit for bit, the sums their float64 values to
+    float32."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(0.5, 2.0, N).astype(np.float32)
+    x[:64] = np.array([0.0, -0.0, -1e-3, -0.04] * 16, np.float32)
+    dy = rng.normal(size=N).astype(np.float32)
+    ranges = [ops.quant_range(b, signed) for b in (2, 3, 8)]
+    qns = np.array([q[0] for q in ranges], np.float32)
+    qps = np.array([q[1] for q in ranges], np.float32)
+    steps = np.array([0.731, 0.0919, 0.0213], np.float32)
+    probs = np.array([0.2, 0.45, 0.35], np.float32)
+
+    y = kernels.metamix_mixture_forward(x, steps, probs, qns, qps).numpy()
+    dx, prob_sums, step_sums = kernels.metamix_mixture_backward(dy, x, steps, probs, qns, qps)
+
+    y_ref, gate = tf.zeros_like(x), tf.zeros_like(x)
+    for k in range(len(steps)):
+        v = tf.constant(x) / steps[k]
+        c = tf.clip_by_value(v, -qns[k], qps[k])
+        y_ref += probs[k] * (tf.round(c) * steps[k])
+        gate += tf.where(v == c, probs[k], 0.0)
+        for got, terms in ((prob_sums[k], dy * tf.round(c)),
+                           (step_sums[k], dy * (tf.round(c) - tf.where(v == c, v, 0.0)))):
+            assert got.numpy() == np.float32(np.sum(terms.numpy().astype(np.float64)))
+    np.testing.assert_array_equal(y.view(np.int32), y_ref.numpy().view(np.int32))
+    np.testing.assert_array_equal(dx.numpy().view(np.int32), (dy * gate).numpy().view(np.int32))
 
 
 def test_non_finite_inputs_as_tensorflow(kernels):
@@ -266,6 +299,34 @@ def test_disabled_by_environment_variable(tmp_path):
             "sys.exit(0 if native.library() is None else 1)")
     env = {**os.environ, "METAMIX_TF_NATIVE_OPS": "0"}
     assert subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path).returncode == 0
+
+
+def test_cpu_level_set_by_environment_variable(monkeypatch):
+    monkeypatch.setenv("METAMIX_TF_NATIVE_ARCH", "x86-64-v3")
+    assert [f for f in native.build_flags() if f.startswith("-march")] == ["-march=x86-64-v3"]
+    monkeypatch.setenv("METAMIX_TF_NATIVE_ARCH", "none")
+    assert not [f for f in native.build_flags() if f.startswith("-march")]
+
+
+@pytest.mark.parametrize("arch", ["x86-64-v3", "none"])
+def test_kernels_built_for_another_cpu_level(arch):
+    """The exactness tests above, on kernels built with METAMIX_TF_NATIVE_ARCH=arch: the
+    mixture kernels' vectors are 16 lanes wide with AVX-512, 8 with AVX2 (x86-64-v3), 4
+    without (none), and this machine's own build runs only one of them. In a fresh
+    process: a process loads one build of the kernels."""
+    if platform.machine() not in ("x86_64", "AMD64") or native._compiler() is None:
+        pytest.skip("x86-64 levels need an x86-64 CPU and a C++ compiler")
+    if arch == "x86-64-v3" and not native._cpu_flags() >= native._X86_64_V3:
+        pytest.skip("this CPU has no AVX2")
+    if f"-march={arch}" in native.build_flags():
+        pytest.skip(f"{arch} is this machine's own build")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "exactly or bit_identical or non_finite"], capture_output=True, text=True,
+        env={**os.environ, "METAMIX_TF_NATIVE_ARCH": arch},
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
 
 
 def test_load_builds_a_given_source_and_reports_its_first_error(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@
 //
 // Every element is computed with the same IEEE float32 operations, in the same order, as
 // ops.py's TensorFlow definitions (x / s, max with -Qn, min with Qp, round half to even,
-// multiply; no fused multiply-add), so outputs are bit-identical to them. Sums over the
+// multiply; no fused multiply-add), so outputs are bit-identical to them (the mixture
+// kernels round another way that gives the same outputs: RoundW). Sums over the
 // tensor are taken in blocks of a fixed size (not depending on the thread count), in
 // float64 within a block and across blocks in block order: deterministic, and at least as
 // accurate as TensorFlow's float32 reduce_sum.
@@ -317,62 +318,116 @@ class LsqBackward : public FoldingKernel<LsqBackward> {
   }
 };
 
+// The mixture kernels run K branches per element, so they are bound by arithmetic where the
+// single quantizer is bound by memory: they work on a chunk's 16 elements as GCC / Clang
+// vector types as wide as the CPU's registers (16 lanes with AVX-512, 8 with AVX, else 4;
+// written as plain loops, GCC kept them partly scalar), each lane computing what the
+// scalar code computes for its element, each sum lane adding its terms in chunk order.
+#if defined(__AVX512F__)
+constexpr int kWidth = 16;
+#elif defined(__AVX__)
+constexpr int kWidth = 8;
+#else
+constexpr int kWidth = 4;
+#endif
+static_assert(kLanes % kWidth == 0, "a chunk is a whole number of vectors");
+typedef float FloatsW __attribute__((vector_size(kWidth * sizeof(float))));
+typedef double DoublesW __attribute__((vector_size(kWidth * sizeof(double))));
+
+inline FloatsW LoadW(const float* p) {
+  FloatsW v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void StoreW(float* p, FloatsW v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+inline FloatsW SplatW(float value) { return FloatsW{} + value; }
+
+// Clip per lane, as Clip (a NaN stays NaN).
+inline FloatsW ClipW(FloatsW v, FloatsW lo, FloatsW hi) {
+  const FloatsW upper = v > hi ? hi : v;
+  return upper < lo ? lo : upper;
+}
+
+// Round half to even per lane for |v| < 2^22 (the clipped grid values: Qp < 2^16): adding
+// and subtracting 1.5 * 2^23 rounds to an integer in the default rounding mode. It equals
+// nearbyint except for -0.5 < v < 0 and v = -0, where it gives +0 (nearbyint -0); every
+// use below multiplies or adds that zero into a value whose sign it cannot set (the sums
+// start at +0), so the kernels' outputs are the same bits.
+inline FloatsW RoundW(FloatsW v) {
+  const FloatsW magic = SplatW(12582912.0f);
+  return (v + magic) - magic;
+}
+
+template <bool kFold>
+inline FloatsW FoldedW(FloatsW x, FloatsW upper) {
+  return kFold ? ClipW(x, SplatW(0.0f), upper) : x;
+}
+
+template <bool kFold>
+inline FloatsW PassesW(FloatsW x, FloatsW upper) {
+  const FloatsW one = SplatW(1.0f), zero = SplatW(0.0f);
+  return kFold ? ((x > zero) & (x < upper) ? one : zero) : one;
+}
+
+// AddLanes for one vector of terms, into lanes [0, kWidth) of `lanes`.
+inline void AddLanesW(FloatsW terms, double* __restrict lanes) {
+  DoublesW sums;
+  __builtin_memcpy(&sums, lanes, sizeof(sums));
+  sums += __builtin_convertvector(terms, DoublesW);
+  __builtin_memcpy(lanes, &sums, sizeof(sums));
+}
+
+// The branch parameters, each broadcast to a vector.
+struct BranchesW {
+  FloatsW steps[kMaxBranches], probs[kMaxBranches], los[kMaxBranches], his[kMaxBranches];
+  int k = 0;
+};
+
+// Reads the branch parameters of ReadBranches (inputs steps, probs, qns, qps).
+void ReadBranchesW(OpKernelContext* context, const std::vector<int>& inputs,
+                   BranchesW* out) {
+  std::vector<std::vector<float>> p;
+  ReadBranches(context, inputs, &p, &out->k);
+  if (!context->status().ok()) return;
+  for (int b = 0; b < out->k; ++b) {
+    out->steps[b] = SplatW(p[0][b]);
+    out->probs[b] = SplatW(p[1][b]);
+    out->los[b] = SplatW(-p[2][b]);
+    out->his[b] = SplatW(p[3][b]);
+  }
+}
+
 class MixtureForward : public FoldingKernel<MixtureForward> {
  public:
   explicit MixtureForward(OpKernelConstruction* c) : FoldingKernel(c) {}
 
   template <bool kFold>
   void Run(OpKernelContext* context) {
-    std::vector<std::vector<float>> p;
-    int k = 0;
-    ReadBranches(context, {1, 2, 3, 4}, &p, &k);
+    BranchesW br;
+    ReadBranchesW(context, {1, 2, 3, 4}, &br);
     if (!context->status().ok()) return;
     const Tensor& x = context->input(0);
     Tensor* y = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
-    const std::vector<float>&steps = p[0], &probs = p[1], &qns = p[2], &qps = p[3];
-    const float upper = upper_;
-    ForBlocks(context, x.NumElements(), 4 * k, [&](int64_t begin, int64_t end, int64_t) {
+    const FloatsW upper = SplatW(upper_);
+    ForBlocks(context, x.NumElements(), 4 * br.k, [&](int64_t begin, int64_t end, int64_t) {
       ForChunks(begin, end, x.flat<float>().data(), nullptr, y->flat<float>().data(),
                 [&](const float* __restrict xs, const float*, float* __restrict ys) {
-                  float acc[kLanes] = {};
-                  for (int b = 0; b < k; ++b) {
-                    const float s = steps[b], lo = -qns[b], hi = qps[b], prob = probs[b];
-                    for (int l = 0; l < kLanes; ++l) {
-                      const float a = Folded<kFold>(xs[l], upper);
-                      acc[l] += prob * (RoundHalfEven(Clip(a / s, lo, hi)) * s);
+                  for (int l = 0; l < kLanes; l += kWidth) {
+                    const FloatsW a = FoldedW<kFold>(LoadW(xs + l), upper);
+                    FloatsW acc = SplatW(0.0f);
+                    for (int b = 0; b < br.k; ++b) {
+                      const FloatsW s = br.steps[b];
+                      acc += br.probs[b] * (RoundW(ClipW(a / s, br.los[b], br.his[b])) * s);
                     }
+                    StoreW(ys + l, acc);
                   }
-                  std::copy(acc, acc + kLanes, ys);
                 });
     });
   }
 };
-
-// One branch of MixtureBackward on one chunk: adds p * 1[in range] (times the folded
-// activation's 1[0 < x < upper]) to gate and the chunk's probability and step terms to their
-// lanes. (The activation is applied here, per branch: GCC unrolls a separate 16-lane pass
-// completely and then branches instead of blending.)
-template <bool kFold>
-inline void MixtureBranchChunk(const float* __restrict xs, const float* __restrict gs,
-                               float upper, float s, float lo, float hi, float prob,
-                               float* __restrict gate, double* __restrict prob_lanes,
-                               double* __restrict step_lanes) {
-  float gate_term[kLanes], prob_term[kLanes], step_term[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    const float v = Folded<kFold>(xs[l], upper) / s;
-    const float c = Clip(v, lo, hi);
-    const float r = RoundHalfEven(c);
-    const float grad = gs[l];
-    const float v_inside = v == c ? v : 0.0f;
-    gate_term[l] = v == c ? prob * Passes<kFold>(xs[l], upper) : 0.0f;
-    prob_term[l] = grad * r;
-    step_term[l] = grad * (r - v_inside);
-  }
-  for (int l = 0; l < kLanes; ++l) gate[l] += gate_term[l];
-  AddLanes(prob_term, prob_lanes);
-  AddLanes(step_term, step_lanes);
-}
 
 class MixtureBackward : public FoldingKernel<MixtureBackward> {
  public:
@@ -380,10 +435,10 @@ class MixtureBackward : public FoldingKernel<MixtureBackward> {
 
   template <bool kFold>
   void Run(OpKernelContext* context) {
-    std::vector<std::vector<float>> p;
-    int k = 0;
-    ReadBranches(context, {2, 3, 4, 5}, &p, &k);
+    BranchesW br;
+    ReadBranchesW(context, {2, 3, 4, 5}, &br);
     if (!context->status().ok()) return;
+    const int k = br.k;
     const Tensor& dy = context->input(0);
     const Tensor& x = context->input(1);
     CheckSameShape(context, dy, x);
@@ -392,25 +447,32 @@ class MixtureBackward : public FoldingKernel<MixtureBackward> {
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({k}), &prob_sums));
     OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({k}), &step_sums));
-    const std::vector<float>&steps = p[0], &probs = p[1], &qns = p[2], &qps = p[3];
-    const float upper = upper_;
+    const FloatsW upper = SplatW(upper_);
     const int64_t blocks = (x.NumElements() + kBlock - 1) / kBlock;
     // partial[(block * k + b) * 2 + {0: probability term, 1: step term}]
     std::vector<double> partial(blocks * k * 2, 0.0);
     ForBlocks(context, x.NumElements(), 10 * k, [&](int64_t begin, int64_t end,
                                                     int64_t block) {
-      double prob_lanes[kMaxBranches][kLanes] = {};
-      double step_lanes[kMaxBranches][kLanes] = {};
+      double prob_lanes[kMaxBranches][kLanes] = {}, step_lanes[kMaxBranches][kLanes] = {};
       ForChunks(begin, end, x.flat<float>().data(), dy.flat<float>().data(),
                 dx->flat<float>().data(),
                 [&](const float* __restrict xs, const float* __restrict gs,
                     float* __restrict dxs) {
-                  float gate[kLanes] = {};
-                  for (int b = 0; b < k; ++b) {
-                    MixtureBranchChunk<kFold>(xs, gs, upper, steps[b], -qns[b], qps[b],
-                                              probs[b], gate, prob_lanes[b], step_lanes[b]);
+                  for (int l = 0; l < kLanes; l += kWidth) {
+                    const FloatsW xv = LoadW(xs + l), grad = LoadW(gs + l), zero = SplatW(0.0f);
+                    const FloatsW a = FoldedW<kFold>(xv, upper);
+                    const FloatsW passes = PassesW<kFold>(xv, upper);
+                    FloatsW gate = zero;
+                    for (int b = 0; b < k; ++b) {
+                      const FloatsW v = a / br.steps[b];
+                      const FloatsW c = ClipW(v, br.los[b], br.his[b]);
+                      const FloatsW r = RoundW(c);
+                      gate += v == c ? br.probs[b] * passes : zero;
+                      AddLanesW(grad * r, prob_lanes[b] + l);
+                      AddLanesW(grad * (r - (v == c ? v : zero)), step_lanes[b] + l);
+                    }
+                    StoreW(dxs + l, grad * gate);
                   }
-                  for (int l = 0; l < kLanes; ++l) dxs[l] = gs[l] * gate[l];
                 });
       for (int b = 0; b < k; ++b) {
         partial[(block * k + b) * 2] = SumLanes(prob_lanes[b]);
