@@ -116,19 +116,22 @@ def test_mixture_kernels_match_tensorflow_exactly(kernels, signed):
 
 
 def test_forward_is_bit_identical_on_random_inputs(kernels):
-    """Random float32 inputs (no exact structure): forward and input gradient equal
-    TensorFlow's eager ops bit for bit, the step sum its float64 value to float32."""
+    """Random float32 inputs (no exact structure; zeros of both signs and values that round
+    to -0): forward and input gradient equal TensorFlow's eager ops bit for bit, the step
+    sum its float64 value to float32."""
     rng = np.random.default_rng(2)
     x = rng.normal(1.0, 3.0, N).astype(np.float32)
+    x[:64] = np.array([0.0, -0.0, -1e-3, -0.01] * 16, np.float32)  # round to -0 in x / s
     dy = rng.normal(size=N).astype(np.float32)
     s, qn, qp = np.float32(0.0371), np.float32(8), np.float32(7)
     v = tf.constant(x) / s
     c = tf.clip_by_value(v, -qn, qp)
-    np.testing.assert_array_equal(kernels.metamix_lsq_forward(x, s, qn, qp),
-                                  (tf.round(c) * s).numpy())
+    y = kernels.metamix_lsq_forward(x, s, qn, qp).numpy()
+    np.testing.assert_array_equal(y.view(np.int32), (tf.round(c) * s).numpy().view(np.int32))
     dx, step_sum = kernels.metamix_lsq_backward(dy, x, s, qn, qp)
     inside = (v == c).numpy()
-    np.testing.assert_array_equal(dx, np.where(inside, dy, 0))
+    np.testing.assert_array_equal(dx.numpy().view(np.int32),
+                                  np.where(inside, dy, np.float32(0)).view(np.int32))
     terms = (dy * (tf.round(c) - tf.where(v == c, v, 0.0))).numpy()  # float32 terms
     assert step_sum.numpy() == np.float32(np.sum(terms.astype(np.float64)))
 

@@ -6,8 +6,8 @@
 //
 // Every element is computed with the same IEEE float32 operations, in the same order, as
 // ops.py's TensorFlow definitions (x / s, max with -Qn, min with Qp, round half to even,
-// multiply; no fused multiply-add), so outputs are bit-identical to them (the mixture
-// kernels round another way that gives the same outputs: RoundW). Sums over the
+// multiply; no fused multiply-add; RoundW computes nearbyint's values on the clipped range),
+// so outputs are bit-identical to them. Sums over the
 // tensor are taken in blocks of a fixed size (not depending on the thread count), in
 // float64 within a block and across blocks in block order: deterministic, and at least as
 // accurate as TensorFlow's float32 reduce_sum.
@@ -197,6 +197,99 @@ inline double SumLanes(const double* lanes) {
   return total;
 }
 
+// The kernels with a scalar step work on a chunk's 16 elements as GCC / Clang vector types
+// as wide as the CPU's registers (16 lanes with AVX-512, 8 with AVX, else 4), each lane
+// computing what the scalar code computes for its element, each sum lane adding its terms
+// in chunk order. Written as plain loops, their vectorization was the compiler's: GCC left
+// the float64 sums scalar (the backward then ran at a quarter of memory speed), kept the
+// mixture's branches partly scalar, and its loops changed speed with the -march level.
+#if defined(__AVX512F__)
+constexpr int kWidth = 16;
+#elif defined(__AVX__)
+constexpr int kWidth = 8;
+#else
+constexpr int kWidth = 4;
+#endif
+static_assert(kLanes % kWidth == 0, "a chunk is a whole number of vectors");
+// The single quantizer (bound by memory) on vector types only with AVX-512: with AVX2 the
+// compiler's own loops over the chunk were as fast or faster (measured with
+// benchmarks/native_kernels.py; vectors twice the register width lowered badly).
+constexpr bool kVectorLsq = kWidth == 16;
+typedef float FloatsW __attribute__((vector_size(kWidth * sizeof(float))));
+typedef double DoublesW __attribute__((vector_size(kWidth * sizeof(double))));
+
+inline FloatsW LoadW(const float* p) {
+  FloatsW v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void StoreW(float* p, FloatsW v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+inline FloatsW SplatW(float value) { return FloatsW{} + value; }
+
+// Clip per lane, as Clip (a NaN stays NaN).
+inline FloatsW ClipW(FloatsW v, FloatsW lo, FloatsW hi) {
+  const FloatsW upper = v > hi ? hi : v;
+  return upper < lo ? lo : upper;
+}
+
+typedef int32_t IntsW __attribute__((vector_size(kWidth * sizeof(int32_t))));
+
+// Round half to even per lane, as RoundHalfEven, for |v| < 2^22 (the clipped grid values:
+// Qp < 2^16) and NaN: adding and subtracting 1.5 * 2^23 rounds to an integer in the default
+// rounding mode; v's sign bit then makes -0.5 < v <= -0 give -0, as nearbyint does.
+inline FloatsW RoundW(FloatsW v) {
+  const FloatsW magic = SplatW(12582912.0f);
+  const FloatsW rounded = (v + magic) - magic;
+  IntsW bits, sign;
+  __builtin_memcpy(&bits, &rounded, sizeof(bits));
+  __builtin_memcpy(&sign, &v, sizeof(sign));
+  bits |= sign & std::numeric_limits<int32_t>::min();
+  FloatsW out;
+  __builtin_memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+template <bool kFold>
+inline FloatsW FoldedW(FloatsW x, FloatsW upper) {
+  return kFold ? ClipW(x, SplatW(0.0f), upper) : x;
+}
+
+template <bool kFold>
+inline FloatsW PassesW(FloatsW x, FloatsW upper) {
+  const FloatsW one = SplatW(1.0f), zero = SplatW(0.0f);
+  return kFold ? ((x > zero) & (x < upper) ? one : zero) : one;
+}
+
+// AddLanes for one vector of terms, into lanes [0, kWidth) of `lanes`.
+inline void AddLanesW(FloatsW terms, double* __restrict lanes) {
+  DoublesW sums;
+  __builtin_memcpy(&sums, lanes, sizeof(sums));
+  sums += __builtin_convertvector(terms, DoublesW);
+  __builtin_memcpy(lanes, &sums, sizeof(sums));
+}
+
+// The branch parameters, each broadcast to a vector.
+struct BranchesW {
+  FloatsW steps[kMaxBranches], probs[kMaxBranches], los[kMaxBranches], his[kMaxBranches];
+  int k = 0;
+};
+
+// Reads the branch parameters of ReadBranches (inputs steps, probs, qns, qps).
+void ReadBranchesW(OpKernelContext* context, const std::vector<int>& inputs,
+                   BranchesW* out) {
+  std::vector<std::vector<float>> p;
+  ReadBranches(context, inputs, &p, &out->k);
+  if (!context->status().ok()) return;
+  for (int b = 0; b < out->k; ++b) {
+    out->steps[b] = SplatW(p[0][b]);
+    out->probs[b] = SplatW(p[1][b]);
+    out->los[b] = SplatW(-p[2][b]);
+    out->his[b] = SplatW(p[3][b]);
+  }
+}
+
 // The number of columns P of a step: 1 for a scalar, P for a [P] vector whose length
 // divides x's size; sets an InvalidArgument status (checked by the caller) otherwise.
 int64_t StepColumns(OpKernelContext* context, const Tensor& step, const Tensor& x) {
@@ -239,13 +332,21 @@ class LsqForward : public FoldingKernel<LsqForward> {
       }
       return;
     }
-    const float step = steps[0];
+    const FloatsW s = SplatW(steps[0]), los = SplatW(lo), his = SplatW(hi);
+    const FloatsW uppers = SplatW(upper);
     ForBlocks(context, x.NumElements(), 4, [&](int64_t begin, int64_t end, int64_t) {
       ForChunks(begin, end, in, nullptr, out,
                 [&](const float* __restrict xs, const float*, float* __restrict ys) {
-                  for (int l = 0; l < kLanes; ++l) {
-                    const float a = Folded<kFold>(xs[l], upper);
-                    ys[l] = RoundHalfEven(Clip(a / step, lo, hi)) * step;
+                  if constexpr (kVectorLsq) {
+                    for (int l = 0; l < kLanes; l += kWidth) {
+                      const FloatsW a = FoldedW<kFold>(LoadW(xs + l), uppers);
+                      StoreW(ys + l, RoundW(ClipW(a / s, los, his)) * s);
+                    }
+                  } else {
+                    for (int l = 0; l < kLanes; ++l) {
+                      const float a = Folded<kFold>(xs[l], upper);
+                      ys[l] = RoundHalfEven(Clip(a / steps[0], lo, hi)) * steps[0];
+                    }
                   }
                 });
     });
@@ -290,7 +391,8 @@ class LsqBackward : public FoldingKernel<LsqBackward> {
       for (int64_t p = 0; p < columns; ++p) out(p) = static_cast<float>(sums[p]);
       return;
     }
-    const float step = steps[0];
+    const FloatsW s = SplatW(steps[0]), los = SplatW(lo), his = SplatW(hi);
+    const FloatsW uppers = SplatW(upper);
     std::vector<double> partial((n + kBlock - 1) / kBlock, 0.0);
     ForBlocks(context, n, 8, [&](int64_t begin, int64_t end, int64_t block) {
       double lanes[kLanes] = {};
@@ -298,17 +400,28 @@ class LsqBackward : public FoldingKernel<LsqBackward> {
                 dx->flat<float>().data(),
                 [&](const float* __restrict xs, const float* __restrict gs,
                     float* __restrict dxs) {
-                  float term[kLanes];
-                  for (int l = 0; l < kLanes; ++l) {
-                    // (comparisons written out: a bool local makes GCC branch, not blend)
-                    const float v = Folded<kFold>(xs[l], upper) / step;
-                    const float c = Clip(v, lo, hi);
-                    const float grad = gs[l];
-                    const float v_inside = v == c ? v : 0.0f;
-                    dxs[l] = v == c ? grad * Passes<kFold>(xs[l], upper) : 0.0f;
-                    term[l] = grad * (RoundHalfEven(c) - v_inside);
+                  if constexpr (kVectorLsq) {
+                    for (int l = 0; l < kLanes; l += kWidth) {
+                      const FloatsW xv = LoadW(xs + l), grad = LoadW(gs + l);
+                      const FloatsW zero = SplatW(0.0f);
+                      const FloatsW v = FoldedW<kFold>(xv, uppers) / s;
+                      const FloatsW c = ClipW(v, los, his);
+                      StoreW(dxs + l, v == c ? grad * PassesW<kFold>(xv, uppers) : zero);
+                      AddLanesW(grad * (RoundW(c) - (v == c ? v : zero)), lanes + l);
+                    }
+                  } else {
+                    float term[kLanes];
+                    for (int l = 0; l < kLanes; ++l) {
+                      // (comparisons written out: a bool local makes GCC branch, not blend)
+                      const float v = Folded<kFold>(xs[l], upper) / steps[0];
+                      const float c = Clip(v, lo, hi);
+                      const float grad = gs[l];
+                      const float v_inside = v == c ? v : 0.0f;
+                      dxs[l] = v == c ? grad * Passes<kFold>(xs[l], upper) : 0.0f;
+                      term[l] = grad * (RoundHalfEven(c) - v_inside);
+                    }
+                    AddLanes(term, lanes);
                   }
-                  AddLanes(term, lanes);
                 });
       partial[block] = SumLanes(lanes);
     });
@@ -317,87 +430,6 @@ class LsqBackward : public FoldingKernel<LsqBackward> {
     step_sum->scalar<float>()() = static_cast<float>(total);
   }
 };
-
-// The mixture kernels run K branches per element, so they are bound by arithmetic where the
-// single quantizer is bound by memory: they work on a chunk's 16 elements as GCC / Clang
-// vector types as wide as the CPU's registers (16 lanes with AVX-512, 8 with AVX, else 4;
-// written as plain loops, GCC kept them partly scalar), each lane computing what the
-// scalar code computes for its element, each sum lane adding its terms in chunk order.
-#if defined(__AVX512F__)
-constexpr int kWidth = 16;
-#elif defined(__AVX__)
-constexpr int kWidth = 8;
-#else
-constexpr int kWidth = 4;
-#endif
-static_assert(kLanes % kWidth == 0, "a chunk is a whole number of vectors");
-typedef float FloatsW __attribute__((vector_size(kWidth * sizeof(float))));
-typedef double DoublesW __attribute__((vector_size(kWidth * sizeof(double))));
-
-inline FloatsW LoadW(const float* p) {
-  FloatsW v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void StoreW(float* p, FloatsW v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-inline FloatsW SplatW(float value) { return FloatsW{} + value; }
-
-// Clip per lane, as Clip (a NaN stays NaN).
-inline FloatsW ClipW(FloatsW v, FloatsW lo, FloatsW hi) {
-  const FloatsW upper = v > hi ? hi : v;
-  return upper < lo ? lo : upper;
-}
-
-// Round half to even per lane for |v| < 2^22 (the clipped grid values: Qp < 2^16): adding
-// and subtracting 1.5 * 2^23 rounds to an integer in the default rounding mode. It equals
-// nearbyint except for -0.5 < v < 0 and v = -0, where it gives +0 (nearbyint -0); every
-// use below multiplies or adds that zero into a value whose sign it cannot set (the sums
-// start at +0), so the kernels' outputs are the same bits.
-inline FloatsW RoundW(FloatsW v) {
-  const FloatsW magic = SplatW(12582912.0f);
-  return (v + magic) - magic;
-}
-
-template <bool kFold>
-inline FloatsW FoldedW(FloatsW x, FloatsW upper) {
-  return kFold ? ClipW(x, SplatW(0.0f), upper) : x;
-}
-
-template <bool kFold>
-inline FloatsW PassesW(FloatsW x, FloatsW upper) {
-  const FloatsW one = SplatW(1.0f), zero = SplatW(0.0f);
-  return kFold ? ((x > zero) & (x < upper) ? one : zero) : one;
-}
-
-// AddLanes for one vector of terms, into lanes [0, kWidth) of `lanes`.
-inline void AddLanesW(FloatsW terms, double* __restrict lanes) {
-  DoublesW sums;
-  __builtin_memcpy(&sums, lanes, sizeof(sums));
-  sums += __builtin_convertvector(terms, DoublesW);
-  __builtin_memcpy(lanes, &sums, sizeof(sums));
-}
-
-// The branch parameters, each broadcast to a vector.
-struct BranchesW {
-  FloatsW steps[kMaxBranches], probs[kMaxBranches], los[kMaxBranches], his[kMaxBranches];
-  int k = 0;
-};
-
-// Reads the branch parameters of ReadBranches (inputs steps, probs, qns, qps).
-void ReadBranchesW(OpKernelContext* context, const std::vector<int>& inputs,
-                   BranchesW* out) {
-  std::vector<std::vector<float>> p;
-  ReadBranches(context, inputs, &p, &out->k);
-  if (!context->status().ok()) return;
-  for (int b = 0; b < out->k; ++b) {
-    out->steps[b] = SplatW(p[0][b]);
-    out->probs[b] = SplatW(p[1][b]);
-    out->los[b] = SplatW(-p[2][b]);
-    out->his[b] = SplatW(p[3][b]);
-  }
-}
 
 class MixtureForward : public FoldingKernel<MixtureForward> {
  public:
