@@ -59,8 +59,8 @@ _X86_64_V3 = {"avx2", "fma", "f16c"}
 def build_flags() -> list[str]:
     """Compiler flags: TensorFlow's own, optimisation without changing float results
     (no FMA contraction; ``-fno-trapping-math`` only lets selects vectorize), and on x86-64
-    the CPU's level: x86-64-v4 (AVX-512: the mixture kernels' vectors take 16 lanes, the
-    compiler's own loops stay 256 bits wide) or x86-64-v3 (AVX2).
+    the CPU's level: x86-64-v4 (AVX-512: the kernels' vector types take 16 lanes) or
+    x86-64-v3 (AVX2: 8 lanes, and the single quantizer on the compiler's own loops).
     ``METAMIX_TF_NATIVE_ARCH`` sets that level instead (``x86-64-v3``, ... or ``none``),
     e.g. to build one cache for machines of several generations."""
     flags = ["-O3", "-shared", "-fPIC", "-w", "-ffp-contract=off", "-fno-math-errno",

@@ -332,12 +332,13 @@ class LsqForward : public FoldingKernel<LsqForward> {
       }
       return;
     }
-    const FloatsW s = SplatW(steps[0]), los = SplatW(lo), his = SplatW(hi);
-    const FloatsW uppers = SplatW(upper);
+    const float step = steps[0];
     ForBlocks(context, x.NumElements(), 4, [&](int64_t begin, int64_t end, int64_t) {
       ForChunks(begin, end, in, nullptr, out,
                 [&](const float* __restrict xs, const float*, float* __restrict ys) {
                   if constexpr (kVectorLsq) {
+                    const FloatsW s = SplatW(step), los = SplatW(lo), his = SplatW(hi);
+                    const FloatsW uppers = SplatW(upper);
                     for (int l = 0; l < kLanes; l += kWidth) {
                       const FloatsW a = FoldedW<kFold>(LoadW(xs + l), uppers);
                       StoreW(ys + l, RoundW(ClipW(a / s, los, his)) * s);
@@ -345,7 +346,7 @@ class LsqForward : public FoldingKernel<LsqForward> {
                   } else {
                     for (int l = 0; l < kLanes; ++l) {
                       const float a = Folded<kFold>(xs[l], upper);
-                      ys[l] = RoundHalfEven(Clip(a / steps[0], lo, hi)) * steps[0];
+                      ys[l] = RoundHalfEven(Clip(a / step, lo, hi)) * step;
                     }
                   }
                 });
@@ -391,8 +392,7 @@ class LsqBackward : public FoldingKernel<LsqBackward> {
       for (int64_t p = 0; p < columns; ++p) out(p) = static_cast<float>(sums[p]);
       return;
     }
-    const FloatsW s = SplatW(steps[0]), los = SplatW(lo), his = SplatW(hi);
-    const FloatsW uppers = SplatW(upper);
+    const float step = steps[0];
     std::vector<double> partial((n + kBlock - 1) / kBlock, 0.0);
     ForBlocks(context, n, 8, [&](int64_t begin, int64_t end, int64_t block) {
       double lanes[kLanes] = {};
@@ -401,9 +401,10 @@ class LsqBackward : public FoldingKernel<LsqBackward> {
                 [&](const float* __restrict xs, const float* __restrict gs,
                     float* __restrict dxs) {
                   if constexpr (kVectorLsq) {
+                    const FloatsW s = SplatW(step), los = SplatW(lo), his = SplatW(hi);
+                    const FloatsW uppers = SplatW(upper), zero = SplatW(0.0f);
                     for (int l = 0; l < kLanes; l += kWidth) {
                       const FloatsW xv = LoadW(xs + l), grad = LoadW(gs + l);
-                      const FloatsW zero = SplatW(0.0f);
                       const FloatsW v = FoldedW<kFold>(xv, uppers) / s;
                       const FloatsW c = ClipW(v, los, his);
                       StoreW(dxs + l, v == c ? grad * PassesW<kFold>(xv, uppers) : zero);
@@ -413,7 +414,7 @@ class LsqBackward : public FoldingKernel<LsqBackward> {
                     float term[kLanes];
                     for (int l = 0; l < kLanes; ++l) {
                       // (comparisons written out: a bool local makes GCC branch, not blend)
-                      const float v = Folded<kFold>(xs[l], upper) / steps[0];
+                      const float v = Folded<kFold>(xs[l], upper) / step;
                       const float c = Clip(v, lo, hi);
                       const float grad = gs[l];
                       const float v_inside = v == c ? v : 0.0f;
