@@ -136,6 +136,64 @@ def test_fused_updates_reach_both_replicas(monkeypatch, two_cpu_strategy):
         np.testing.assert_array_equal(copy, expected[0])
 
 
+def _scheduled_updates(monkeypatch, fused, count, kind, strategy=None):
+    """``count`` variables after three updates on a cosine schedule with weight decay, and
+    the number of ops in the traced update."""
+    monkeypatch.setenv("METAMIX_TF_FUSED_OPTIMIZER", "1" if fused else "0")
+    rng = np.random.default_rng(1)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        variables = [keras.Variable(rng.normal(0.0, 1.0, (3, 2)).astype(np.float32),
+                                    aggregation="mean") for _ in range(count)]
+        opt = optimizers.make_optimizer(optimizers.cosine_schedule(0.1, 10, 2), variables,
+                                        weight_decay=0.1, kind=kind)
+    grads = [[tf.constant(rng.normal(0.0, 1.0, (3, 2)), tf.float32) for _ in variables]
+             for _ in range(3)]
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_fn(*g):  # each replica's own share (one tensor for all would not reduce)
+        shares = [x / float(replicas) for x in g] if replicas > 1 else g
+        opt.apply_gradients(list(zip(shares, variables, strict=True)))
+
+    @tf.function(autograph=False)
+    def update(*g):
+        strategy.run(replica_fn, args=g)
+
+    for g in grads:
+        update(*g)
+    ops = len(update.get_concrete_function(*grads[0]).graph.get_operations())
+    return [keras.ops.convert_to_numpy(v) for v in variables], ops
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_step_scalars_are_built_once_per_step(monkeypatch, kind):
+    """Keras builds the scheduled learning rate (for each decayed variable, twice), the
+    casts and Adam's ``b^t`` for every variable (Adam: 57 ops per variable here); the
+    fused optimizer builds them once per step, so a variable adds only its own update (the
+    decay's read, two products and assignment, the kernel, the distribution's wrapping), and
+    the values stay the Keras ops' (SGD bit for bit; Adam within the constants' rounding of
+    ``test_fused_adam_is_keras_adam_up_to_its_constants_rounding``)."""
+    one = _scheduled_updates(monkeypatch, True, 1, kind)[1]
+    values, eleven = _scheduled_updates(monkeypatch, True, 11, kind)
+    keras_values, keras_eleven = _scheduled_updates(monkeypatch, False, 11, kind)
+    keras_one = _scheduled_updates(monkeypatch, False, 1, kind)[1]
+    assert (eleven - one) / 10 <= 10 < (keras_eleven - keras_one) / 10
+    for a, e in zip(values, keras_values, strict=True):
+        if kind == "sgd":
+            np.testing.assert_array_equal(a, e)
+        else:
+            np.testing.assert_allclose(a, e, rtol=0, atol=1e-4 * np.max(np.abs(e)))
+
+
+def test_step_scalars_per_replica(monkeypatch, two_cpu_strategy):
+    """Under MirroredStrategy each device's updates use that device's scalars: both copies
+    of every variable end equal to the one-device result."""
+    expected, _ = _scheduled_updates(monkeypatch, False, 3, "sgd")
+    mirrored, _ = _scheduled_updates(monkeypatch, True, 3, "sgd", two_cpu_strategy)
+    for value, e in zip(mirrored, expected, strict=True):
+        np.testing.assert_array_equal(value, e)
+
+
 def test_cosine_schedule_ends_at_its_final_fraction():
     lr, total, warmup = 0.05, 100, 10
     decayed = optimizers.cosine_schedule(lr, total, warmup)
