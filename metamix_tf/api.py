@@ -199,7 +199,8 @@ def search(qmodel, train_data, *, target_gbops: float | None = None,
     options, loop_settings = _split_settings(settings, config_lib.SearchConfig)
     chosen = searchers.get_searcher(searcher, warmup_epochs=warmup_epochs,
                                     uniform_bits=options.uniform_bits,
-                                    meta_batch=options.meta_batch)
+                                    meta_batch=options.meta_batch,
+                                    meta_candidates=options.meta_candidates)
     given = [(name, value) for name, value in (("target_gbops", target_gbops),
                                                ("target_avg_bits", target_avg_bits))
              if value is not None]

@@ -224,11 +224,19 @@ class SearchConfig:
     # MetaMix's bit-meta step: "full" (the paper: the whole batch once per candidate) or
     # "split" (the batch cut into one part per candidate: one forward/backward in all).
     meta_batch: str = "full"
+    # MetaMix's bit-meta step on this many candidates per step, drawn at random (None: all,
+    # the paper's; fewer: an unbiased estimate of their average at fewer passes).
+    meta_candidates: int | None = None
 
     def __post_init__(self):
         if self.meta_batch not in ("full", "split"):
             raise ValueError("`meta_batch` must be 'full' or 'split'. "
                              f"Received: meta_batch={self.meta_batch!r}")
+        if self.meta_candidates is not None and (
+                isinstance(self.meta_candidates, bool)
+                or not isinstance(self.meta_candidates, int) or self.meta_candidates < 1):
+            raise ValueError("`meta_candidates` must be an integer >= 1 or None (every "
+                             f"candidate). Received: meta_candidates={self.meta_candidates!r}")
         if self.searcher not in ("metamix", "joint", "none"):
             raise ValueError("`searcher` must be 'metamix', 'joint' or 'none'. "
                              f"Received: searcher={self.searcher!r}")

@@ -207,7 +207,8 @@ def _searcher(config: ExperimentConfig) -> searchers.Searcher:
     s = config.search
     name = "uniform" if s.searcher == "none" else s.searcher
     return searchers.get_searcher(name, warmup_epochs=s.warmup_epochs,
-                                  uniform_bits=s.uniform_bits, meta_batch=s.meta_batch)
+                                  uniform_bits=s.uniform_bits, meta_batch=s.meta_batch,
+                                  meta_candidates=s.meta_candidates, seed=config.seed)
 
 
 def _search(ctx: RunContext) -> dict:

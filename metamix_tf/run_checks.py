@@ -64,6 +64,10 @@ def check(config: ExperimentConfig, phase: str, model_fn) -> None:
     if s.warmup_epochs < 0:
         raise ValueError(f"`search.warmup_epochs` must be >= 0. "
                          f"Received: search.warmup_epochs={s.warmup_epochs}")
+    if s.meta_candidates is not None and s.meta_candidates > len(config.quant.candidate_bits):
+        raise ValueError(f"`search.meta_candidates` must be at most the number of candidate "
+                         f"bit-widths ({len(config.quant.candidate_bits)}). "
+                         f"Received: meta_candidates={s.meta_candidates}")
     if s.target_gbops is None and s.target_avg_bits is None and s.searcher != "none":
         raise ValueError("Give the GBOPs target as `search.target_gbops` or "
                          "`search.target_avg_bits`. Received: both None")

@@ -130,6 +130,7 @@ BAD_SEARCH = [
     (dict(target_avg_bits=4, loss=3), "Received: loss=3"),
     (dict(target_avg_bits=9), "outside the candidate bits.*Received: target_avg_bits=9"),
     (dict(target_avg_bits=4, teacher="float.keras"), "Received: teacher=str"),
+    (dict(target_avg_bits=4, meta_candidates=9), r"in \[1, 3\].*Received: meta_candidates=9"),
 ]
 
 

@@ -152,6 +152,7 @@ SCRIPT_CASES = [
     ("train", ["--set", "quant.candidate_bits=[2, 4"], "takes a YAML value"),
     ("train", ["--set", "pretrain.epochs=-1"], "pretrain.epochs` must be an integer >= 0"),
     ("train", ["--set", "search.epochs=0"], "search.epochs` >= 1"),
+    ("train", ["--set", "search.meta_candidates=5"], "at most the number of candidate"),
     ("train", ["--set", "data.batch_size=0", "--model_dir={fresh}"], "batch_size=0"),
     ("train", ["--searcher=foo"], "value should be one of"),
     ("train", ["--epochs=abc"], "--epochs"),

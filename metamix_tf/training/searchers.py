@@ -94,7 +94,8 @@ class MetaMix(Searcher):
     name = "metamix"
 
     def __init__(self, warmup_epochs: int = 1, meta_batch: str = "full",
-                 update_weights_in_search: bool = False):
+                 update_weights_in_search: bool = False, meta_candidates: int | None = None,
+                 seed: int = 0):
         if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError("`warmup_epochs` must be an integer >= 0. "
                              f"Received: warmup_epochs={warmup_epochs!r}")
@@ -102,8 +103,14 @@ class MetaMix(Searcher):
             raise ValueError(f"`meta_batch` must be one of {steps.META_BATCH}. "
                              f"Received: meta_batch={meta_batch!r}")
         self.warmup_epochs = warmup_epochs
+        if meta_candidates is not None and (isinstance(meta_candidates, bool) or not isinstance(
+                meta_candidates, int) or meta_candidates < 1):
+            raise ValueError("`meta_candidates` must be None (every candidate) or an integer "
+                             f">= 1. Received: meta_candidates={meta_candidates!r}")
         self.meta_batch = meta_batch
         self.update_weights_in_search = bool(update_weights_in_search)
+        self.meta_candidates = meta_candidates
+        self.seed = int(seed)
 
     def search_weight_steps(self, epochs: int, steps_per_epoch: int) -> int:
         if not self.update_weights_in_search:
@@ -125,7 +132,9 @@ class MetaMix(Searcher):
         s = setup
         meta = steps.make_meta_step(s.strategy, s.model, s.weight_optimizer,
                                     s.groups.weights_and_steps, s.candidate_bits,
-                                    meta_batch=self.meta_batch, **s.step_kwargs)
+                                    meta_batch=self.meta_batch,
+                                    meta_candidates=self.meta_candidates, seed=self.seed,
+                                    **s.step_kwargs)
         if not s.groups.alphas:
             search = None
         elif self.update_weights_in_search:
@@ -151,6 +160,8 @@ class MetaMix(Searcher):
 
     def describe(self) -> str:
         extras = [", split-batch bit-meta"] if self.meta_batch == "split" else []
+        if self.meta_candidates is not None:
+            extras.append(f", bit-meta on {self.meta_candidates} drawn candidate(s) per step")
         if self.update_weights_in_search:
             extras.append(", weights also stepped in the bit-search step")
         return f"{self.name} ({self.warmup_epochs} warm-up epoch(s){''.join(extras)})"
@@ -209,13 +220,14 @@ SEARCHERS = {"metamix": MetaMix, "joint": Joint, "uniform": Uniform}
 
 
 def get_searcher(searcher, *, warmup_epochs: int = 1, uniform_bits: int = 4,
-                 meta_batch: str = "full") -> Searcher:
+                 meta_batch: str = "full", meta_candidates: int | None = None,
+                 seed: int = 0) -> Searcher:
     """A :class:`Searcher` from its name (``"metamix"``, ``"joint"``, ``"uniform"``) or
     the object itself."""
     if isinstance(searcher, Searcher):
         return searcher
     if searcher == "metamix":
-        return MetaMix(warmup_epochs, meta_batch)
+        return MetaMix(warmup_epochs, meta_batch, meta_candidates=meta_candidates, seed=seed)
     if searcher == "joint":
         return Joint()
     if searcher == "uniform":

@@ -221,10 +221,18 @@ def make_train_step(strategy, model, optimizer, variables: Sequence, *,
 META_BATCH = ("full", "split")
 
 
+def _draw(candidates: int, passes: int, seed: int, optimizer) -> tf.Tensor:
+    """``passes`` distinct candidate indices in ``[0, candidates)``, uniformly drawn from a
+    stateless generator keyed by ``seed`` and ``optimizer.iterations``."""
+    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(optimizer.iterations, tf.int64)])
+    return tf.argsort(tf.random.stateless_uniform([candidates], seed=key))[:passes]
+
+
 def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bits: Sequence[int],
                    *, teacher=None, kd_temperature: float = 1.0, label_smoothing: float = 0.0,
                    loss_fn: Callable | None = None, jit_compile: bool = False,
-                   meta_batch: str = "full") -> Callable:
+                   meta_batch: str = "full", meta_candidates: int | None = None,
+                   seed: int = 0) -> Callable:
     """Bit-meta training: the same batch once per candidate bit-width, every searchable
     layer at that width (the values of :func:`metamix_tf.quant.wrap.set_uniform`, set through
     each quantizer's ``bit_index``), losses averaged.
@@ -241,9 +249,17 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
     Each candidate's forward and backward is its own ``strategy.run``, so only one pass's
     activations are alive at a time. The passes share one traced function: the quantizers
     run in ``"selected"`` mode and each pass first sets every searchable quantizer's
-    ``bit_index`` to its candidate (restored after the last pass), so tracing and graph
-    optimization cost one pass, not ``K`` (the same values as ``"uniform"`` mode at those
-    bits).
+    ``bit_index`` to its candidate (restored after the last pass), so tracing costs one
+    pass, not ``K`` (the same values as ``"uniform"`` mode at those bits). Graph
+    optimization still sees ``K`` inlined copies: run as a ``tf.while_loop`` body or as
+    separate calls the step optimized once but ran 12-20% slower (the executor overlaps one
+    pass's backward with the next pass's forward only in one graph).
+
+    ``meta_candidates=n < K`` (a shortcut, not the paper's): each step runs ``n`` of the
+    ``K`` candidates, drawn without replacement (stateless, from ``seed`` and the optimizer's
+    step counter: the same draws after a resume), and averages over them: an unbiased
+    estimate of the ``K``-candidate average at ``n/K`` of its passes. ``meta<b>_count`` is 0
+    for a candidate not drawn in a step.
 
     ``meta_batch="split"`` (a shortcut, not the paper's): each replica's batch is cut into
     ``K`` contiguous parts and part ``i`` runs at ``candidate_bits[i]``, so the step costs
@@ -258,16 +274,23 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
     candidate_bits = tuple(int(b) for b in candidate_bits)
     if not candidate_bits:
         raise ValueError(f"`candidate_bits` must not be empty. Received: {candidate_bits}")
+    passes = len(candidate_bits) if meta_candidates is None else meta_candidates
+    if isinstance(passes, bool) or not isinstance(passes, int) or not (
+            1 <= passes <= len(candidate_bits)):
+        raise ValueError(f"`meta_candidates` must be an integer in [1, {len(candidate_bits)}] "
+                         f"(the number of candidate bit-widths) or None (all). "
+                         f"Received: meta_candidates={meta_candidates!r}")
+    sampled = passes < len(candidate_bits)
     split = meta_batch == "split"
-    k = float(len(candidate_bits))
+    k = float(passes)
     has_grad = [False] * len(variables)  # filled while tracing the passes
 
     def grad_pass(part, images, labels, teacher_logits, *accumulated):
         n = _global_count(labels)
         if split:  # this candidate's rows of the replica's batch
             size = tf.shape(labels)[0]
-            begin = size * part // len(candidate_bits)
-            end = size * (part + 1) // len(candidate_bits)
+            begin = size * part // passes
+            end = size * (part + 1) // passes
             images, labels = images[begin:end], labels[begin:end]
             if teacher_logits is not None:
                 teacher_logits = teacher_logits[begin:end]
@@ -308,15 +331,26 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
         totals = {}
         share = 1.0 if split else 1.0 / k  # parts add up; full passes average
         selected = [tf.identity(q.bit_index) for q in searchable]
+        drawn = _draw(len(candidate_bits), passes, seed, optimizer) if sampled else None
         with native.enabled_in(), fused_batch_norm(model):  # read while grad_pass traces
-            for part, bits in enumerate(candidate_bits):
-                for q in searchable:
-                    q.bit_index.assign(q.index_of(bits))
+            for part in range(passes):
+                if sampled:  # candidate drawn[part], its branch in each quantizer
+                    for q in searchable:
+                        q.bit_index.assign(tf.gather([q.index_of(b) for b in candidate_bits],
+                                                     drawn[part]))
+                else:
+                    for q in searchable:
+                        q.bit_index.assign(q.index_of(candidate_bits[part]))
                 accumulated, metrics = strategy.run(
                     grad_pass_fn, args=(tf.constant(part), images, labels, teacher_logits,
                                         *accumulated))
                 for key, value in _reduce(strategy, metrics).items():
-                    totals[f"{META_PREFIX}{bits}_{key}"] = value  # this candidate's own
+                    if not sampled:  # this candidate's own
+                        totals[f"{META_PREFIX}{candidate_bits[part]}_{key}"] = value
+                    for index, bits in enumerate(candidate_bits if sampled else ()):
+                        own = tf.where(tf.equal(drawn[part], index), value, tf.zeros_like(value))
+                        name = f"{META_PREFIX}{bits}_{key}"
+                        totals[name] = own if part == 0 else totals[name] + own
                     if key != "count":
                         totals[key] = totals.get(key, 0.0) + value * share
         for q, index in zip(searchable, selected, strict=True):

@@ -174,6 +174,8 @@ def _epoch_metrics(totals: dict, last: dict) -> dict:
     for key, value in totals.items():
         prefix = key[: -len("loss_sum")] if key.endswith("loss_sum") else None
         if prefix is not None:
+            if prefix and not totals.get(prefix + "count", 0.0):
+                continue  # a bit-meta candidate not drawn in this step
             count = max(totals.get(prefix + "count", 0.0), 1.0)
             metrics[prefix + "loss"] = value / count
             metrics[prefix + "acc"] = totals.get(prefix + "correct", 0.0) / count

@@ -109,6 +109,66 @@ def test_meta_step_traces_one_pass_for_all_candidates_and_keeps_the_selection(me
     assert len(traced) == 1
 
 
+def test_meta_step_on_drawn_candidates(monkeypatch):
+    """``meta_candidates=n``: each step runs ``n`` distinct candidates drawn from the seed and
+    the optimizer's step counter (the same draws when rebuilt), reports only those (count 0
+    for the others) and averages their losses; over a few steps every candidate is drawn."""
+    strategy = tf.distribute.get_strategy()
+    batch = random_batch()
+    float_model = tiny_net()
+    runs = []
+    for _ in range(2):
+        model, groups, weight_opt, _ = build(strategy, float_model)
+        calibrated(strategy, model, batch)
+        traced = count_traces(monkeypatch, model)
+        meta = steps.make_meta_step(strategy, model, weight_opt, groups.weights_and_steps,
+                                    CANDIDATES, meta_candidates=2, seed=7)
+        outs = [{k: float(v) for k, v in meta(*batch).items()} for _ in range(4)]
+        assert len(traced) == 1  # one traced pass for both drawn candidates
+        runs.append(outs)
+    assert runs[0] == runs[1]
+    drawn = [[b for b in CANDIDATES if out[f"meta{b}_count"]] for out in runs[0]]
+    assert all(len(d) == 2 for d in drawn)
+    assert set().union(*map(set, drawn)) == set(CANDIDATES)
+    for out, bits in zip(runs[0], drawn, strict=True):
+        assert all(out[f"meta{b}_count"] == 16 for b in bits)
+        mean = sum(out[f"meta{b}_loss_sum"] for b in bits) / 2
+        assert out["loss_sum"] == pytest.approx(mean, rel=1e-6)
+    with pytest.raises(ValueError, match=r"meta_candidates` must be an integer in \[1, 3\]"):
+        steps.make_meta_step(strategy, model, weight_opt, groups.weights_and_steps, CANDIDATES,
+                             meta_candidates=4)
+
+
+def test_meta_step_on_one_drawn_candidate_is_a_train_step_at_its_bits():
+    """With one candidate per step the bit-meta update is the plain training step with every
+    searchable layer at the drawn bits: the same weights after it, bit for bit (SGD)."""
+    strategy = tf.distribute.get_strategy()
+    batch = random_batch()
+    float_model = tiny_net()
+    model, groups, weight_opt, _ = build(strategy, float_model, sgd=True)
+    calibrated(strategy, model, batch)
+    start = snapshot(all_state(model))
+    meta = steps.make_meta_step(strategy, model, weight_opt, groups.weights_and_steps,
+                                CANDIDATES, meta_candidates=1, seed=3)
+    out = {k: float(v) for k, v in meta(*batch).items()}
+    (bits,) = [b for b in CANDIDATES if out[f"meta{b}_count"]]
+    after_meta = snapshot(all_state(model))
+    for variable, value in zip(all_state(model), start, strict=True):
+        variable.assign(value)
+    searchable = {layer.name: bits for layer in wrap.quant_layers(model)
+                  if layer.input_quantizer is not None and layer.input_quantizer.searchable}
+    selected = wrap.select_bits(model, searchable)
+    wrap.set_mode(model, "selected")
+    train = steps.make_train_step(strategy, model, weight_opt, groups.weights_and_steps,
+                                  configure=lambda: wrap.set_mode(model, "selected"))
+    train(*batch)
+    assert wrap.get_bits(model) == selected
+    for variable, a, b in zip(all_state(model), snapshot(all_state(model)), after_meta,
+                              strict=True):
+        if "bit_index" not in variable.path:  # the meta step restores the selection
+            np.testing.assert_array_equal(a, b, err_msg=variable.path)
+
+
 def test_split_meta_step_runs_under_xla():
     """The shared pass slices its part with bounds computed from a tensor: XLA still
     compiles it, and each part has its rows (16 = 5 + 5 + 6)."""
