@@ -119,16 +119,19 @@ def main(argv=None) -> None:
         for name, env, root, settings in variants:
             results[name].append(run_once(seed, env, [*settings, *args.extra], root))
             print(f"{name} seed {seed}: {results[name][-1]}", flush=True)
-    text = report(results)
-    print(text)
-    if args.save:
-        with open(args.save, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "cpu": cpu_model(),
-                       "cpu_count": os.cpu_count(),
-                       "variants": {name: {"env": env, "checkout": root,
-                                           "settings": settings}
-                                    for name, env, root, settings in variants},
-                       "runs": results, "report": text}, f, indent=1)
+            if args.save:  # after every run: a run stopped early keeps what it measured
+                save(args.save, variants, results)
+    print(report(results))
+
+
+def save(path: str, variants: list, results: dict) -> None:
+    """The runs so far, the variants and the machine, as JSON."""
+    with open(path, "w") as f:
+        json.dump({"command": " ".join(sys.argv), "cpu": cpu_model(),
+                   "cpu_count": os.cpu_count(),
+                   "variants": {name: {"env": env, "checkout": root, "settings": settings}
+                                for name, env, root, settings in variants},
+                   "runs": results, "report": report(results)}, f, indent=1)
 
 
 if __name__ == "__main__":
