@@ -252,8 +252,8 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
     ``bit_index`` to its candidate (restored after the last pass), so tracing costs one
     pass, not ``K`` (the same values as ``"uniform"`` mode at those bits). Graph
     optimization still sees ``K`` inlined copies: run as a ``tf.while_loop`` body or as
-    separate calls the step optimized once but ran 12-20% slower (the executor overlaps one
-    pass's backward with the next pass's forward only in one graph).
+    separate calls the step optimized once but every step ran slower (the executor overlaps
+    one pass's backward with the next pass's forward only in one graph).
 
     ``meta_candidates=n < K`` (a shortcut, not the paper's): each step runs ``n`` of the
     ``K`` candidates, drawn without replacement (stateless, from ``seed`` and the optimizer's
