@@ -265,7 +265,8 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
     ``K`` contiguous parts and part ``i`` runs at ``candidate_bits[i]``, so the step costs
     one forward/backward instead of ``K``. Forward: ``L_meta = (1/N) sum_i sum_{x in part i}
     l(model_{b_i}(x))`` (every example counted once, ``N`` the global batch); gradient as
-    above. ``meta<b>_*`` then report part ``i`` alone, and BatchNorm sees ``B/K`` examples.
+    above. ``meta<b>_*`` then report part ``i`` alone, and BatchNorm sees ``B/K`` examples
+    (with ``meta_candidates=n``: ``n`` parts, part ``i`` at the ``i``-th drawn candidate).
     """
     if meta_batch not in META_BATCH:
         raise ValueError(f"`meta_batch` must be one of {META_BATCH}. "
@@ -345,12 +346,14 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
                     grad_pass_fn, args=(tf.constant(part), images, labels, teacher_logits,
                                         *accumulated))
                 for key, value in _reduce(strategy, metrics).items():
-                    if not sampled:  # this candidate's own
+                    if sampled:  # to the drawn candidate's own, zeros to the others'
+                        for index, bits in enumerate(candidate_bits):
+                            own = tf.where(tf.equal(drawn[part], index), value,
+                                           tf.zeros_like(value))
+                            name = f"{META_PREFIX}{bits}_{key}"
+                            totals[name] = own if part == 0 else totals[name] + own
+                    else:  # this candidate's own
                         totals[f"{META_PREFIX}{candidate_bits[part]}_{key}"] = value
-                    for index, bits in enumerate(candidate_bits if sampled else ()):
-                        own = tf.where(tf.equal(drawn[part], index), value, tf.zeros_like(value))
-                        name = f"{META_PREFIX}{bits}_{key}"
-                        totals[name] = own if part == 0 else totals[name] + own
                     if key != "count":
                         totals[key] = totals.get(key, 0.0) + value * share
         for q, index in zip(searchable, selected, strict=True):

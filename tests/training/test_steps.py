@@ -134,6 +134,10 @@ def test_meta_step_on_drawn_candidates(monkeypatch):
         assert all(out[f"meta{b}_count"] == 16 for b in bits)
         mean = sum(out[f"meta{b}_loss_sum"] for b in bits) / 2
         assert out["loss_sum"] == pytest.approx(mean, rel=1e-6)
+    split = steps.make_meta_step(strategy, model, weight_opt, groups.weights_and_steps,
+                                 CANDIDATES, meta_batch="split", meta_candidates=2)
+    counts = [float(v) for k, v in split(*batch).items() if k.endswith("_count")]
+    assert sorted(counts) == [0.0, 8.0, 8.0]  # two halves, each at a drawn candidate
     with pytest.raises(ValueError, match=r"meta_candidates` must be an integer in \[1, 3\]"):
         steps.make_meta_step(strategy, model, weight_opt, groups.weights_and_steps, CANDIDATES,
                              meta_candidates=4)
