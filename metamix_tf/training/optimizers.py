@@ -190,8 +190,7 @@ class _FusedSGD(_StepScalars, keras.optimizers.SGD):
         if not _fusable(gradient, variable, learning_rate):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
-        lr, momentum = self._once("sgd", learning_rate, dtype, lambda: (
-            tf.cast(learning_rate, dtype), tf.cast(self.momentum, dtype)))
+        lr = self._once("lr", learning_rate, dtype, lambda: tf.cast(learning_rate, dtype))
         gradient = tf.cast(gradient, dtype)
         if self.momentum == 0:
             tf.raw_ops.ResourceApplyGradientDescent(var=_handle(variable), alpha=lr,
@@ -200,7 +199,9 @@ class _FusedSGD(_StepScalars, keras.optimizers.SGD):
         accum = self.momentums[self._get_variable_index(variable)]
         tf.raw_ops.ResourceApplyKerasMomentum(
             var=_handle(variable), accum=_handle(accum), lr=lr, grad=gradient,
-            momentum=momentum, use_nesterov=self.nesterov)
+            momentum=self._once("momentum", learning_rate, dtype,
+                                lambda: tf.cast(self.momentum, dtype)),
+            use_nesterov=self.nesterov)
 
 
 class _Adam(_CoupledL2, _RelativeSteps, _FusedAdam):

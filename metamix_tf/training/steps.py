@@ -324,6 +324,8 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
     apply_fn = _compiled(apply, jit_compile)
     teacher_fn = _compiled(lambda images: _teacher_logits(teacher, images), jit_compile)
     searchable = wrap.activation_quantizers(model, searchable_only=True)
+    # Each searchable quantizer's branch index per candidate (indexed by a drawn candidate).
+    branches = [[q.index_of(b) for b in candidate_bits] for q in searchable]
 
     def step(images, labels):
         wrap.set_mode(model, "selected")  # read while tracing the pass
@@ -335,13 +337,9 @@ def make_meta_step(strategy, model, optimizer, variables: Sequence, candidate_bi
         drawn = _draw(len(candidate_bits), passes, seed, optimizer) if sampled else None
         with native.enabled_in(), fused_batch_norm(model):  # read while grad_pass traces
             for part in range(passes):
-                if sampled:  # candidate drawn[part], its branch in each quantizer
-                    for q in searchable:
-                        q.bit_index.assign(tf.gather([q.index_of(b) for b in candidate_bits],
-                                                     drawn[part]))
-                else:
-                    for q in searchable:
-                        q.bit_index.assign(q.index_of(candidate_bits[part]))
+                for q, indices in zip(searchable, branches, strict=True):
+                    q.bit_index.assign(tf.gather(indices, drawn[part]) if sampled
+                                       else indices[part])  # candidate drawn[part] or part
                 accumulated, metrics = strategy.run(
                     grad_pass_fn, args=(tf.constant(part), images, labels, teacher_logits,
                                         *accumulated))
