@@ -471,54 +471,75 @@ class MixtureBackward : public FoldingKernel<MixtureBackward> {
     BranchesW br;
     ReadBranchesW(context, {2, 3, 4, 5}, &br);
     if (!context->status().ok()) return;
-    const int k = br.k;
+    switch (br.k) {
+      case 1: return RunBranches<kFold, 1>(context, br);
+      case 2: return RunBranches<kFold, 2>(context, br);
+      case 3: return RunBranches<kFold, 3>(context, br);
+      case 4: return RunBranches<kFold, 4>(context, br);
+      case 5: return RunBranches<kFold, 5>(context, br);
+      case 6: return RunBranches<kFold, 6>(context, br);
+      case 7: return RunBranches<kFold, 7>(context, br);
+      default: return RunBranches<kFold, 8>(context, br);
+    }
+  }
+
+  // K branches known at compile time: the sums' vectors stay in registers across a block.
+  template <bool kFold, int K>
+  void RunBranches(OpKernelContext* context, const BranchesW& br) {
+    static_assert(K <= kMaxBranches, "at most kMaxBranches branches");
+    constexpr int kVectors = kLanes / kWidth;
     const Tensor& dy = context->input(0);
     const Tensor& x = context->input(1);
     CheckSameShape(context, dy, x);
     if (!context->status().ok()) return;
     Tensor *dx = nullptr, *prob_sums = nullptr, *step_sums = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
-    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({k}), &prob_sums));
-    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({k}), &step_sums));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({K}), &prob_sums));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({K}), &step_sums));
     const FloatsW upper = SplatW(upper_);
     const int64_t blocks = (x.NumElements() + kBlock - 1) / kBlock;
-    // partial[(block * k + b) * 2 + {0: probability term, 1: step term}]
-    std::vector<double> partial(blocks * k * 2, 0.0);
-    ForBlocks(context, x.NumElements(), 10 * k, [&](int64_t begin, int64_t end,
+    // partial[(block * K + b) * 2 + {0: probability term, 1: step term}]
+    std::vector<double> partial(blocks * K * 2, 0.0);
+    ForBlocks(context, x.NumElements(), 10 * K, [&](int64_t begin, int64_t end,
                                                     int64_t block) {
-      double prob_lanes[kMaxBranches][kLanes] = {}, step_lanes[kMaxBranches][kLanes] = {};
+      DoublesW prob_acc[K][kVectors] = {}, step_acc[K][kVectors] = {};
       ForChunks(begin, end, x.flat<float>().data(), dy.flat<float>().data(),
                 dx->flat<float>().data(),
                 [&](const float* __restrict xs, const float* __restrict gs,
                     float* __restrict dxs) {
-                  for (int l = 0; l < kLanes; l += kWidth) {
-                    const FloatsW xv = LoadW(xs + l), grad = LoadW(gs + l), zero = SplatW(0.0f);
+                  for (int w = 0; w < kVectors; ++w) {
+                    const FloatsW xv = LoadW(xs + w * kWidth), grad = LoadW(gs + w * kWidth);
+                    const FloatsW zero = SplatW(0.0f);
                     const FloatsW a = FoldedW<kFold>(xv, upper);
                     const FloatsW passes = PassesW<kFold>(xv, upper);
                     FloatsW gate = zero;
-                    for (int b = 0; b < k; ++b) {
+                    for (int b = 0; b < K; ++b) {
                       const FloatsW v = a / br.steps[b];
                       const FloatsW c = ClipW(v, br.los[b], br.his[b]);
                       const FloatsW r = RoundW(c);
                       gate += v == c ? br.probs[b] * passes : zero;
-                      AddLanesW(grad * r, prob_lanes[b] + l);
-                      AddLanesW(grad * (r - (v == c ? v : zero)), step_lanes[b] + l);
+                      prob_acc[b][w] += __builtin_convertvector(grad * r, DoublesW);
+                      step_acc[b][w] += __builtin_convertvector(
+                          grad * (r - (v == c ? v : zero)), DoublesW);
                     }
-                    StoreW(dxs + l, grad * gate);
+                    StoreW(dxs + w * kWidth, grad * gate);
                   }
                 });
-      for (int b = 0; b < k; ++b) {
-        partial[(block * k + b) * 2] = SumLanes(prob_lanes[b]);
-        partial[(block * k + b) * 2 + 1] = SumLanes(step_lanes[b]);
+      for (int b = 0; b < K; ++b) {
+        double prob_lanes[kLanes], step_lanes[kLanes];
+        __builtin_memcpy(prob_lanes, prob_acc[b], sizeof(prob_lanes));
+        __builtin_memcpy(step_lanes, step_acc[b], sizeof(step_lanes));
+        partial[(block * K + b) * 2] = SumLanes(prob_lanes);
+        partial[(block * K + b) * 2 + 1] = SumLanes(step_lanes);
       }
     });
     auto prob_out = prob_sums->flat<float>();
     auto step_out = step_sums->flat<float>();
-    for (int b = 0; b < k; ++b) {
+    for (int b = 0; b < K; ++b) {
       double prob = 0.0, step = 0.0;
       for (int64_t block = 0; block < blocks; ++block) {
-        prob += partial[(block * k + b) * 2];
-        step += partial[(block * k + b) * 2 + 1];
+        prob += partial[(block * K + b) * 2];
+        step += partial[(block * K + b) * 2 + 1];
       }
       prob_out(b) = static_cast<float>(prob);
       step_out(b) = static_cast<float>(step);
