@@ -290,6 +290,22 @@ void ReadBranchesW(OpKernelContext* context, const std::vector<int>& inputs,
   }
 }
 
+// kernel->RunBranches<kFold, K>(context, br) for K = br.k: the branch count known at compile
+// time, so the loops over branches unroll and per-branch sums stay in vector registers.
+template <bool kFold, class Kernel>
+void DispatchBranches(Kernel* kernel, OpKernelContext* context, const BranchesW& br) {
+  switch (br.k) {
+    case 1: return kernel->template RunBranches<kFold, 1>(context, br);
+    case 2: return kernel->template RunBranches<kFold, 2>(context, br);
+    case 3: return kernel->template RunBranches<kFold, 3>(context, br);
+    case 4: return kernel->template RunBranches<kFold, 4>(context, br);
+    case 5: return kernel->template RunBranches<kFold, 5>(context, br);
+    case 6: return kernel->template RunBranches<kFold, 6>(context, br);
+    case 7: return kernel->template RunBranches<kFold, 7>(context, br);
+    default: return kernel->template RunBranches<kFold, 8>(context, br);
+  }
+}
+
 // The number of columns P of a step: 1 for a scalar, P for a [P] vector whose length
 // divides x's size; sets an InvalidArgument status (checked by the caller) otherwise.
 int64_t StepColumns(OpKernelContext* context, const Tensor& step, const Tensor& x) {
@@ -441,17 +457,22 @@ class MixtureForward : public FoldingKernel<MixtureForward> {
     BranchesW br;
     ReadBranchesW(context, {1, 2, 3, 4}, &br);
     if (!context->status().ok()) return;
+    DispatchBranches<kFold>(this, context, br);
+  }
+
+  template <bool kFold, int K>
+  void RunBranches(OpKernelContext* context, const BranchesW& br) {
     const Tensor& x = context->input(0);
     Tensor* y = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
     const FloatsW upper = SplatW(upper_);
-    ForBlocks(context, x.NumElements(), 4 * br.k, [&](int64_t begin, int64_t end, int64_t) {
+    ForBlocks(context, x.NumElements(), 4 * K, [&](int64_t begin, int64_t end, int64_t) {
       ForChunks(begin, end, x.flat<float>().data(), nullptr, y->flat<float>().data(),
                 [&](const float* __restrict xs, const float*, float* __restrict ys) {
                   for (int l = 0; l < kLanes; l += kWidth) {
                     const FloatsW a = FoldedW<kFold>(LoadW(xs + l), upper);
                     FloatsW acc = SplatW(0.0f);
-                    for (int b = 0; b < br.k; ++b) {
+                    for (int b = 0; b < K; ++b) {
                       const FloatsW s = br.steps[b];
                       acc += br.probs[b] * (RoundW(ClipW(a / s, br.los[b], br.his[b])) * s);
                     }
@@ -471,19 +492,10 @@ class MixtureBackward : public FoldingKernel<MixtureBackward> {
     BranchesW br;
     ReadBranchesW(context, {2, 3, 4, 5}, &br);
     if (!context->status().ok()) return;
-    switch (br.k) {
-      case 1: return RunBranches<kFold, 1>(context, br);
-      case 2: return RunBranches<kFold, 2>(context, br);
-      case 3: return RunBranches<kFold, 3>(context, br);
-      case 4: return RunBranches<kFold, 4>(context, br);
-      case 5: return RunBranches<kFold, 5>(context, br);
-      case 6: return RunBranches<kFold, 6>(context, br);
-      case 7: return RunBranches<kFold, 7>(context, br);
-      default: return RunBranches<kFold, 8>(context, br);
-    }
+    DispatchBranches<kFold>(this, context, br);
   }
 
-  // K branches known at compile time: the sums' vectors stay in registers across a block.
+  // (per branch, its sums' vectors stay in registers across a block)
   template <bool kFold, int K>
   void RunBranches(OpKernelContext* context, const BranchesW& br) {
     static_assert(K <= kMaxBranches, "at most kMaxBranches branches");
