@@ -471,7 +471,11 @@ def make_calibrate_step(strategy, model, *, training: bool = True) -> Callable:
     applications' momentum 0.999) would otherwise give steps that saturate nearly every
     training activation, and the saturated tensors' small variance makes each BatchNorm
     multiply the backward gradient by ``gamma / std``: ResNet-50 reached 1e10 at its
-    first kernel at 2 bits, and a non-finite loss. ``training=False``: inference mode."""
+    first kernel at 2 bits, and a non-finite loss. ``training=False``: inference mode.
+
+    The step runs eagerly, not as a ``tf.function``: a phase calls it once, and tracing and
+    optimizing the whole model's forward for that call costs several times the eager
+    forward."""
 
     def replica_fn(images):
         model(images, training=training)
@@ -490,4 +494,4 @@ def make_calibrate_step(strategy, model, *, training: bool = True) -> Callable:
                 q.mode = mode
         return {"count": strategy.reduce(SUM, count, axis=None)}
 
-    return tf.function(step, autograph=False)
+    return step
