@@ -82,9 +82,23 @@ class RunContext:
     model_fn: Callable | None
     verbose: bool
     on_epoch_end: Callable | None
+    # file name -> the model this process saved there, handed to the phase that reads it
+    saved: dict = dataclasses.field(default_factory=dict)
 
     def path(self, *parts) -> str:
         return os.path.join(self.model_dir, *parts)
+
+    def save_model(self, model, name: str) -> None:
+        """Saves ``model`` as ``name`` in the run directory and keeps it for :meth:`load_model`."""
+        run_files.save_model(model, self.path(name))
+        self.saved[name] = model
+
+    def load_model(self, name: str, what: str, hint: str):
+        """The model saved as ``name``: the one this process saved there (a phase run after
+        the one that saved it: what loading its file would give, without the seconds of
+        deserialization), else read from the file."""
+        model = self.saved.pop(name, None)
+        return model if model is not None else run_files.load_model(self.path(name), what, hint)
 
     def say(self, message: str) -> None:
         if self.verbose:
@@ -170,7 +184,7 @@ def _pretrain(ctx: RunContext) -> dict:
         metrics = _evaluate(ctx, model)
         ctx.say(f"[pretrain] skipped: float weights from {config.model.weights}, "
                 f"val_acc {metrics['val_acc']:.4f}")
-        run_files.save_model(model, ctx.path("float.keras"))
+        ctx.save_model(model, "float.keras")
         return {"skipped": True, "weights": config.model.weights, **metrics,
                 "wall_time_s": 0.0, "epochs": 0}
     with strategy.scope():
@@ -188,7 +202,7 @@ def _pretrain(ctx: RunContext) -> dict:
                           checkpoint=tf.train.Checkpoint(model=model, optimizer=optimizer))
     result = trainer.run_epochs(phase, _loop(ctx, "pretrain"))
     metrics = result.last if result.history else _evaluate(ctx, model)
-    run_files.save_model(model, ctx.path("float.keras"))
+    ctx.save_model(model, "float.keras")
     return {"skipped": False, "val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"],
             "wall_time_s": result.wall_time_s, "epochs": p.epochs, "history": result.history}
 
@@ -214,8 +228,8 @@ def _searcher(config: ExperimentConfig) -> searchers.Searcher:
 def _search(ctx: RunContext) -> dict:
     config, strategy = ctx.config, ctx.strategy
     s = config.search
-    float_model = run_files.load_model(ctx.path("float.keras"), "Float model",
-                        "run --phase=pretrain first, or pass --weights")
+    float_model = ctx.load_model("float.keras", "Float model",
+                                 "run --phase=pretrain first, or pass --weights")
     with strategy.scope():
         model = wrap.apply(float_model, run_checks.quant_config(config))
         teacher = _teacher(ctx, s.teacher)
@@ -234,7 +248,7 @@ def _search(ctx: RunContext) -> dict:
                     f"(target {result.target_gbops:.4f}), "
                     f"avg {report['avg_activation_bits']:.2f} bits")
     ctx.say(CostModel(model).format_report(result.bits))
-    run_files.save_model(model, ctx.path("search.keras"))
+    ctx.save_model(model, "search.keras")
     return {"searcher": s.searcher, "val_acc": result.val_acc, "val_loss": result.val_loss,
             "gbops": result.gbops, "target_gbops": result.target_gbops,
             "avg_activation_bits": result.avg_activation_bits,
@@ -251,8 +265,7 @@ def _finetune(ctx: RunContext) -> dict:
                                 "first.")
     bits = run_files.read_json(bits_path)["bits"]
     with strategy.scope():
-        model = run_files.load_model(ctx.path("search.keras"), "Searched model",
-                                     "run --phase=search first")
+        model = ctx.load_model("search.keras", "Searched model", "run --phase=search first")
         teacher = _teacher(ctx, f.teacher)
     final = ctx.path("final.keras")
     # The trained weights first: a failure in the post-processing (bias snap) must not

@@ -282,3 +282,23 @@ def test_a_failing_bias_snap_keeps_the_trained_weights(tmp_path, reference, monk
     assert not (model_dir / "finetune.done").exists()
     final = keras.models.load_model(model_dir / "final.keras")
     assert all(wq.enabled for wq in wrap.weight_quantizers(final))
+
+
+def test_a_saved_model_is_handed_to_the_next_phase_once(tmp_path):
+    """The model a phase saves is what the next phase of the same process reads (no
+    deserialization); a second read, as a phase in a new process, loads the file."""
+    ctx = pipeline.RunContext(
+        config=None, strategy=None, data=None, model_dir=str(tmp_path), iterators=None,
+        eval_dataset=None, steps_per_epoch=0, jit_compile=False, model_fn=None, verbose=False,
+        on_epoch_end=None)
+    model = tiny_net((32, 32, 3), 10)
+    ctx.save_model(model, "float.keras")
+    assert os.path.exists(tmp_path / "float.keras")
+    assert ctx.load_model("float.keras", "Float model", "run the pretrain phase") is model
+    loaded = ctx.load_model("float.keras", "Float model", "run the pretrain phase")
+    assert loaded is not model
+    for saved, read in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(saved),
+                                      keras.ops.convert_to_numpy(read))
+    with pytest.raises(FileNotFoundError, match="run the pretrain phase"):
+        ctx.load_model("search.keras", "Searched model", "run the pretrain phase")
