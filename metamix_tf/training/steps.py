@@ -1,4 +1,5 @@
-"""Step functions of the training loop, each a ``tf.function`` running ``strategy.run``.
+"""Step functions of the training loop, each a ``tf.function`` running ``strategy.run``
+(but the one-off calibration step, which runs eagerly).
 
 Every builder returns ``step(images, labels) -> dict`` of scalar tensors already reduced over
 replicas (``strategy.reduce(SUM)``): ``loss_sum`` (summed per-example task loss),
