@@ -96,7 +96,7 @@ def report(results: dict) -> str:
                          f"{r['phases_total_s']:>7.0f}  ({p['pretrain']:.0f}/{p['search']:.0f}"
                          f"/{p['finetune']:.0f})")
     lines.append("")
-    for name, runs in filter(lambda item: item[1], results.items()):  # variants run so far
+    for name, runs in ((n, r) for n, r in results.items() if r):  # the variants run so far
         lines.append(f"{name}: final_val_acc {_mean_sd([r['final_val_acc'] for r in runs])}, "
                      f"avg bits {_mean_sd([r['avg_activation_bits'] for r in runs])}, "
                      f"phases {_mean_sd([r['phases_total_s'] for r in runs])} s "

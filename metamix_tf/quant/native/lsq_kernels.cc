@@ -270,6 +270,13 @@ inline void AddLanesW(FloatsW terms, double* __restrict lanes) {
   __builtin_memcpy(lanes, &sums, sizeof(sums));
 }
 
+// SumLanes of kLanes sums held as kLanes / kWidth vectors.
+inline double SumLanesW(const DoublesW* sums) {
+  double lanes[kLanes];
+  __builtin_memcpy(lanes, sums, sizeof(lanes));
+  return SumLanes(lanes);
+}
+
 // The branch parameters, each broadcast to a vector.
 struct BranchesW {
   FloatsW steps[kMaxBranches], probs[kMaxBranches], los[kMaxBranches], his[kMaxBranches];
@@ -495,7 +502,6 @@ class MixtureBackward : public FoldingKernel<MixtureBackward> {
     DispatchBranches<kFold>(this, context, br);
   }
 
-  // (per branch, its sums' vectors stay in registers across a block)
   template <bool kFold, int K>
   void RunBranches(OpKernelContext* context, const BranchesW& br) {
     static_assert(K <= kMaxBranches, "at most kMaxBranches branches");
@@ -514,6 +520,7 @@ class MixtureBackward : public FoldingKernel<MixtureBackward> {
     std::vector<double> partial(blocks * K * 2, 0.0);
     ForBlocks(context, x.NumElements(), 10 * K, [&](int64_t begin, int64_t end,
                                                     int64_t block) {
+      // per branch, its sums as vectors: in registers across the block
       DoublesW prob_acc[K][kVectors] = {}, step_acc[K][kVectors] = {};
       ForChunks(begin, end, x.flat<float>().data(), dy.flat<float>().data(),
                 dx->flat<float>().data(),
@@ -538,11 +545,8 @@ class MixtureBackward : public FoldingKernel<MixtureBackward> {
                   }
                 });
       for (int b = 0; b < K; ++b) {
-        double prob_lanes[kLanes], step_lanes[kLanes];
-        __builtin_memcpy(prob_lanes, prob_acc[b], sizeof(prob_lanes));
-        __builtin_memcpy(step_lanes, step_acc[b], sizeof(step_lanes));
-        partial[(block * K + b) * 2] = SumLanes(prob_lanes);
-        partial[(block * K + b) * 2 + 1] = SumLanes(step_lanes);
+        partial[(block * K + b) * 2] = SumLanesW(prob_acc[b]);
+        partial[(block * K + b) * 2 + 1] = SumLanesW(step_acc[b]);
       }
     });
     auto prob_out = prob_sums->flat<float>();
