@@ -364,3 +364,32 @@ def test_activation_folds_through_a_zero_padding(kernels, monkeypatch, mixture):
         lambda t: tf.pad(tf.nn.relu6(t), [[0, 0], [0, 1], [0, 1], [0, 0]]), mixture)
     y = _assert_fold_is_exact(monkeypatch, quantize, inputs, dy, "Relu6Grad")
     assert y.shape == (2, 7, 7, 4)
+
+
+@pytest.mark.parametrize("mixture", [False, True], ids=["quantize", "mixture"])
+def test_outputs_written_over_their_inputs_are_exact(kernels, mixture):
+    """Inside a graph, each op writes its output over its first input when nothing else
+    reads that buffer (x of a forward, dy of a backward, computed in the graph here): the
+    same bits as the eager calls, whose inputs are kept and never written over."""
+    x, dy, s, qn, qp = _exact_case(signed=True, seed=5)
+    if mixture:
+        params = (np.array([0.5, 0.125], np.float32), np.array([0.3, 0.7], np.float32),
+                  np.array([2.0, 8.0], np.float32), np.array([1.0, 7.0], np.float32))
+        forward, backward = kernels.metamix_mixture_forward, kernels.metamix_mixture_backward
+    else:
+        params = (s, qn, qp)
+        forward, backward = kernels.metamix_lsq_forward, kernels.metamix_lsq_backward
+
+    def copy(t):  # a buffer of its own (Grappler folds `t * 1.0` away, not this)
+        return tf.reverse(tf.reverse(t, [0]), [0])
+
+    @tf.function
+    def in_graph(x, dy):
+        x_copy, dy_copy = copy(x), copy(dy)
+        return (forward(copy(x_copy), *params, activation="relu6"),  # written over
+                backward(dy_copy, x_copy, *params, activation="relu6"))  # over dy_copy
+
+    y, grads = in_graph(x, dy)
+    np.testing.assert_array_equal(y.numpy(), forward(x, *params, activation="relu6").numpy())
+    for got, want in zip(grads, backward(dy, x, *params, activation="relu6"), strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())

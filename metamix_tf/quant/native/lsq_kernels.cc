@@ -2,7 +2,11 @@
 // once, instead of the XLA kernel + full-size temporaries + TensorFlow reductions of
 // metamix_tf/quant/ops.py. A scalar step (activations) runs on TensorFlow's intra-op
 // threads; a step per column (x seen as [rows, P], the step a [P] vector: per-channel
-// weight steps, small tensors) on one thread.
+// weight steps, small tensors) on one thread. Like TensorFlow's element-wise ops, each op
+// writes its full-size output over its first input (x forward, dy backward) when no other
+// op reads that buffer: in a training step the backward's dx then reuses dy's memory
+// (no fresh buffer to fault in and write-allocate). Each element is read before it is
+// written, so the loops take no __restrict on those two pointers.
 //
 // Every element is computed with the same IEEE float32 operations, in the same order, as
 // ops.py's TensorFlow definitions (x / s, max with -Qn, min with Qp, round half to even,
@@ -339,15 +343,15 @@ class LsqForward : public FoldingKernel<LsqForward> {
     const int64_t columns = StepColumns(context, context->input(1), x);
     if (!context->status().ok()) return;
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
     const float lo = -ScalarInput(context, 2), hi = ScalarInput(context, 3), upper = upper_;
     const float* in = x.flat<float>().data();
     float* out = y->flat<float>().data();
     const float* steps = context->input(1).flat<float>().data();
     if (columns > 1) {
       for (int64_t row = 0; row < x.NumElements(); row += columns) {
-        const float* __restrict xs = in + row;
-        float* __restrict ys = out + row;
+        const float* xs = in + row;  // ys may be xs (no __restrict)
+        float* ys = out + row;
         for (int64_t p = 0; p < columns; ++p) {
           const float a = Folded<kFold>(xs[p], upper);
           ys[p] = RoundHalfEven(Clip(a / steps[p], lo, hi)) * steps[p];
@@ -358,7 +362,7 @@ class LsqForward : public FoldingKernel<LsqForward> {
     const float step = steps[0];
     ForBlocks(context, x.NumElements(), 4, [&](int64_t begin, int64_t end, int64_t) {
       ForChunks(begin, end, in, nullptr, out,
-                [&](const float* __restrict xs, const float*, float* __restrict ys) {
+                [&](const float* xs, const float*, float* ys) {
                   if constexpr (kVectorLsq) {
                     const FloatsW s = SplatW(step), los = SplatW(lo), his = SplatW(hi);
                     const FloatsW uppers = SplatW(upper);
@@ -390,7 +394,7 @@ class LsqBackward : public FoldingKernel<LsqBackward> {
     const int64_t columns = StepColumns(context, context->input(2), x);
     if (!context->status().ok()) return;
     Tensor *dx = nullptr, *step_sum = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
     OP_REQUIRES_OK(context, context->allocate_output(1, context->input(2).shape(), &step_sum));
     const float lo = -ScalarInput(context, 3), hi = ScalarInput(context, 4), upper = upper_;
     const int64_t n = x.NumElements();
@@ -399,8 +403,8 @@ class LsqBackward : public FoldingKernel<LsqBackward> {
       std::vector<double> sums(columns, 0.0);
       for (int64_t row = 0; row < n; row += columns) {
         const float* __restrict xs = x.flat<float>().data() + row;
-        const float* __restrict gs = dy.flat<float>().data() + row;
-        float* __restrict dxs = dx->flat<float>().data() + row;
+        const float* gs = dy.flat<float>().data() + row;  // dxs may be gs (no __restrict)
+        float* dxs = dx->flat<float>().data() + row;
         double* __restrict column_sums = sums.data();
         for (int64_t p = 0; p < columns; ++p) {
           const float v = Folded<kFold>(xs[p], upper) / steps[p];
@@ -421,8 +425,7 @@ class LsqBackward : public FoldingKernel<LsqBackward> {
       double lanes[kLanes] = {};
       ForChunks(begin, end, x.flat<float>().data(), dy.flat<float>().data(),
                 dx->flat<float>().data(),
-                [&](const float* __restrict xs, const float* __restrict gs,
-                    float* __restrict dxs) {
+                [&](const float* __restrict xs, const float* gs, float* dxs) {
                   if constexpr (kVectorLsq) {
                     const FloatsW s = SplatW(step), los = SplatW(lo), his = SplatW(hi);
                     const FloatsW uppers = SplatW(upper), zero = SplatW(0.0f);
@@ -471,11 +474,11 @@ class MixtureForward : public FoldingKernel<MixtureForward> {
   void RunBranches(OpKernelContext* context, const BranchesW& br) {
     const Tensor& x = context->input(0);
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
     const FloatsW upper = SplatW(upper_);
     ForBlocks(context, x.NumElements(), 4 * K, [&](int64_t begin, int64_t end, int64_t) {
       ForChunks(begin, end, x.flat<float>().data(), nullptr, y->flat<float>().data(),
-                [&](const float* __restrict xs, const float*, float* __restrict ys) {
+                [&](const float* xs, const float*, float* ys) {
                   for (int l = 0; l < kLanes; l += kWidth) {
                     const FloatsW a = FoldedW<kFold>(LoadW(xs + l), upper);
                     FloatsW acc = SplatW(0.0f);
@@ -511,7 +514,7 @@ class MixtureBackward : public FoldingKernel<MixtureBackward> {
     CheckSameShape(context, dy, x);
     if (!context->status().ok()) return;
     Tensor *dx = nullptr, *prob_sums = nullptr, *step_sums = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(context, context->forward_input_or_allocate_output({0}, 0, x.shape(), &dx));
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({K}), &prob_sums));
     OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({K}), &step_sums));
     const FloatsW upper = SplatW(upper_);
@@ -524,8 +527,7 @@ class MixtureBackward : public FoldingKernel<MixtureBackward> {
       DoublesW prob_acc[K][kVectors] = {}, step_acc[K][kVectors] = {};
       ForChunks(begin, end, x.flat<float>().data(), dy.flat<float>().data(),
                 dx->flat<float>().data(),
-                [&](const float* __restrict xs, const float* __restrict gs,
-                    float* __restrict dxs) {
+                [&](const float* __restrict xs, const float* gs, float* dxs) {
                   for (int w = 0; w < kVectors; ++w) {
                     const FloatsW xv = LoadW(xs + w * kWidth), grad = LoadW(gs + w * kWidth);
                     const FloatsW zero = SplatW(0.0f);
