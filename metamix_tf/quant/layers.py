@@ -46,12 +46,22 @@ class QuantLayerMixin:
         if self.kernel_quantizer is not None and not self.kernel_quantizer.built:
             self.kernel_quantizer.build(self.kernel.shape)
 
-    def _quantized_inputs_and_kernel(self, inputs):
-        x = inputs if self.input_quantizer is None else self.input_quantizer(inputs)
+    def _quantized_linear(self, inputs, linear):
+        """``linear(input_quantizer(inputs), kernel_quantizer(kernel))``, ``linear`` the
+        layer's convolution or matmul. Where ``inputs`` takes no gradient (the model's input)
+        and the input quantizer runs one branch on the native kernels, the two run as
+        :func:`~metamix_tf.quant.ops.lsq_linear` (the same values; the step size's gradient
+        without ``linear``'s input gradient)."""
         kernel = self.kernel
         if self.kernel_quantizer is not None:
             kernel = self.kernel_quantizer(kernel)
-        return x, kernel
+        quantizer = self.input_quantizer
+        if quantizer is None:
+            return linear(inputs, kernel)
+        branch = quantizer.single_branch(inputs)
+        if branch is not None and ops.takes_no_gradient(inputs):
+            return ops.lsq_linear(inputs, *branch, kernel, linear)
+        return linear(quantizer(inputs), kernel)
 
     def _quantizer_config(self, config):
         config.update(
@@ -97,8 +107,7 @@ class QuantConv2D(QuantLayerMixin, keras.layers.Conv2D):
         self._build_quantizers(input_shape)
 
     def call(self, inputs):
-        x, kernel = self._quantized_inputs_and_kernel(inputs)
-        return self._add_bias_and_activate(self.convolution_op(x, kernel))
+        return self._add_bias_and_activate(self._quantized_linear(inputs, self.convolution_op))
 
     def get_config(self):
         return self._quantizer_config(super().get_config())
@@ -136,11 +145,12 @@ class QuantDepthwiseConv2D(QuantLayerMixin, keras.layers.DepthwiseConv2D):
         self._build_quantizers(input_shape)
 
     def call(self, inputs):
-        x, kernel = self._quantized_inputs_and_kernel(inputs)
-        outputs = kops.depthwise_conv(
-            x, kernel, strides=self.strides, padding=self.padding,
-            dilation_rate=self.dilation_rate, data_format=self.data_format)
-        return self._add_bias_and_activate(outputs)
+        return self._add_bias_and_activate(self._quantized_linear(inputs, self._depthwise))
+
+    def _depthwise(self, x, kernel):
+        return kops.depthwise_conv(x, kernel, strides=self.strides, padding=self.padding,
+                                   dilation_rate=self.dilation_rate,
+                                   data_format=self.data_format)
 
     def get_config(self):
         return self._quantizer_config(super().get_config())
@@ -176,8 +186,7 @@ class QuantDense(QuantLayerMixin, keras.layers.Dense):
         self._build_quantizers(input_shape)
 
     def call(self, inputs, training=None):
-        x, kernel = self._quantized_inputs_and_kernel(inputs)
-        return self._add_bias_and_activate(kops.matmul(x, kernel))
+        return self._add_bias_and_activate(self._quantized_linear(inputs, kops.matmul))
 
     def get_config(self):
         return self._quantizer_config(super().get_config())

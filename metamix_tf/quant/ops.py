@@ -49,6 +49,8 @@ __all__ = [
     "scale_gradient",
     "lsq_quantize",
     "lsq_mixture",
+    "lsq_linear",
+    "takes_no_gradient",
     "lsq_init_step",
     "requantize_accumulator",
     "fixed_point_requantize",
@@ -137,12 +139,21 @@ def _quantize_forward(x, step, qn, qp):
     return tf.round(tf.clip_by_value(x / step, -qn, qp)) * step
 
 
+def _tangent(v, c, inside):
+    """``dq/ds`` per element (STE on ``round``): ``r - 1[in] * v``, with ``r = round(c)``."""
+    return tf.round(c) - tf.where(inside, v, tf.zeros_like(v))
+
+
 @_fused
 def _quantize_backward(dy, x, step, qn, qp):
     """``dx = dy * 1[in range]`` and the per-element step term ``dy * (r - 1[in] * v)``."""
     v, c, inside = _grid(x, step, qn, qp)
-    zero = tf.zeros_like(v)
-    return tf.where(inside, dy, zero), dy * (tf.round(c) - tf.where(inside, v, zero))
+    return tf.where(inside, dy, tf.zeros_like(v)), dy * _tangent(v, c, inside)
+
+
+@_fused
+def _step_tangent(x, step, qn, qp):
+    return _tangent(*_grid(x, step, qn, qp))
 
 
 def _as(x: tf.Tensor, value) -> tf.Tensor:
@@ -391,6 +402,65 @@ def _native_mixture(activation: str):
                                                activation=activation), grad
 
     return mixture
+
+
+# How far takes_no_gradient walks back before it gives up (and answers False).
+_MAX_WALK = 64
+
+
+def takes_no_gradient(x) -> bool:
+    """Whether graph tensor ``x`` is computed from data alone: no op on its way back from
+    the function's inputs reads a variable (takes a resource), so no gradient with respect
+    to a variable passes through ``x``: the model's input image, also after rescaling
+    layers. False eagerly, and past :data:`_MAX_WALK` ops."""
+    if tf.executing_eagerly() or not isinstance(x, tf.Tensor) or not hasattr(x, "op"):
+        return False
+    seen, pending = set(), [x.op]
+    while pending:
+        op = pending.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        if len(seen) > _MAX_WALK or any(t.dtype == tf.resource for t in op.inputs) or any(
+                t.dtype == tf.resource for t in op.outputs):
+            return False
+        pending.extend(t.op for t in op.inputs)
+    return True
+
+
+def lsq_linear(x: tf.Tensor, step: tf.Tensor, qn, qp, grad_scale, kernel: tf.Tensor,
+               linear) -> tf.Tensor:
+    """``linear(lsq_quantize(x, step, qn, qp, grad_scale), kernel)`` for an ``x`` that takes
+    no gradient (:func:`takes_no_gradient`: the model's input) and a scalar ``step``, with
+    ``linear(q, kernel)`` linear in ``q`` (a convolution, a matmul).
+
+    Forward: the same ops as the composition. Gradients: ``kernel``'s is ``linear``'s own
+    (e.g. ``Conv2DBackpropFilter(q, dy)``); ``step``'s, ``dL/ds = g * <linear^T(dy), t>``
+    with ``t = dq/ds`` per element (:func:`lsq_quantize`), is taken as
+    ``g * <dy, linear(t, kernel)>`` (the same sum by the adjoint identity, in another
+    order): one forward of ``linear`` on ``t`` instead of ``linear``'s input gradient,
+    which on a 3-channel image (oneDNN's ``Conv2DBackpropInput`` at the end of the backward
+    pass, with nothing to overlap it) costs several times as much; none for ``x``, ``qn``,
+    ``qp`` and ``grad_scale``."""
+    x = tf.stop_gradient(tf.convert_to_tensor(x))
+    step, qn, qp = _as(x, step), _as(x, qn), _as(x, qp)
+    grad_scale = _as(x, grad_scale)
+
+    @tf.custom_gradient
+    def apply(step, kernel):
+        q = tf.stop_gradient(lsq_quantize(x, step, qn, qp))
+        with tf.GradientTape() as tape:
+            tape.watch(kernel)
+            y = linear(q, kernel)
+
+        def grad(dy):
+            tangent = linear(_step_tangent(x, step, qn, qp), kernel)
+            return (tf.reduce_sum(dy * tangent) * grad_scale,
+                    tape.gradient(y, kernel, output_gradients=dy))
+
+        return y, grad
+
+    return apply(step, tf.convert_to_tensor(kernel))
 
 
 def lsq_init_step(x: tf.Tensor, qp, axis=None) -> tf.Tensor:

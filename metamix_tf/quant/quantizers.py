@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from metamix_tf.config import validate_bits
-from metamix_tf.quant import ops
+from metamix_tf.quant import native, ops
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "MinimumStep", "MODES"]
 
@@ -191,23 +191,41 @@ class ActivationQuantizer(keras.layers.Layer):
                 [ops.lsq_init_step(x, qp) for qp in self._qp]))
             self.initialized.assign(1.0)
             return inputs
-        steps = tf.cast(self.step_size, x.dtype)
-        scales = self._grad_scales(x)
         if mode == "mixture" and self.searchable:
-            y = ops.lsq_mixture(x, steps, tf.cast(self.probabilities(), x.dtype), self._qn,
-                                self._qp, scales)
-        elif mode == "selected" and self.searchable:  # the branch in a variable
-            index = tf.convert_to_tensor(self.bit_index)
-            step, qn, qp = (tf.gather(steps, index), tf.gather(self._qn, index),
-                            tf.gather(self._qp, index))
-            y = ops.lsq_quantize(x, step, qn, qp, tf.gather(scales, index))
-        else:  # a branch fixed while tracing; one branch: "selected" or "mixture" is that
-            index = self.uniform_index if mode == "uniform" else 0
-            step, qn, qp = steps[index], self._qn[index], self._qp[index]
-            y = ops.lsq_quantize(x, step, qn, qp, scales[index])
+            y = ops.lsq_mixture(x, tf.cast(self.step_size, x.dtype),
+                                tf.cast(self.probabilities(), x.dtype), self._qn, self._qp,
+                                self._grad_scales(x))
+            return tf.cast(y, inputs.dtype)
+        step, qn, qp, scale = self._branch(x)
+        y = ops.lsq_quantize(x, step, qn, qp, scale)
         if self.kernel_rounding is not None and mode == "selected" and not training:
             y = self._kernel_rounded(x, y, step, qn, qp)
         return tf.cast(y, inputs.dtype)
+
+    def _branch(self, x) -> tuple:
+        """``(step, qn, qp, grad_scale)`` of the one branch that the mode runs (all but a
+        searchable quantizer's mixture): the branch in ``bit_index`` for a searchable
+        quantizer in ``"selected"`` mode, else one fixed while tracing (one branch:
+        ``"selected"`` or ``"mixture"`` is that)."""
+        steps, scales = tf.cast(self.step_size, x.dtype), self._grad_scales(x)
+        if self._mode == "selected" and self.searchable:  # the branch in a variable
+            index = tf.convert_to_tensor(self.bit_index)
+            return (tf.gather(steps, index), tf.gather(self._qn, index),
+                    tf.gather(self._qp, index), tf.gather(scales, index))
+        index = self.uniform_index if self._mode == "uniform" else 0
+        return steps[index], self._qn[index], self._qp[index], scales[index]
+
+    def single_branch(self, inputs) -> tuple | None:
+        """``(step, qn, qp, grad_scale)`` when this quantizer would run one LSQ branch on
+        ``inputs`` on the native kernels (a training or evaluation step of
+        :mod:`metamix_tf.training.steps`, float32, no kernel rounding), so that a layer can
+        take the quantizer and its linear op together (:func:`metamix_tf.quant.ops.lsq_linear`);
+        None otherwise."""
+        if (self._mode not in _STEP_MODES or (self._mode == "mixture" and self.searchable)
+                or self.kernel_rounding is not None or inputs.dtype != tf.float32
+                or native.active(inputs) is None):
+            return None
+        return self._branch(inputs)
 
     # -- the int8 kernels' rounding --------------------------------------------------------
     def set_kernel_rounding(self, unit, scale, step: float | None = None,
