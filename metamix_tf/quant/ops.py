@@ -28,7 +28,9 @@ XLA compilation per tensor shape. A quantizer whose input is the output of a ReL
 op reads that op's input instead and applies the activation in the same pass
 (:func:`_folded_input`; the same values and gradients bit for bit), also through a zero
 padding between them (:func:`_folded_through_pad`): the activation's backward op is not
-built, and its forward op is pruned when nothing else reads it.
+built, and its forward op is pruned when nothing else reads it. A quantized layer on the
+model's input takes its step size's gradient from a forward of its linear op
+(:func:`lsq_linear`), not from that op's input gradient.
 """
 
 from __future__ import annotations
