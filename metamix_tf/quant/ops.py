@@ -447,6 +447,9 @@ def lsq_linear(x: tf.Tensor, step: tf.Tensor, qn, qp, grad_scale, kernel: tf.Ten
     x = tf.stop_gradient(tf.convert_to_tensor(x))
     step, qn, qp = _as(x, step), _as(x, qn), _as(x, qp)
     grad_scale = _as(x, grad_scale)
+    if step.shape.rank != 0:
+        raise ValueError("`step` must be a scalar (one step for the whole input). "
+                         f"Received: step.shape={step.shape}")
 
     @tf.custom_gradient
     def apply(step, kernel):

@@ -88,6 +88,11 @@ def test_step_gradient_on_random_inputs_within_the_summation_bound():
     assert abs(fused[1] - plain[1]) <= bound
 
 
+def test_a_step_per_channel_is_refused():
+    with pytest.raises(ValueError, match=r"`step` must be a scalar"):
+        ops.lsq_linear(tf.ones([2, 3]), tf.ones([3]), QN, QP, 1.0, tf.ones([3, 4]), tf.matmul)
+
+
 def test_takes_no_gradient_only_for_data():
     variable = tf.Variable(2.0)
 
