@@ -58,8 +58,9 @@ class QuantLayerMixin:
         quantizer = self.input_quantizer
         if quantizer is None:
             return linear(inputs, kernel)
-        branch = quantizer.single_branch(inputs)
-        if branch is not None and ops.takes_no_gradient(inputs):
+        # the walk back first: single_branch builds the branch's ops, unread on other layers
+        branch = quantizer.single_branch(inputs) if ops.takes_no_gradient(inputs) else None
+        if branch is not None:
             return ops.lsq_linear(inputs, *branch, kernel, linear)
         return linear(quantizer(inputs), kernel)
 

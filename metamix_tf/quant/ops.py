@@ -423,9 +423,8 @@ def takes_no_gradient(x) -> bool:
         if op.name in seen:
             continue
         seen.add(op.name)
-        if len(seen) > _MAX_WALK or any(t.dtype == tf.resource for t in op.inputs) or any(
-                t.dtype == tf.resource for t in op.outputs):
-            return False
+        if len(seen) > _MAX_WALK or any(t.dtype == tf.resource for t in op.inputs):
+            return False  # (an op that makes a resource is only reached through a reader)
         pending.extend(t.op for t in op.inputs)
     return True
 
